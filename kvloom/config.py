@@ -1,0 +1,49 @@
+"""Engine settings: one frozen dataclass, checked once at start-up.
+
+Every knob has one name across the CLI flag, this field and the docs
+(`--max-num-batched-tokens` / `max_num_batched_tokens`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kvloom.errors import KvloomError
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
+               "g": 10**9, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB' -> 2147483648; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise KvloomError(f"cannot read {text!r} as a size; use e.g. 512MiB, 2GiB or a byte count")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine is built from. `model=None` is the built-in default model."""
+
+    model: str | None = None
+    tokenizer: str | None = None          # defaults to the model's own
+    dtype: str = "float32"
+    max_model_len: int | None = None      # defaults to the model's context, capped by the KV pool
+    block_size: int = 16                  # tokens per KV block
+    kv_cache_memory: int = 1 << 30        # bytes for the KV pool
+    max_num_seqs: int = 64                # running requests at most
+    max_num_batched_tokens: int = 512     # the SplitFuse token budget of one forward pass
+    seed: int = 0                         # seeds requests that bring no seed of their own
+    num_threads: int | None = None        # torch intra-op threads (None: torch's default)
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise KvloomError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise KvloomError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise KvloomError(f"max_model_len must be >= 2, got {self.max_model_len}")

@@ -1,0 +1,65 @@
+"""Per-request output state: detokenised text, stop conditions, streaming hold-back."""
+from __future__ import annotations
+
+from kvloom.detokenizer import IncrementalDetokenizer
+from kvloom.engine.request import Request
+from kvloom.engine.sampler import TokenLogprobs
+from kvloom.tokenizer import Tokenizer
+
+
+class OutputState:
+    """Decides when a request is done, and which text is safe to stream.
+
+    Text that might be the start of a stop string is held back until it is
+    known not to be one, so a streamed stop string never reaches the client.
+    """
+
+    def __init__(self, req: Request, tokenizer: Tokenizer):
+        self.req = req
+        self.eos_ids = set() if req.params.ignore_eos else tokenizer.eos_token_ids
+        self.stop_ids = set(req.params.stop_token_ids)
+        self.stops = req.params.stop_strings
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.detok = IncrementalDetokenizer(tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
+        self.text = ""
+        self.emitted_chars = 0
+        self.emitted_tokens = 0
+        self.logprobs: list[TokenLogprobs] | None = [] if req.params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+
+    def add_token(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        """Account for the newest sampled token (already appended to the request)."""
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(logprobs)
+        if token_id in self.stop_ids or token_id in self.eos_ids:
+            self.finish_reason, self.stop_reason = "stop", token_id
+        else:
+            before = len(self.text)
+            self.text += self.detok.push(token_id)
+            if self.stops and self._check_stop_strings(before):
+                return
+        if self.finish_reason is None and len(self.req.output_token_ids) >= self.req.max_tokens:
+            self.finish_reason = "length"
+            self.text += self.detok.flush()
+            self._check_stop_strings(0)
+
+    def _check_stop_strings(self, before: int) -> bool:
+        start = max(0, before - self.hold)
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) != -1]
+        if not hits:
+            return False
+        idx, s = min(hits)
+        self.text = self.text[:idx]
+        self.finish_reason, self.stop_reason = "stop", s
+        return True
+
+    def take_delta(self) -> tuple[str, list[int], list[TokenLogprobs] | None]:
+        """Text and tokens not yet handed out; text is held back while it may begin a stop string."""
+        end = len(self.text) if self.finish_reason else max(self.emitted_chars, len(self.text) - self.hold)
+        delta_text = self.text[self.emitted_chars:end]
+        self.emitted_chars = end
+        toks = self.req.output_token_ids[self.emitted_tokens:]
+        lps = None if self.logprobs is None else self.logprobs[self.emitted_tokens:]
+        self.emitted_tokens = len(self.req.output_token_ids)
+        return delta_text, toks, lps

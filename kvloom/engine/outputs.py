@@ -1,0 +1,29 @@
+"""What the engine hands back after each step, per request."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvloom.engine.sampler import TokenLogprobs
+
+
+@dataclass
+class RequestOutput:
+    """A request's progress: the delta of this step and the totals so far.
+
+    The deltas of a stream concatenate to the totals. `text` never contains a
+    stop string; `token_ids` includes the EOS or stop token that ended it.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    delta_text: str
+    delta_token_ids: list[int]
+    delta_logprobs: list[TokenLogprobs] | None
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finished: bool
+    finish_reason: str | None          # "stop" | "length" | "abort" | None while running
+    stop_reason: str | int | None = None   # the stop string or token id that ended it
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)

@@ -1,0 +1,66 @@
+"""One request's state as it moves through the engine."""
+from __future__ import annotations
+
+import enum
+import itertools
+
+import torch
+
+from kvloom.sampling_params import SamplingParams
+
+_arrival_counter = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+class Request:
+    """Tokens so far (prompt + output) and how many of them have KV in the pool.
+
+    There is no prefill or decode phase: each step moves num_computed_tokens
+    toward len(all_token_ids); when it gets there, a token is sampled. A
+    preempted request drops its blocks and starts again from zero.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 max_tokens: int, arrival_time: float, generator: torch.Generator | None):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.max_tokens = max_tokens          # resolved: never runs past the model's context
+        self.arrival_time = arrival_time
+        self.arrival_order = next(_arrival_counter)
+        self.generator = generator            # per-request RNG: batch-independent sampling
+        self.all_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.status = RequestStatus.WAITING
+        self.num_preemptions = 0
+        self.first_scheduled_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.all_token_ids) - self.num_computed_tokens
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

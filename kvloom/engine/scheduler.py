@@ -1,0 +1,170 @@
+"""Dynamic SplitFuse scheduling over the paged KV pool.
+
+Each step has a token budget (max_num_batched_tokens) and a cap on running
+requests (max_num_seqs). Running decodes go first, one token each; the rest of
+the budget takes prompt chunks, from partly prefilled requests and then from
+the waiting queue, so a long prompt streams in over several steps while
+decodes keep moving.
+
+When the pool runs dry, a request about to decode preempts the most recently
+arrived running request that this step has not scheduled yet (it may be
+itself): its blocks are freed and it waits at the head of the queue to be
+recomputed. Older requests never yield to newer ones, so the oldest always
+progresses, and the engine never deadlocks.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import deque
+
+from kvloom.engine.request import Request, RequestStatus
+from kvloom.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from kvloom.kv.block_pool import BlockPool
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []          # sorted by arrival order
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def finish(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Ends a request (stopped, length or aborted) and frees its blocks. Unknown ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._release_blocks(req)
+        req.status = status
+        return req
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: set[str] = set()
+
+        for req in list(self.running):                       # 1. decodes, oldest first
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING or req.num_uncomputed != 1:
+                continue
+            if not self._grow(req, 1, scheduled, out, can_shrink=False):
+                continue
+            out.decodes.append(self._chunk(req, 1))
+            scheduled.add(req.request_id)
+            budget -= 1
+
+        for req in list(self.running):                       # 2. prompts already under way
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING or req.request_id in scheduled:
+                continue
+            n = min(req.num_uncomputed, budget)
+            n = self._grow(req, n, scheduled, out, can_shrink=True)
+            if n:
+                out.prefills.append(self._chunk(req, n))
+                scheduled.add(req.request_id)
+                budget -= n
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:   # 3. admissions
+            req = self.waiting[0]
+            n = min(req.num_uncomputed, budget, self._fits_in_free_blocks(req))
+            if n <= 0:
+                break  # first come, first served: nobody jumps the queue
+            self.waiting.popleft()
+            req.block_ids += self.pool.allocate(self._blocks_needed(req, n))
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=lambda r: r.arrival_order)
+            out.prefills.append(self._chunk(req, n))
+            scheduled.add(req.request_id)
+            budget -= n
+        return out
+
+    def update(self, plan: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Advance each scheduled request past this step's tokens; append the sampled ones."""
+        for chunk in plan.chunks:
+            req = self.requests.get(chunk.request_id)
+            if req is None:
+                continue
+            req.num_computed_tokens += len(chunk.token_ids)
+            if chunk.sample:
+                req.append_output(sampled[chunk.request_id])
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _chunk(self, req: Request, n: int) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        return ScheduledChunk(req.request_id, req.all_token_ids[start:start + n], start,
+                              list(req.block_ids), sample=start + n == req.num_tokens)
+
+    def _blocks_needed(self, req: Request, n: int) -> int:
+        total = -(-(req.num_computed_tokens + n) // self.block_size)
+        return max(0, total - len(req.block_ids))
+
+    def _fits_in_free_blocks(self, req: Request) -> int:
+        """How many more tokens the request's blocks plus the free ones can hold."""
+        capacity = (len(req.block_ids) + self.pool.num_free) * self.block_size
+        return capacity - req.num_computed_tokens
+
+    def _grow(self, req: Request, n: int, scheduled: set[str], out: SchedulerOutput, can_shrink: bool) -> int:
+        """Give req blocks for n more tokens, preempting newer unscheduled requests if needed.
+
+        Returns the tokens it can run (n, fewer if can_shrink, or 0). A decode
+        that cannot get its block even so preempts itself.
+        """
+        while self._blocks_needed(req, n) > self.pool.num_free:
+            victim = self._newest_unscheduled(scheduled, newer_than=req)
+            if victim is None:
+                break
+            self._preempt(victim, out)
+        if self._blocks_needed(req, n) > self.pool.num_free:
+            if can_shrink:
+                n = self._fits_in_free_blocks(req)
+                if n <= 0:
+                    return 0
+            else:
+                self._preempt(req, out)
+                return 0
+        req.block_ids += self.pool.allocate(self._blocks_needed(req, n))
+        return n
+
+    def _newest_unscheduled(self, scheduled: set[str], newer_than: Request) -> Request | None:
+        for r in reversed(self.running):
+            if r.arrival_order <= newer_than.arrival_order:
+                return None
+            if r.request_id not in scheduled:
+                return r
+        return None
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self._release_blocks(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted.append(req.request_id)
+
+    def _release_blocks(self, req: Request) -> None:
+        self.pool.free(req.block_ids)
+        req.block_ids = []

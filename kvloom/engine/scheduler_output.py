@@ -1,0 +1,34 @@
+"""The plan one step executes: the only thing between the scheduler and the model runner."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ScheduledChunk:
+    """One request's share of a forward pass."""
+
+    request_id: str
+    token_ids: list[int]      # tokens fed this step: all_token_ids[start_pos : start_pos + len]
+    start_pos: int            # position of token_ids[0] (= tokens already in the KV pool)
+    block_ids: list[int]      # the request's whole block table, covering start_pos + len tokens
+    sample: bool              # the last token's logits produce the next token
+
+
+@dataclass
+class SchedulerOutput:
+    decodes: list[ScheduledChunk] = field(default_factory=list)   # one token each, batched first
+    prefills: list[ScheduledChunk] = field(default_factory=list)  # prompt chunks, after the decodes
+    preempted: list[str] = field(default_factory=list)            # request ids sent back to waiting
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(len(c.token_ids) for c in self.prefills)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills

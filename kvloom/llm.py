@@ -1,0 +1,116 @@
+"""The offline API: LLM(model).generate(prompts) and .chat(conversations)."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from kvloom.config import EngineConfig, parse_size
+from kvloom.engine.engine import Engine
+from kvloom.engine.outputs import RequestOutput
+from kvloom.engine.sampler import TokenLogprobs
+from kvloom.errors import InvalidRequestError
+from kvloom.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+@dataclass
+class Completion:
+    """One sampled continuation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class GenerationResult:
+    """All completions of one prompt; .text etc. are the first one's."""
+
+    prompt: Prompt
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs] | None:
+        return self.outputs[0].logprobs
+
+
+class LLM:
+    """Offline batch generation. `model=None` loads the built-in default (SmolLM2-135M-Instruct, GGUF)."""
+
+    def __init__(self, model: str | None = None, **engine_args):
+        if "kv_cache_memory" in engine_args:
+            engine_args["kv_cache_memory"] = parse_size(engine_args["kv_cache_memory"])
+        self.engine = Engine(EngineConfig(model=model, **engine_args))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | None = None,
+                 use_tqdm: bool = True) -> list[GenerationResult]:
+        """One result per prompt, in order. A single string or token-id list counts as one prompt."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise InvalidRequestError("no prompts given", field="prompts")
+        params = sampling_params or SamplingParams()
+        return self._run(list(prompts), params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[GenerationResult]:
+        """Applies the model's chat template to one conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self._run(prompts, sampling_params or SamplingParams(), use_tqdm)
+
+    def _run(self, prompts: list[Prompt], params: SamplingParams, use_tqdm: bool) -> list[GenerationResult]:
+        engine = self.engine
+        ids: list[list[str]] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                ids.append([engine.add_request(prompt, _nth_sample(params, k), request_id=f"llm-{id(self)}-{i}-{k}")
+                            for k in range(params.n)])
+        except Exception:
+            for group in ids:
+                for rid in group:
+                    engine.abort_request(rid)
+            raise
+        finals: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(prompts) * params.n, desc="Generating", unit="seq",
+                   disable=not (use_tqdm and sys.stderr.isatty()))
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        results = []
+        for prompt, group in zip(prompts, ids):
+            outs = [finals[rid] for rid in group]
+            results.append(GenerationResult(prompt, outs[0].prompt_token_ids, [
+                Completion(o.text, o.token_ids, o.finish_reason, o.logprobs, o.stop_reason) for o in outs]))
+        return results
+
+
+def _nth_sample(params: SamplingParams, k: int) -> SamplingParams:
+    """The k-th of n samples: its own seed (seed + k) so the n differ but stay reproducible."""
+    if params.n == 1:
+        return params
+    seed = None if params.seed is None else params.seed + k
+    return dataclasses.replace(params, n=1, seed=seed)

@@ -1,0 +1,75 @@
+"""GGUF tensors under Hugging Face names, dequantised to fp32 (read with the `gguf` package).
+
+llama.cpp's converter permutes the rows of Llama's q/k weights for its RoPE
+layout; that is undone here so the weights match the Hugging Face ones.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from kvloom.errors import WeightsError
+
+_LAYER_PARTS = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_SKIPPED = {"rope_freqs"}  # RoPE scaling factors: the config carries them
+_PERMUTED_ARCHS = {"llama"}
+
+
+def open_gguf(path: str) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on a short or corrupt file
+        raise WeightsError(f"cannot read GGUF file {path}: {e} (truncated or not a GGUF file?)") from e
+
+
+def gguf_architecture(reader: GGUFReader) -> str:
+    field = reader.fields.get("general.architecture")
+    return field.contents() if field is not None else "unknown"
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """token_embd.weight -> model.embed_tokens.weight; blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
+    base, _, suffix = gguf_name.rpartition(".")
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if m:
+        part = _LAYER_PARTS.get(m.group(2))
+        return f"model.layers.{m.group(1)}.{part}.{suffix}" if part else None
+    if base in _SKIPPED:
+        return None
+    return f"{_GLOBAL[base]}.{suffix}" if base in _GLOBAL else None
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
+    permute = gguf_architecture(reader) in _PERMUTED_ARCHS
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            if t.name.split(".")[0] in _SKIPPED:
+                continue
+            raise WeightsError(f"GGUF tensor {t.name!r} has no place in this model")
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise WeightsError(f"cannot dequantise GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from e
+        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        if permute and name.endswith("q_proj.weight"):
+            w = _unpermute(w, num_heads)
+        elif permute and name.endswith("k_proj.weight"):
+            w = _unpermute(w, num_kv_heads)
+        yield name, w

@@ -1,0 +1,183 @@
+"""The Llama family in plain PyTorch: Llama, SmolLM2, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Weights keep Hugging Face names, except that q/k/v and gate/up are fused at
+load time into one matmul each (fewer, larger ops).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvloom.models.paged_attention import AttentionMetadata, paged_attention, write_kv
+from kvloom.models.rope import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The numbers a Llama-family model is built from, read off a transformers config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, cfg, *, qkv_bias: bool = False, qk_norm: bool = False) -> "LlamaShape":
+        heads = cfg.num_attention_heads
+        return cls(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            rms_norm_eps=cfg.rms_norm_eps,
+            qkv_bias=qkv_bias or bool(getattr(cfg, "attention_bias", False)),
+            qk_norm=qk_norm,
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            max_position_embeddings=cfg.max_position_embeddings,
+        )
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same arithmetic as the reference: normalise in fp32, scale in the input dtype.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: LlamaShape, rope: RotaryEmbedding, block_size: int):
+        super().__init__()
+        self.shape = shape
+        self.rope = rope
+        self.block_size = block_size
+        self.q_size = shape.num_heads * shape.head_dim
+        self.kv_size = shape.num_kv_heads * shape.head_dim
+        self.scale = shape.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(shape.hidden_size, self.q_size + 2 * self.kv_size, bias=shape.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, shape.hidden_size, bias=False)
+        if shape.qk_norm:
+            self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
+            self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
+
+    def forward(self, x, positions, meta: AttentionMetadata, kv_cache):
+        t = x.shape[0]
+        s = self.shape
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, s.num_heads, s.head_dim)
+        k = k.view(t, s.num_kv_heads, s.head_dim)
+        v = v.view(t, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q, k)
+        k_cache, v_cache = kv_cache
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        o = paged_attention(q, k_cache, v_cache, meta, self.block_size, self.scale)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: LlamaShape):
+        super().__init__()
+        self.intermediate_size = shape.intermediate_size
+        self.gate_up_proj = nn.Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: LlamaShape, rope: RotaryEmbedding, block_size: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.self_attn = Attention(shape, rope, block_size)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.mlp = MLP(shape)
+
+    def forward(self, h, positions, meta, kv_cache):
+        h = h + self.self_attn(self.input_layernorm(h), positions, meta, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(flat token ids, positions, attention metadata, KV pool) -> logits of the sampled rows."""
+
+    # HF name fragment -> (fused parameter, index of its part)
+    _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, hf_config, shape: LlamaShape, block_size: int, max_positions: int):
+        super().__init__()
+        self.shape = shape
+        rope = RotaryEmbedding(hf_config, shape.head_dim, max_positions)
+        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(shape, rope, block_size) for _ in range(shape.num_layers))
+        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        if shape.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, logits_indices):
+        h = self.embed_tokens(input_ids)
+        for layer, kv in zip(self.layers, kv_caches):
+            h = layer(h, positions, meta, kv)
+        return self.lm_head(self.norm(h[logits_indices]))
+
+    def expected_weight_names(self) -> set[str]:
+        """The Hugging Face parameter names this model needs."""
+        names = {"model.embed_tokens.weight", "model.norm.weight"}
+        if not self.shape.tie_word_embeddings:
+            names.add("lm_head.weight")
+        parts = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        for i in range(self.shape.num_layers):
+            p = f"model.layers.{i}."
+            names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+            names |= {f"{p}self_attn.{n}.weight" for n in parts}
+            names |= {f"{p}mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}
+            if self.shape.qkv_bias:
+                names |= {f"{p}self_attn.{n}.bias" for n in parts[:3]}
+            if self.shape.qk_norm:
+                names |= {p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"}
+        return names
+
+    def hf_to_param(self, name: str) -> tuple[str, int | None]:
+        """Map an HF weight name to (our parameter name, part index within a fused weight or None)."""
+        if name.startswith("model."):
+            name = name[len("model."):]
+        for frag, (fused, idx) in self._FUSED.items():
+            if f".{frag}." in name:
+                return name.replace(frag, fused), idx
+        return name, None
+
+    def fused_split(self, param_name: str) -> list[int]:
+        """Row sizes of the parts of a fused parameter."""
+        s = self.shape
+        if "qkv_proj" in param_name:
+            return [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim]
+        return [s.intermediate_size, s.intermediate_size]

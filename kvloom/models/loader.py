@@ -1,0 +1,96 @@
+"""Build a model from a ModelSource: config, architecture, weights, checks."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from kvloom.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
+from kvloom.models.gguf_weights import iter_gguf_weights, open_gguf
+from kvloom.models.llama import LlamaForCausalLM, LlamaShape
+from kvloom.models.model_source import ModelSource
+from kvloom.models.registry import shape_for
+from kvloom.models.rope import RotaryEmbedding
+from kvloom.models.safetensors_weights import iter_safetensors_weights
+
+log = logging.getLogger(__name__)
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_hf_config(source: ModelSource):
+    try:
+        if source.gguf_file:
+            return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        return AutoConfig.from_pretrained(source.directory)
+    except (OSError, ValueError, KeyError) as e:
+        msg = str(e)
+        if "does not recognize this architecture" in msg or "not supported" in msg or isinstance(e, KeyError):
+            raise UnsupportedArchitectureError(f"cannot build a config for {source.name}: {msg}") from e
+        raise ModelNotFoundError(f"cannot read the config of {source.name}: {msg}") from e
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, block_size: int,
+               max_positions: int | None = None) -> tuple[LlamaForCausalLM, object]:
+    """Returns (model in eval mode with all weights loaded, its transformers config)."""
+    hf_config = load_hf_config(source)
+    reader = open_gguf(source.gguf_path) if source.gguf_file else None
+    if reader is not None:
+        # GGUF drops output.weight when the head is tied to the embedding.
+        hf_config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
+    cls, shape = shape_for(hf_config)
+    max_positions = min(max_positions or shape.max_position_embeddings, shape.max_position_embeddings)
+    with torch.device("meta"):
+        model = cls(hf_config, shape, block_size, max_positions)
+    model.to_empty(device="cpu")
+    model = _materialise(model, hf_config, shape, block_size, max_positions)
+    weights = (iter_gguf_weights(reader, shape.num_heads, shape.num_kv_heads) if reader is not None
+               else iter_safetensors_weights(source.directory))
+    total = len(reader.tensors) if reader is not None else None
+    bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=not sys.stderr.isatty(),
+               leave=False)
+    _load_weights(model, bar, source.name)
+    return model.to(dtype).eval().requires_grad_(False), hf_config
+
+
+def _materialise(model, hf_config, shape: LlamaShape, block_size: int, max_positions: int):
+    """After to_empty: rebuild the non-weight buffers (RoPE tables) and re-tie the head."""
+    rope = RotaryEmbedding(hf_config, shape.head_dim, max_positions)
+    for layer in model.layers:
+        layer.self_attn.rope = rope
+    if shape.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def _load_weights(model: LlamaForCausalLM, weights, model_name: str) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = model.expected_weight_names()
+    seen: set[str] = set()
+    for name, tensor in weights:
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and model.shape.tie_word_embeddings:
+            continue  # some checkpoints store the tied head anyway
+        if name not in expected:
+            raise WeightsError(f"{model_name}: unexpected weight {name!r}; the file does not match the config")
+        param_name, part = model.hf_to_param(name)
+        param = params[param_name]
+        if part is not None:
+            sizes = model.fused_split(param_name)
+            offset = sum(sizes[:part])
+            target = param.data.narrow(0, offset, sizes[part])
+        else:
+            target = param.data
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise WeightsError(f"{model_name}: weight {name!r} has shape {tuple(tensor.shape)}, "
+                               f"the config implies {tuple(target.shape)}")
+        target.copy_(tensor)
+        seen.add(name)
+    missing = sorted(expected - seen)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise WeightsError(f"{model_name}: missing weights {', '.join(missing[:5])}{more} (truncated checkpoint?)")

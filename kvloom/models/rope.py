@@ -1,0 +1,58 @@
+"""Rotary position embedding: a cos/sin table indexed by position.
+
+The inverse frequencies (and any scaling: linear, llama3, yarn, ...) come from
+transformers' own RoPE init functions, so every variant a config names is
+computed exactly as the reference computes it.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from kvloom.errors import UnsupportedArchitectureError
+
+
+def rope_parameters(hf_config) -> dict:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if not params:  # older configs
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    params = dict(params)
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Applies RoPE to q and k ([T, heads, head_dim]) at given positions."""
+
+    def __init__(self, hf_config, head_dim: int, max_positions: int):
+        super().__init__()
+        params = rope_parameters(hf_config)
+        rope_type = params["rope_type"]
+        if rope_type == "default":
+            base = params["rope_theta"]
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            scaling = 1.0
+        elif rope_type in ("dynamic", "longrope"):
+            raise UnsupportedArchitectureError(
+                f"RoPE type {rope_type!r} changes with sequence length and is not supported yet; "
+                "supported: default, linear, llama3, yarn")
+        elif rope_type in ROPE_INIT_FUNCTIONS:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+        else:
+            raise UnsupportedArchitectureError(f"unknown RoPE type {rope_type!r}")
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,65 @@
+"""Tokenizer and chat template, from Hugging Face tokenizer files or GGUF metadata (via transformers)."""
+from __future__ import annotations
+
+import json
+import os
+
+from transformers import AutoTokenizer
+
+from kvloom.errors import InvalidRequestError, ModelNotFoundError
+from kvloom.models.model_source import ModelSource
+
+
+class Tokenizer:
+    """Thin wrapper that knows the model's stop tokens and chat template."""
+
+    def __init__(self, hf_tokenizer, eos_token_ids: set[int]):
+        self.hf = hf_tokenizer
+        self.eos_token_ids = eos_token_ids
+
+    @classmethod
+    def load(cls, source: ModelSource, hf_config=None, tokenizer_path: str | None = None) -> "Tokenizer":
+        try:
+            if tokenizer_path:
+                hf = AutoTokenizer.from_pretrained(tokenizer_path)
+            elif source.gguf_file:
+                hf = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+            else:
+                hf = AutoTokenizer.from_pretrained(source.directory)
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(f"cannot load a tokenizer for {source.name}: {e}") from e
+        eos: set[int] = set()
+        for ids in (hf.eos_token_id, getattr(hf_config, "eos_token_id", None), _generation_eos(source)):
+            if isinstance(ids, int):
+                eos.add(ids)
+            elif ids:
+                eos.update(i for i in ids if isinstance(i, int))
+        return cls(hf, eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if not self.hf.chat_template:
+            raise InvalidRequestError("this model has no chat template; use a plain prompt", field="messages")
+        try:
+            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja raises on messages the template does not accept
+            raise InvalidRequestError(f"the chat template rejected these messages: {e}", field="messages") from e
+        # The template writes any BOS itself.
+        return self.hf.encode(text, add_special_tokens=False)
+
+
+def _generation_eos(source: ModelSource):
+    path = os.path.join(source.directory, "generation_config.json")
+    if source.gguf_file or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("eos_token_id")
