@@ -132,10 +132,9 @@ class LlamaForCausalLM(nn.Module):
     _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, hf_config, shape: LlamaShape, block_size: int, max_positions: int):
+    def __init__(self, shape: LlamaShape, rope: RotaryEmbedding, block_size: int):
         super().__init__()
         self.shape = shape
-        rope = RotaryEmbedding(hf_config, shape.head_dim, max_positions)
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(shape, rope, block_size) for _ in range(shape.num_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)

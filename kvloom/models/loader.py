@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from kvloom.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from kvloom.models.gguf_weights import iter_gguf_weights, open_gguf
-from kvloom.models.llama import LlamaForCausalLM, LlamaShape
+from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.model_source import ModelSource
 from kvloom.models.registry import shape_for
 from kvloom.models.rope import RotaryEmbedding
@@ -43,10 +43,12 @@ def load_model(source: ModelSource, dtype: torch.dtype, block_size: int,
         hf_config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
     cls, shape = shape_for(hf_config)
     max_positions = min(max_positions or shape.max_position_embeddings, shape.max_position_embeddings)
-    with torch.device("meta"):
-        model = cls(hf_config, shape, block_size, max_positions)
+    rope = RotaryEmbedding(hf_config, shape.head_dim, max_positions)
+    with torch.device("meta"):  # no time spent on random init: every weight is loaded below
+        model = cls(shape, rope, block_size)
     model.to_empty(device="cpu")
-    model = _materialise(model, hf_config, shape, block_size, max_positions)
+    if shape.tie_word_embeddings:  # to_empty() gives the two names separate storage
+        model.lm_head.weight = model.embed_tokens.weight
     weights = (iter_gguf_weights(reader, shape.num_heads, shape.num_kv_heads) if reader is not None
                else iter_safetensors_weights(source.directory))
     total = len(reader.tensors) if reader is not None else None
@@ -54,16 +56,6 @@ def load_model(source: ModelSource, dtype: torch.dtype, block_size: int,
                leave=False)
     _load_weights(model, bar, source.name)
     return model.to(dtype).eval().requires_grad_(False), hf_config
-
-
-def _materialise(model, hf_config, shape: LlamaShape, block_size: int, max_positions: int):
-    """After to_empty: rebuild the non-weight buffers (RoPE tables) and re-tie the head."""
-    rope = RotaryEmbedding(hf_config, shape.head_dim, max_positions)
-    for layer in model.layers:
-        layer.self_attn.rope = rope
-    if shape.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model
 
 
 def _load_weights(model: LlamaForCausalLM, weights, model_name: str) -> None:

@@ -43,8 +43,9 @@ class RotaryEmbedding(torch.nn.Module):
             raise UnsupportedArchitectureError(f"unknown RoPE type {rope_type!r}")
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        # Plain attributes, not buffers: built once in fp32, untouched by to_empty() / .to(dtype).
+        self.cos = emb.cos() * scaling
+        self.sin = emb.sin() * scaling
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # [T, 1, D]

@@ -1,0 +1,64 @@
+"""The built-in default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers loading the same file."""
+import pytest
+import torch
+
+from kvloom import LLM, SamplingParams
+from kvloom.models.model_source import default_model_path
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    import os
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_path()
+    d, f = os.path.dirname(path), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # generate through EOS, as ignore_eos does
+    return tok, model
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(max_num_batched_tokens=16)  # small budget: prompts arrive in chunks
+
+
+def test_greedy_matches_transformers_32_tokens(llm, reference):
+    tok, model = reference
+    results = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
+    for prompt, result in zip(PROMPTS, results):
+        ids = torch.tensor([tok.encode(prompt)])
+        assert result.prompt_token_ids == ids[0].tolist()
+        with torch.inference_mode():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
+                                 pad_token_id=tok.eos_token_id)
+        assert result.token_ids == gen[0, ids.shape[1]:].tolist(), prompt
+        assert len(result.token_ids) == 32
+        assert result.text == tok.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_next_token_logits_agree(llm, reference):
+    from kvloom.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+
+    tok, model = reference
+    ids = tok.encode(PROMPTS[2])
+    engine = llm.engine
+    blocks = engine.pool.allocate(-(-len(ids) // engine.config.block_size))
+    try:
+        plan = SchedulerOutput(prefills=[ScheduledChunk("probe", ids, 0, blocks, sample=True)])
+        ours = engine.runner.execute(plan)[0]
+    finally:
+        engine.pool.free(blocks)
+    with torch.inference_mode():
+        theirs = model(torch.tensor([ids])).logits[0, -1]
+    assert torch.allclose(ours, theirs, atol=1e-3, rtol=0), (ours - theirs).abs().max()
+
+
+def test_chat_uses_the_template(llm):
+    result = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    prompt_text = llm.tokenizer.decode(result.prompt_token_ids, skip_special_tokens=False)
+    assert prompt_text.endswith("<|im_start|>assistant\n")
+    assert result.text and result.finish_reason in ("stop", "length")

@@ -1,0 +1,91 @@
+"""The scheduler alone, fed hand-made sampled tokens: budget, chunking, preemption, no leaks."""
+import torch
+
+from kvloom.engine.request import Request, RequestStatus
+from kvloom.engine.scheduler import Scheduler
+from kvloom.kv.block_pool import BlockPool
+from kvloom.sampling_params import SamplingParams
+
+
+def _req(rid, n_prompt, max_tokens=4):
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens), max_tokens, 0.0, None)
+
+
+def _drive(sched, max_tokens, max_steps=500):
+    """Run like the engine does, with token 7 always 'sampled'; returns the plans."""
+    plans = []
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            break
+        plan = sched.schedule()
+        plans.append(plan)
+        sched.update(plan, {c.request_id: 7 for c in plan.chunks if c.sample})
+        for c in plan.chunks:
+            r = sched.requests[c.request_id]
+            if c.sample and len(r.output_token_ids) >= max_tokens:
+                sched.finish(r.request_id, RequestStatus.FINISHED_LENGTH)
+    return plans
+
+
+def test_budget_and_decodes_first():
+    pool = BlockPool(100)
+    s = Scheduler(pool, block_size=4, max_num_seqs=8, max_num_batched_tokens=10)
+    s.add(_req("a", 3))
+    s.add(_req("b", 25))
+    plan = s.schedule()
+    assert [len(c.token_ids) for c in plan.prefills] == [3, 7]  # b's prompt is split
+    s.update(plan, {"a": 7})
+    plan = s.schedule()
+    assert [c.request_id for c in plan.decodes] == ["a"]           # the decode goes first
+    assert [len(c.token_ids) for c in plan.prefills] == [9]        # b gets the rest of the budget
+    assert plan.num_tokens <= 10
+    plans = _drive(s, max_tokens=4)
+    assert all(p.num_tokens <= 10 for p in plans)
+    assert pool.num_free == 100
+
+
+def test_max_num_seqs_caps_running():
+    pool = BlockPool(100)
+    s = Scheduler(pool, block_size=4, max_num_seqs=2, max_num_batched_tokens=64)
+    for i in range(5):
+        s.add(_req(str(i), 3))
+    plan = s.schedule()
+    assert len(plan.prefills) == 2 and len(s.waiting) == 3
+    _drive(s, max_tokens=3)
+    assert pool.num_free == 100
+
+
+def test_preemption_newest_first_and_no_leak():
+    pool = BlockPool(6)   # 24 tokens at block size 4
+    s = Scheduler(pool, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    for i in range(3):
+        s.add(_req(str(i), 6, max_tokens=8))
+    plans = _drive(s, max_tokens=8)
+    preempted = [rid for p in plans for rid in p.preempted]
+    assert preempted and "0" not in preempted, "the oldest request must never be preempted"
+    assert pool.num_free == 6 and not s.requests
+
+
+def test_abort_frees_blocks_while_waiting_or_running():
+    pool = BlockPool(10)
+    s = Scheduler(pool, block_size=4, max_num_seqs=1, max_num_batched_tokens=64)
+    s.add(_req("run", 9))
+    s.add(_req("wait", 9))
+    s.schedule()
+    assert pool.num_free < 10
+    assert s.finish("wait", RequestStatus.FINISHED_ABORTED) is not None
+    assert s.finish("run", RequestStatus.FINISHED_ABORTED) is not None
+    assert s.finish("run", RequestStatus.FINISHED_ABORTED) is None
+    assert pool.num_free == 10 and not s.has_unfinished()
+
+
+def test_block_pool_refuses_overdraw_and_double_free():
+    pool = BlockPool(3)
+    assert pool.allocate(4) is None and pool.num_free == 3
+    b = pool.allocate(2)
+    pool.free(b)
+    try:
+        pool.free(b)
+        raise AssertionError("double free went unnoticed")
+    except RuntimeError:
+        pass
