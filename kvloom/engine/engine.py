@@ -133,8 +133,6 @@ class Engine:
         now = time.time()
         outputs = []
         for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
             state = self._states[req.request_id]
             state.add_token(token, lp)
             outputs.append(self._output(req, state, now))
@@ -160,5 +158,6 @@ class Engine:
             finished=finished,
             finish_reason=state.finish_reason,
             stop_reason=state.stop_reason,
-            metrics={"arrival_time": req.arrival_time, "now": now, "num_preemptions": req.num_preemptions},
+            metrics={"arrival_time": req.arrival_time, "first_scheduled_time": req.first_scheduled_time,
+                     "now": now, "num_preemptions": req.num_preemptions},
         )

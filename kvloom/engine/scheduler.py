@@ -15,6 +15,7 @@ progresses, and the engine never deadlocks.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 
 from kvloom.engine.request import Request, RequestStatus
@@ -93,6 +94,8 @@ class Scheduler:
             self.waiting.popleft()
             req.block_ids += self.pool.allocate(self._blocks_needed(req, n))
             req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.time()
             bisect.insort(self.running, req, key=lambda r: r.arrival_order)
             out.prefills.append(self._chunk(req, n))
             scheduled.add(req.request_id)

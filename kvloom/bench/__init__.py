@@ -1,0 +1,1 @@
+"""Benchmarks: offline latency and throughput (more in later issues)."""

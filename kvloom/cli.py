@@ -1,0 +1,189 @@
+"""`kvloom generate | chat | serve | bench`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from kvloom.config import EngineConfig, parse_size
+from kvloom.errors import KvloomError
+
+
+def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    if model_positional:
+        p.add_argument("model", nargs="?", default=None,
+                       help="HF model directory or .gguf file (default: built-in SmolLM2-135M-Instruct)")
+    else:
+        p.add_argument("--model", default=None,
+                       help="HF model directory or .gguf file (default: built-in SmolLM2-135M-Instruct)")
+    d = EngineConfig()
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory, if not the model's own")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    p.add_argument("--kv-cache-memory", type=parse_size, default=d.kv_cache_memory,
+                   help="bytes for the KV cache, e.g. 512MiB or 2GiB (default 1GiB)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running requests at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget of one forward pass (Dynamic SplitFuse)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def engine_config(args) -> EngineConfig:
+    return EngineConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+                        max_model_len=args.max_model_len, block_size=args.block_size,
+                        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+                        num_threads=args.num_threads)
+
+
+def _sampling(args):
+    from kvloom.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.sampling_seed)
+
+
+def _add_sampling_args(p):
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--sampling-seed", type=int, default=None, help="seed of the sampled tokens")
+
+
+def _stream(engine, prompt_ids, params) -> str:
+    """Generate one reply, printing text as it comes."""
+    engine.add_request(prompt_ids, params)
+    text = ""
+    while engine.has_unfinished():
+        for out in engine.step():
+            sys.stdout.write(out.delta_text)
+            sys.stdout.flush()
+            text = out.text
+    sys.stdout.write("\n")
+    return text
+
+
+def cmd_generate(args) -> None:
+    from kvloom.engine.engine import Engine
+    engine = Engine(engine_config(args))
+    tok = engine.tokenizer
+    if args.raw or not tok.hf.chat_template:
+        ids = tok.encode(args.prompt)
+    else:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
+    _stream(engine, ids, _sampling(args))
+
+
+def cmd_chat(args) -> None:
+    from kvloom.engine.engine import Engine
+    engine = Engine(engine_config(args))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("kvloom chat: type a message; Ctrl-D or 'exit' quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("exit", "quit"):
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = _stream(engine, engine.tokenizer.apply_chat_template(messages), _sampling(args))
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_serve(args) -> None:
+    from kvloom.server.launch import serve
+    serve(engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
+          served_model_name=args.served_model_name, max_waiting_requests=args.max_waiting_requests,
+          graceful_shutdown_s=args.graceful_shutdown)
+
+
+def cmd_bench(args) -> None:
+    from kvloom.bench.offline import run_hf_reference, run_latency, run_throughput
+    from kvloom.engine.engine import Engine
+    engine = Engine(engine_config(args))
+    if args.bench == "latency":
+        result = {"kvloom": run_latency(engine, args.input_len, args.output_len, args.iters)}
+    else:
+        result = {"kvloom": run_throughput(engine, args.num_prompts, args.input_len, args.output_len)}
+        if args.compare_hf:
+            ref = run_hf_reference(engine, args.compare_hf, args.input_len, args.output_len)
+            result["transformers"] = ref
+            result["ratio_vs_transformers"] = result["kvloom"]["output_tokens_per_s"] / ref["output_tokens_per_s"]
+    result["config"] = {k: v for k, v in vars(engine.config).items()}
+    result["model"] = engine.source.name
+    print(json.dumps(result, indent=2, default=str))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvloom", description="LLM inference serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a reply to one prompt, streamed")
+    g.add_argument("prompt")
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    add_engine_args(g)
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat, streamed")
+    c.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(c)
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(s, model_positional=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require this bearer key on /v1 endpoints")
+    s.add_argument("--served-model-name", default=None, help="the model name clients use (default: from the path)")
+    s.add_argument("--max-waiting-requests", type=int, default=256,
+                   help="past this many queued requests, answer 503 with Retry-After")
+    s.add_argument("--graceful-shutdown", type=float, default=30.0,
+                   help="seconds running requests get to finish after SIGTERM/SIGINT")
+    s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    lat = bsub.add_parser("latency", help="batch-1 prefill and decode speed")
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--iters", type=int, default=3)
+    thr = bsub.add_parser("throughput", help="offline throughput of many prompts at once")
+    thr.add_argument("--num-prompts", type=int, default=64)
+    thr.add_argument("--input-len", type=int, default=100)
+    thr.add_argument("--output-len", type=int, default=128)
+    thr.add_argument("--compare-hf", type=int, default=0, metavar="N",
+                     help="also time transformers generate one prompt at a time on N prompts")
+    for p in (lat, thr):
+        add_engine_args(p)
+        p.add_argument("--out", default=None, help="also write the JSON result here")
+        p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KvloomError as e:
+        print(f"kvloom: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""FastAPI routes of the OpenAI-compatible server: auth, backpressure, errors, endpoints."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError
+from kvloom.server.async_engine import AsyncEngine, EngineDeadError
+from kvloom.server.metrics import ServerMetrics
+from kvloom.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                    error_body)
+from kvloom.server.serving import OpenAIServing, message_dicts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_waiting_requests: int = 256
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
+    engine = async_engine.engine
+    serving = OpenAIServing(async_engine, engine.tokenizer, settings.model_name, engine.max_model_len, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not async_engine.is_alive:
+            async_engine.start()
+        yield
+        async_engine.shutdown()
+
+    app = FastAPI(title="kvloom", lifespan=lifespan)
+    app.state.async_engine = async_engine
+
+    # ---- cross-cutting -----------------------------------------------------------------
+
+    # A dependency, not middleware: Starlette's BaseHTTPMiddleware hides client disconnects from handlers.
+    async def authenticate(request: Request):
+        if settings.api_key:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                raise _Unauthorized()
+
+    @app.exception_handler(_Unauthorized)
+    async def on_unauthorized(request: Request, exc: _Unauthorized):
+        return _error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        return _error(400, f"invalid field {param}: {first.get('msg', 'invalid request')}",
+                      "invalid_request_error", param)
+
+    @app.exception_handler(KvloomError)
+    async def on_kvloom_error(request: Request, exc: KvloomError):
+        if isinstance(exc, PromptTooLongError):
+            return _error(400, str(exc), "invalid_request_error", exc.field, "context_length_exceeded")
+        if isinstance(exc, InvalidRequestError):
+            return _error(400, str(exc), "invalid_request_error", exc.field)
+        if isinstance(exc, EngineDeadError):
+            return _error(500, str(exc), "server_error")
+        return _error(400, str(exc), "invalid_request_error")
+
+    def check_model(name: str | None) -> JSONResponse | None:
+        if name is not None and name != settings.model_name:
+            return _error(404, f"model {name!r} does not exist; this server serves {settings.model_name!r}",
+                          "not_found_error", "model", "model_not_found")
+        return None
+
+    def overloaded() -> JSONResponse | None:
+        if async_engine.num_pending >= settings.max_waiting_requests:
+            metrics.requests.labels(outcome="rejected").inc()
+            return _error(503, "the server is at capacity; retry shortly", "overloaded_error",
+                          headers={"Retry-After": "1"})
+        return None
+
+    async def until_disconnect(request: Request, work):
+        """Run work, cancelling it (and so aborting its engine requests) if the client goes away."""
+        task = asyncio.ensure_future(work)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.1)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return Response(status_code=499)
+
+    # ---- OpenAI endpoints --------------------------------------------------------------
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if (err := check_model(body.model) or overloaded()) is not None:
+            return err
+        subs = serving.chat_subrequests(body)
+        first, stream = await serving.accepted(subs)
+        if body.stream:
+            return StreamingResponse(serving.chat_stream(subs, first, stream, body.include_usage),
+                                     media_type="text/event-stream")
+        return await until_disconnect(request, serving.chat_response(subs, first, stream))
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if (err := check_model(body.model) or overloaded()) is not None:
+            return err
+        subs = serving.completion_subrequests(body)
+        first, stream = await serving.accepted(subs)
+        if body.stream:
+            return StreamingResponse(serving.completion_stream(subs, first, stream, body.include_usage, body.echo),
+                                     media_type="text/event-stream")
+        return await until_disconnect(request, serving.completion_response(subs, first, stream, body.echo))
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "kvloom", "max_model_len": engine.max_model_len}]}
+
+    app.include_router(v1)
+
+    # ---- operations --------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        if async_engine.is_alive:
+            return Response(status_code=200)
+        return _error(503, "the engine loop is not running", "server_error")
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if (err := check_model(body.model)) is not None:
+            return err
+        tok = engine.tokenizer
+        if body.messages is not None:
+            ids = tok.apply_chat_template(message_dicts(body.messages), body.add_generation_prompt)
+        elif body.prompt is not None:
+            ids = tok.hf.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            raise InvalidRequestError("give a prompt or messages", field="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if (err := check_model(body.model)) is not None:
+            return err
+        vocab = engine.model.shape.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})", field="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    return app

@@ -1,0 +1,48 @@
+"""`kvloom serve`: build the engine, log what is in force, run uvicorn until SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from kvloom.config import EngineConfig
+from kvloom.engine.engine import Engine
+from kvloom.server.app import ServerSettings, build_app
+from kvloom.server.async_engine import AsyncEngine
+from kvloom.server.metrics import ServerMetrics
+
+log = logging.getLogger("kvloom.serve")
+
+
+def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          served_model_name: str | None = None, max_waiting_requests: int = 256,
+          graceful_shutdown_s: float = 30.0) -> None:
+    engine = Engine(config)
+    name = served_model_name or engine.source.name
+    params = sum(p.numel() for p in engine.model.parameters())
+    log.info("model %s: %.1fM parameters, %s, %d layers, context %d tokens", name, params / 1e6, config.dtype,
+             engine.model.shape.num_layers, engine.max_model_len)
+    log.info("KV cache: %d blocks of %d tokens = %d tokens in %.0f MiB", engine.num_blocks, config.block_size,
+             engine.kv_capacity_tokens, config.kv_cache_memory / 2**20)
+    log.info("scheduler: max_num_seqs=%d max_num_batched_tokens=%d max_waiting_requests=%d",
+             config.max_num_seqs, config.max_num_batched_tokens, max_waiting_requests)
+    metrics = ServerMetrics()
+    async_engine = AsyncEngine(engine, on_step=metrics.observe_engine)
+    app = build_app(async_engine, ServerSettings(name, api_key, max_waiting_requests), metrics)
+    log.info("serving %s at http://%s:%d/v1%s", name, host, port, " (API key required)" if api_key else "")
+    # uvicorn stops accepting on SIGTERM/SIGINT, lets open requests finish within the grace period,
+    # then runs the lifespan shutdown, which stops the engine thread.
+    _CleanExitServer(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                    timeout_graceful_shutdown=graceful_shutdown_s)).run()
+
+
+class _CleanExitServer(uvicorn.Server):
+    """A stop asked for by SIGTERM/SIGINT ends with exit code 0.
+
+    uvicorn re-raises the captured signal after its graceful shutdown, which
+    makes the process die by that signal; a service manager would call that a crash.
+    """
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()

@@ -1,0 +1,50 @@
+"""Run a kvloom server in a background thread of the test process, on a free loopback port."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from kvloom.config import EngineConfig
+from kvloom.engine.engine import Engine
+from kvloom.server.app import ServerSettings, build_app
+from kvloom.server.async_engine import AsyncEngine
+from kvloom.server.metrics import ServerMetrics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    def __init__(self, engine: Engine, name: str = "tiny", api_key: str | None = None,
+                 max_waiting_requests: int = 256):
+        self.engine = engine
+        self.port = free_port()
+        self.metrics = ServerMetrics()
+        self.async_engine = AsyncEngine(engine, on_step=self.metrics.observe_engine)
+        app = build_app(self.async_engine, ServerSettings(name, api_key, max_waiting_requests), self.metrics)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def tiny_engine(model_dir: str, **kw) -> Engine:
+    return Engine(EngineConfig(model=model_dir, **kw))
