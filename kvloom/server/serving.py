@@ -241,14 +241,7 @@ class OpenAIServing:
         return sub.prompt_text if sub.prompt_text is not None else self.tokenizer.decode(sub.prompt_ids)
 
     async def chat_stream(self, subs, first, stream, include_usage: bool) -> AsyncIterator[str]:
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(choices, usage=None):
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": choices}
-            if include_usage:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
+        chunk = _SSE(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk", self.model_name, include_usage)
 
         for s in subs:
             yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -267,14 +260,7 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     async def completion_stream(self, subs, first, stream, include_usage: bool, echo: bool) -> AsyncIterator[str]:
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(choices, usage=None):
-            body = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": choices}
-            if include_usage:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
+        chunk = _SSE(f"cmpl-{uuid.uuid4().hex}", "text_completion", self.model_name, include_usage)
 
         if echo:
             for s in subs:
@@ -293,6 +279,20 @@ class OpenAIServing:
         if include_usage:
             yield chunk([], self._usage(subs, finals))
         yield "data: [DONE]\n\n"
+
+
+class _SSE:
+    """Formats one stream's chunks: `data: {json}` with the fields every chunk repeats."""
+
+    def __init__(self, rid: str, obj: str, model: str, include_usage: bool):
+        self.head = {"id": rid, "object": obj, "created": int(time.time()), "model": model}
+        self.include_usage = include_usage
+
+    def __call__(self, choices: list, usage: dict | None = None) -> str:
+        body = {**self.head, "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
 
 
 async def _chain(first, stream):
