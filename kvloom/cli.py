@@ -105,23 +105,56 @@ def cmd_serve(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from kvloom.bench.offline import run_hf_reference, run_latency, run_throughput
+    if args.bench in ("serve", "sweep"):
+        from kvloom.bench.serve import cmd_bench_serve, cmd_bench_sweep
+        (cmd_bench_serve if args.bench == "serve" else cmd_bench_sweep)(args)
+        return
+    from kvloom.bench.hardware import engine_description, measure_bandwidth_gbs, measure_matmul_gflops
+    from kvloom.bench.offline import run_latency, run_throughput
+    from kvloom.bench.peers import format_peers, run_peers
     from kvloom.engine.engine import Engine
     engine = Engine(engine_config(args))
     if args.bench == "latency":
-        result = {"kvloom": run_latency(engine, args.input_len, args.output_len, args.iters)}
+        result = {"kvloom": run_latency(engine, args.input_len, args.output_len, args.iters,
+                                        bandwidth_gbs=measure_bandwidth_gbs())}
+    elif args.bench == "throughput":
+        result = {"kvloom": run_throughput(engine, args.num_prompts, args.input_len, args.output_len,
+                                           matmul_gflops=measure_matmul_gflops())}
     else:
-        result = {"kvloom": run_throughput(engine, args.num_prompts, args.input_len, args.output_len)}
-        if args.compare_hf:
-            ref = run_hf_reference(engine, args.compare_hf, args.input_len, args.output_len)
-            result["transformers"] = ref
-            result["ratio_vs_transformers"] = result["kvloom"]["output_tokens_per_s"] / ref["output_tokens_per_s"]
-    result["config"] = {k: v for k, v in vars(engine.config).items()}
-    result["model"] = engine.source.name
+        result = run_peers(engine, args)
+        print(format_peers(result))
+    result["stack"] = engine_description(engine)
     print(json.dumps(result, indent=2, default=str))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2, default=str)
+
+
+def _add_serve_bench_args(p) -> None:
+    from kvloom.bench.workloads import WORKLOADS
+    p.add_argument("--base-url", action="append", required=True, help="server to load (repeat to compare)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--workload", default="poisson", choices=WORKLOADS)
+    p.add_argument("--trace", default=None, help="a CSV with BurstGPT or Azure columns (overrides --workload)")
+    p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="trace replay speed: gaps are divided by this (2 = twice the trace's rate)")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="Gamma shape of the gaps: 1 is Poisson, < 1 burstier (CV = 1/sqrt(burstiness))")
+    p.add_argument("--input-len", type=int, default=200)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 -/+ ratio)")
+    p.add_argument("--prefix-len", type=int, default=1000, help="shared-prefix workload: shared tokens")
+    p.add_argument("--max-model-len", type=int, default=None, help="if the server does not say its context")
+    p.add_argument("--tokenizer", default=None, help="the server model's tokenizer (default: the built-in model)")
+    p.add_argument("--slo", default=None, help="e.g. ttft=500ms,tpot=100ms: adds goodput")
+    p.add_argument("--max-duration", type=float, default=600.0, help="stop after this many seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench)
+
+
+def _rates(text: str) -> list[float]:
+    return [float("inf") if r.strip() == "inf" else float(r) for r in text.split(",")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,12 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument("--num-prompts", type=int, default=64)
     thr.add_argument("--input-len", type=int, default=100)
     thr.add_argument("--output-len", type=int, default=128)
-    thr.add_argument("--compare-hf", type=int, default=0, metavar="N",
-                     help="also time transformers generate one prompt at a time on N prompts")
-    for p in (lat, thr):
+    peers = bsub.add_parser("peers", help="the same prompts through transformers, llama.cpp and other servers")
+    peers.add_argument("--num-prompts", type=int, default=32)
+    peers.add_argument("--input-len", type=int, default=100)
+    peers.add_argument("--output-len", type=int, default=128)
+    peers.add_argument("--hf-batch1-prompts", type=int, default=2, help="prompts for the slow batch-1 baseline")
+    peers.add_argument("--serve-url", action="append", default=[],
+                       help="OpenAI-compatible servers: the first is kvloom's, the rest peers (e.g. llama-server)")
+    peers.add_argument("--serve-requests", type=int, default=64)
+    peers.add_argument("--slo", default="ttft=2s,tpot=100ms")
+    peers.add_argument("--max-duration", type=float, default=900.0)
+    for p in (lat, thr, peers):
         add_engine_args(p)
         p.add_argument("--out", default=None, help="also write the JSON result here")
         p.set_defaults(func=cmd_bench)
+    srv = bsub.add_parser("serve", help="load an OpenAI-compatible server with a workload")
+    _add_serve_bench_args(srv)
+    srv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
+    srv.add_argument("--out", default=None, help="JSON result (and a timeline PNG beside it)")
+    srv.add_argument("--save-requests", action="store_true", help="keep every request's timings in the JSON")
+    swp = bsub.add_parser("sweep", help="latency-throughput curves: a workload at several rates, per server")
+    _add_serve_bench_args(swp)
+    swp.add_argument("--rates", type=_rates, default=_rates("0.5,1,2,4,8,inf"))
+    swp.add_argument("--out", default="results", help="directory for sweep.json and curve.png")
     return parser
 
 

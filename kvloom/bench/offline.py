@@ -11,7 +11,30 @@ from kvloom.engine.engine import Engine
 from kvloom.sampling_params import SamplingParams
 
 
-def run_latency(engine: Engine, input_len: int, output_len: int, iters: int = 3, warmup: int = 1) -> dict:
+def weight_bytes(engine: Engine) -> tuple[int, int]:
+    """(bytes of every weight a decode step reads, bytes of the matmul weights of the decoder layers)."""
+    model = engine.model
+    elem = model.embed_tokens.weight.element_size()
+    layer_linear = sum(p.numel() for n, p in model.layers.named_parameters() if n.endswith("proj.weight"))
+    # A decode step reads all layer weights, the norms and the LM head; of the embedding only one row.
+    read = sum(p.numel() for p in model.layers.parameters()) + model.norm.weight.numel() + model.lm_head.weight.numel()
+    if not model.shape.tie_word_embeddings:
+        read += model.shape.hidden_size
+    return read * elem, layer_linear
+
+
+def memory_floor(engine: Engine, context_len: int, bandwidth_gbs: float) -> dict:
+    """The fastest a batch-1 decode step can be: bytes read (weights + KV of the context) / bandwidth."""
+    weights, _ = weight_bytes(engine)
+    kv = context_len * engine.model.shape.kv_bytes_per_token(engine.dtype)
+    floor_s = (weights + kv) / (bandwidth_gbs * 1e9)
+    return {"bytes_per_step": weights + kv, "weight_bytes": weights, "kv_bytes": kv,
+            "bandwidth_gbs": bandwidth_gbs, "floor_ms_per_token": floor_s * 1e3,
+            "floor_tokens_per_s": 1.0 / floor_s}
+
+
+def run_latency(engine: Engine, input_len: int, output_len: int, iters: int = 3, warmup: int = 1,
+                bandwidth_gbs: float | None = None) -> dict:
     """Batch-1: time to first token (prefill) and the mean time per later token (decode)."""
     prompt = prompts_of_length(engine.tokenizer, [input_len])[0]
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
@@ -31,12 +54,18 @@ def run_latency(engine: Engine, input_len: int, output_len: int, iters: int = 3,
             prefill.append(t_first - t0)
             decode.append((t_end - t_first) / max(1, n - 1))
     p, d = statistics.median(prefill), statistics.median(decode)
-    return {"input_len": input_len, "output_len": output_len, "iters": iters,
-            "prefill_ms": p * 1e3, "decode_ms_per_token": d * 1e3, "decode_tokens_per_s": 1.0 / d,
-            "threads": torch.get_num_threads()}
+    result = {"input_len": input_len, "output_len": output_len, "iters": iters,
+              "prefill_ms": p * 1e3, "decode_ms_per_token": d * 1e3, "decode_tokens_per_s": 1.0 / d,
+              "threads": torch.get_num_threads()}
+    if bandwidth_gbs:
+        floor = memory_floor(engine, input_len + output_len // 2, bandwidth_gbs)
+        result["memory_floor"] = floor
+        result["fraction_of_memory_floor"] = floor["floor_ms_per_token"] / (d * 1e3)
+    return result
 
 
-def run_throughput(engine: Engine, num_prompts: int, input_len: int, output_len: int) -> dict:
+def run_throughput(engine: Engine, num_prompts: int, input_len: int, output_len: int,
+                   matmul_gflops: float | None = None) -> dict:
     """All prompts at once, offline; output tokens per second over the whole run."""
     prompts = prompts_of_length(engine.tokenizer, [input_len] * num_prompts)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
@@ -49,28 +78,17 @@ def run_throughput(engine: Engine, num_prompts: int, input_len: int, output_len:
         steps += 1
         produced += sum(len(o.delta_token_ids) for o in outs)
     elapsed = time.perf_counter() - t0
-    return {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
-            "elapsed_s": elapsed, "output_tokens": produced, "output_tokens_per_s": produced / elapsed,
-            "total_tokens_per_s": (produced + num_prompts * input_len) / elapsed, "steps": steps,
-            "preemptions": engine.scheduler.num_preemptions, "threads": torch.get_num_threads()}
-
-
-def run_hf_reference(engine: Engine, num_prompts: int, input_len: int, output_len: int) -> dict:
-    """transformers' own generate, one prompt at a time, on the same weights: the baseline."""
-    from transformers import AutoModelForCausalLM
-
-    src = engine.source
-    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(src.directory, dtype=torch.float32, **kwargs).eval()
-    prompts = prompts_of_length(engine.tokenizer, [input_len] * num_prompts)
-    produced = 0
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0)
-            produced += out.shape[1] - ids.shape[1]
-    elapsed = time.perf_counter() - t0
-    return {"engine": "transformers generate, batch 1", "num_prompts": num_prompts, "elapsed_s": elapsed,
-            "output_tokens": produced, "output_tokens_per_s": produced / elapsed}
+    result = {"num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
+              "elapsed_s": elapsed, "output_tokens": produced, "output_tokens_per_s": produced / elapsed,
+              "total_tokens_per_s": (produced + num_prompts * input_len) / elapsed, "steps": steps,
+              "preemptions": engine.scheduler.num_preemptions, "threads": torch.get_num_threads()}
+    if matmul_gflops:
+        # Matmul work: every processed token through the layers, every sampled token through the LM head.
+        _, layer_linear = weight_bytes(engine)
+        shape = engine.model.shape
+        processed = num_prompts * input_len + produced - num_prompts
+        flops = 2 * layer_linear * processed + 2 * shape.vocab_size * shape.hidden_size * produced
+        result["roofline"] = {"matmul_gflops_measured": matmul_gflops, "gflop": flops / 1e9,
+                              "achieved_gflops": flops / elapsed / 1e9,
+                              "fraction_of_roofline": flops / elapsed / 1e9 / matmul_gflops}
+    return result

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from kvloom.bench.hardware import engine_description
 from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError
 from kvloom.server.async_engine import AsyncEngine, EngineDeadError
 from kvloom.server.metrics import ServerMetrics
@@ -152,6 +153,11 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
     @app.get("/metrics")
     async def prometheus_metrics():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/server_info")
+    async def server_info():
+        return {"served_model_name": settings.model_name, "max_waiting_requests": settings.max_waiting_requests,
+                **engine_description(engine)}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

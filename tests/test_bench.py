@@ -1,0 +1,94 @@
+"""Benchmark metrics on synthetic timestamps, and `kvloom bench serve` against a live tiny server."""
+import json
+
+import numpy as np
+import pytest
+
+from kvloom.bench.metrics import RequestRecord, parse_slo, summarize
+from kvloom.bench.workloads import arrivals, read_trace, find_trace
+from kvloom.cli import main
+from server_harness import ServerThread, tiny_engine
+
+
+def _rec(start, first, end, tokens, chunks=None):
+    r = RequestRecord(input_len=10, output_len_asked=tokens, start=start, first_token=first, end=end,
+                      output_tokens=tokens, success=True)
+    r.chunk_times = chunks or list(np.linspace(first, end, tokens))
+    return r
+
+
+def test_tpot_ttft_e2e_as_vllm_defines_them():
+    r = _rec(0.0, 0.5, 2.5, 5)
+    assert r.ttft == 0.5 and r.e2e == 2.5
+    assert r.tpot == pytest.approx((2.5 - 0.5) / 4)
+    assert r.itls == pytest.approx([0.5] * 4)
+    assert _rec(0.0, 0.2, 0.2, 1).tpot is None
+
+
+def test_percentiles_throughput_and_goodput():
+    recs = [_rec(float(i), i + 0.1 * (i + 1), i + 0.1 * (i + 1) + 1.0, 11) for i in range(10)]
+    recs.append(RequestRecord(5, 5, start=0.0, error="HTTP 503"))
+    s = summarize(recs, duration=20.0, slos=parse_slo("ttft=550ms,tpot=150ms"))
+    assert s["completed"] == 10 and s["failed"] == 1
+    assert s["output_throughput"] == pytest.approx(110 / 20.0)
+    ttfts = [0.1 * (i + 1) * 1000 for i in range(10)]
+    assert s["ttft_ms"]["median"] == pytest.approx(np.median(ttfts))
+    assert s["ttft_ms"]["p99"] == pytest.approx(np.percentile(ttfts, 99))
+    assert s["tpot_ms"]["mean"] == pytest.approx(100.0)
+    assert s["goodput"] == pytest.approx(5 / 20.0)  # ttft 0.1..0.5 s pass; every tpot is 100 ms
+    assert s["errors"] == ["HTTP 503"]
+
+
+def test_slo_parsing_and_arrivals():
+    assert parse_slo("ttft=500ms, tpot=0.1s") == {"ttft": 0.5, "tpot": 0.1}
+    with pytest.raises(ValueError):
+        parse_slo("latency=fast")
+    rng = np.random.default_rng(0)
+    t = arrivals(4000, rate=4.0, burstiness=1.0, rng=rng)
+    gaps = np.diff(t)
+    assert gaps.mean() == pytest.approx(0.25, rel=0.1) and gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.1)
+    bursty = np.diff(arrivals(4000, 4.0, 0.25, np.random.default_rng(0)))
+    assert bursty.std() / bursty.mean() == pytest.approx(2.0, rel=0.15)  # CV = 1/sqrt(shape)
+    assert (arrivals(5, float("inf"), 1.0, rng) == 0).all()
+
+
+def test_real_traces_read():
+    rows = read_trace(find_trace("burstgpt"))
+    assert len(rows) == 297 and rows[0][0] == 0.0 and all(o > 0 for _, _, o in rows)
+    azure = read_trace(find_trace("azure-code"))
+    assert len(azure) == 2000 and azure[-1][0] > 500
+
+
+@pytest.mark.parametrize("workload", ["poisson", "burstgpt", "shared-prefix", "repetitive"])
+def test_bench_serve_against_kvloom(tiny_model_dir, tmp_path, workload, capsys):
+    model = tiny_model_dir("llama")
+    with ServerThread(tiny_engine(model, max_model_len=200)) as s:
+        out = tmp_path / "r.json"
+        code = main(["bench", "serve", "--base-url", s.url, "--workload", workload, "--num-requests", "10",
+                     "--request-rate", "20", "--input-len", "30", "--output-len", "12", "--prefix-len", "40",
+                     "--time-scale", "10000", "--tokenizer", model, "--slo", "ttft=5s,tpot=1s", "--out", str(out)])
+        assert code == 0
+    result = json.loads(out.read_text())
+    summ = result["summary"]
+    assert summ["completed"] == 10 and summ["failed"] == 0
+    assert summ["ttft_ms"]["p99"] >= summ["ttft_ms"]["median"] > 0
+    assert summ["goodput"] > 0 and summ["total_output_tokens"] > 0
+    assert result["server"]["engine_config"]["max_num_batched_tokens"] == 512
+    assert result["server"]["torch_version"] and result["client"]["cpu_model"]
+    if workload == "burstgpt":
+        assert result["workload"]["clipped_to_context"] > 0  # rows longer than the 200-token context
+    if workload == "poisson":
+        assert summ["total_output_tokens"] == 120  # ignore_eos: exactly max_tokens each
+    assert (tmp_path / "r_timeline.png").stat().st_size > 1000
+    assert "TTFT (ms)" in capsys.readouterr().out
+
+
+def test_sweep_writes_curve(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama")
+    with ServerThread(tiny_engine(model, max_model_len=200)) as s:
+        code = main(["bench", "sweep", "--base-url", s.url, "--rates", "5,inf", "--num-requests", "6",
+                     "--input-len", "20", "--output-len", "8", "--tokenizer", model, "--out", str(tmp_path)])
+        assert code == 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(sweep["runs"]) == 2 and sweep["runs"][0]["rate"] == 5.0
+    assert (tmp_path / "curve.png").stat().st_size > 1000
