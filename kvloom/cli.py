@@ -27,6 +27,12 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running requests at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="token budget of one forward pass (Dynamic SplitFuse)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse KV blocks of identical leading tokens across requests")
+    p.add_argument("--session-kv-fraction", type=float, default=d.session_kv_fraction,
+                   help="share of the KV pool kept for idle agent sessions (requests with a session_id)")
+    p.add_argument("--session-ttl", type=float, default=d.session_ttl,
+                   help="seconds an idle session's KV is kept")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -36,7 +42,8 @@ def engine_config(args) -> EngineConfig:
                         max_model_len=args.max_model_len, block_size=args.block_size,
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
-                        num_threads=args.num_threads)
+                        num_threads=args.num_threads, enable_prefix_caching=args.enable_prefix_caching,
+                        session_kv_fraction=args.session_kv_fraction, session_ttl=args.session_ttl)
 
 
 def _sampling(args):

@@ -36,6 +36,9 @@ class EngineConfig:
     kv_cache_memory: int = 1 << 30        # bytes for the KV pool
     max_num_seqs: int = 64                # running requests at most
     max_num_batched_tokens: int = 512     # the SplitFuse token budget of one forward pass
+    enable_prefix_caching: bool = True    # reuse KV blocks of identical leading tokens across requests
+    session_kv_fraction: float = 0.5      # at most this share of the pool kept for idle agent sessions
+    session_ttl: float = 300.0            # seconds an idle session's KV is kept
     seed: int = 0                         # seeds requests that bring no seed of their own
     num_threads: int | None = None        # torch intra-op threads (None: torch's default)
 
@@ -45,5 +48,7 @@ class EngineConfig:
         for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens"):
             if int(getattr(self, name)) < 1:
                 raise KvloomError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.session_kv_fraction <= 1.0:
+            raise KvloomError(f"session_kv_fraction must be in [0, 1], got {self.session_kv_fraction}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise KvloomError(f"max_model_len must be >= 2, got {self.max_model_len}")

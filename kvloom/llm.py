@@ -1,7 +1,6 @@
 """The offline API: LLM(model).generate(prompts) and .chat(conversations)."""
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -35,6 +34,7 @@ class GenerationResult:
     prompt: Prompt
     prompt_token_ids: list[int]
     outputs: list[Completion]
+    num_cached_tokens: int = 0      # prompt tokens found in the prefix cache
 
     @property
     def text(self) -> str:
@@ -63,14 +63,17 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | None = None,
-                 use_tqdm: bool = True) -> list[GenerationResult]:
-        """One result per prompt, in order. A single string or token-id list counts as one prompt."""
+                 use_tqdm: bool = True, session_id: str | None = None) -> list[GenerationResult]:
+        """One result per prompt, in order. A single string or token-id list counts as one prompt.
+
+        session_id marks the call as one step of an agent program: its KV is kept for the next call.
+        """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
             raise InvalidRequestError("no prompts given", field="prompts")
         params = sampling_params or SamplingParams()
-        return self._run(list(prompts), params, use_tqdm)
+        return self._run(list(prompts), params, use_tqdm, session_id)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[GenerationResult]:
@@ -79,38 +82,35 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
         return self._run(prompts, sampling_params or SamplingParams(), use_tqdm)
 
-    def _run(self, prompts: list[Prompt], params: SamplingParams, use_tqdm: bool) -> list[GenerationResult]:
+    def close_session(self, session_id: str) -> bool:
+        """Release the KV an agent session kept between calls."""
+        return self.engine.close_session(session_id)
+
+    def _run(self, prompts: list[Prompt], params: SamplingParams, use_tqdm: bool,
+             session_id: str | None = None) -> list[GenerationResult]:
         engine = self.engine
-        ids: list[list[str]] = []
+        ids: list[str] = []
         try:
             for i, prompt in enumerate(prompts):
-                ids.append([engine.add_request(prompt, _nth_sample(params, k), request_id=f"llm-{id(self)}-{i}-{k}")
-                            for k in range(params.n)])
+                ids.append(engine.add_request(prompt, params, request_id=f"llm-{id(self)}-{i}",
+                                              session_id=session_id))
         except Exception:
-            for group in ids:
-                for rid in group:
-                    engine.abort_request(rid)
+            for rid in ids:
+                engine.abort_request(rid)
             raise
-        finals: dict[str, RequestOutput] = {}
+        finals: dict[tuple[str, int], RequestOutput] = {}
         bar = tqdm(total=len(prompts) * params.n, desc="Generating", unit="seq",
                    disable=not (use_tqdm and sys.stderr.isatty()))
         while engine.has_unfinished():
             for out in engine.step():
                 if out.finished:
-                    finals[out.request_id] = out
+                    finals[(out.parent_id, out.index)] = out
                     bar.update(1)
         bar.close()
         results = []
-        for prompt, group in zip(prompts, ids):
-            outs = [finals[rid] for rid in group]
+        for prompt, rid in zip(prompts, ids):
+            outs = [finals[(rid, k)] for k in range(params.n)]
             results.append(GenerationResult(prompt, outs[0].prompt_token_ids, [
-                Completion(o.text, o.token_ids, o.finish_reason, o.logprobs, o.stop_reason) for o in outs]))
+                Completion(o.text, o.token_ids, o.finish_reason, o.logprobs, o.stop_reason) for o in outs],
+                outs[0].num_cached_tokens))
         return results
-
-
-def _nth_sample(params: SamplingParams, k: int) -> SamplingParams:
-    """The k-th of n samples: its own seed (seed + k) so the n differ but stay reproducible."""
-    if params.n == 1:
-        return params
-    seed = None if params.seed is None else params.seed + k
-    return dataclasses.replace(params, n=1, seed=seed)

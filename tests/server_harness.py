@@ -48,3 +48,14 @@ class ServerThread:
 
 def tiny_engine(model_dir: str, **kw) -> Engine:
     return Engine(EngineConfig(model=model_dir, **kw))
+
+
+def slowed(engine, seconds=0.02):
+    """Each step takes at least `seconds`: a request of 150 tokens then lasts ~3 s, long enough to walk away from."""
+    step = engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+    engine.step = slow_step
+    return engine

@@ -7,7 +7,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server_harness import ServerThread, tiny_engine
+from server_harness import ServerThread, slowed, tiny_engine
 
 
 @pytest.fixture(scope="module")
@@ -122,19 +122,8 @@ def test_32_concurrent_streams_equal_single_outputs(server):
     _no_leak(server)
 
 
-def _slowed(engine, seconds=0.02):
-    """Each step takes at least `seconds`: a request of 150 tokens then lasts ~3 s, long enough to walk away from."""
-    step = engine.step
-
-    def slow_step():
-        time.sleep(seconds)
-        return step()
-    engine.step = slow_step
-    return engine
-
-
 def test_client_disconnect_frees_blocks(tiny_model_dir):
-    with ServerThread(_slowed(tiny_engine(tiny_model_dir("llama")))) as s:
+    with ServerThread(slowed(tiny_engine(tiny_model_dir("llama")))) as s:
         aborted = lambda: s.metrics.requests.labels(outcome="abort")._value.get()  # noqa: E731
         body = {"model": "tiny", "prompt": "Long story:", "max_tokens": 150, "ignore_eos": True}
         with httpx.Client(timeout=30) as h:
@@ -215,7 +204,8 @@ def test_api_key_required(tiny_model_dir):
 
 
 def test_backpressure_503(tiny_model_dir):
-    with ServerThread(tiny_engine(tiny_model_dir("llama"), max_num_seqs=1), max_waiting_requests=2) as s:
+    # Slowed steps: one running request takes ~1 s, so the other eleven must queue.
+    with ServerThread(slowed(tiny_engine(tiny_model_dir("llama"), max_num_seqs=1)), max_waiting_requests=2) as s:
         async def run():
             async with httpx.AsyncClient(timeout=60) as h:
                 body = {"model": "tiny", "prompt": "wait", "max_tokens": 40, "ignore_eos": True}
@@ -225,3 +215,19 @@ def test_backpressure_503(tiny_model_dir):
         assert rejected and 200 in codes and set(codes) <= {200, 503}
         r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "after", "max_tokens": 2})
         assert r.status_code == 200
+
+
+def test_cached_tokens_in_usage_and_sessions(server, client):
+    system = {"role": "system", "content": "You are a careful assistant. " * 5}
+    ask = lambda q: client.chat.completions.create(  # noqa: E731
+        model="tiny", messages=[system, {"role": "user", "content": q}], max_tokens=3, temperature=0)
+    ask("first question")
+    second = ask("second question")
+    assert second.usage.prompt_tokens_details.cached_tokens >= 32  # the shared system prompt
+    r = client.completions.create(model="tiny", prompt="Agent step one:", max_tokens=4, temperature=0,
+                                  extra_body={"session_id": "agent-7"})
+    assert r.choices[0].text is not None
+    first = httpx.delete(server.url + "/v1/sessions/agent-7").json()
+    assert first["deleted"] is True
+    assert httpx.delete(server.url + "/v1/sessions/agent-7").json()["deleted"] is False
+    _no_leak(server)

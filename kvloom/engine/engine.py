@@ -8,6 +8,7 @@ actors all drive it by calling step().
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -25,6 +26,8 @@ from kvloom.engine.scheduler import Scheduler
 from kvloom.errors import InvalidRequestError, PromptTooLongError
 from kvloom.kv.block_pool import BlockPool
 from kvloom.kv.kv_cache import num_blocks_for
+from kvloom.kv.prefix_cache import PrefixCache
+from kvloom.kv.session_store import SessionStore
 from kvloom.models.loader import load_model
 from kvloom.models.model_source import resolve_model
 from kvloom.sampling_params import SamplingParams
@@ -59,9 +62,15 @@ class Engine:
         self.max_model_len = min(limit, num_blocks * bs)
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks)
-        self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens)
+        self.prefix_cache = (PrefixCache(self.pool, bs, salt=config.dtype) if config.enable_prefix_caching
+                             else None)
+        self.sessions = SessionStore(self.pool, bs, config.session_kv_fraction, config.session_ttl)
+        self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.prefix_cache, self.sessions)
         self.runner = ModelRunner(self.model, num_blocks, bs, self.dtype)
         self._states: dict[str, OutputState] = {}
+        self._pending_forks: dict[str, list[Request]] = {}   # parent id -> samples 1..n-1, made at its first token
+        self._family: dict[str, list[str]] = {}              # parent id -> ids of all its samples
         self._seeds = random.Random(config.seed)
 
     @property
@@ -71,11 +80,16 @@ class Engine:
     # ---- requests -----------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
-        """Queue a request; returns its id. Bad input raises a typed error and changes nothing."""
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    session_id: str | None = None) -> str:
+        """Queue a request; returns its id. Bad input raises a typed error and changes nothing.
+
+        With params.n > 1 the n samples share the prompt's KV; their outputs carry this id as
+        parent_id and their own index.
+        """
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self.scheduler.requests:
+        if request_id in self._family:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", field="request_id")
         prompt_ids = self._prompt_ids(prompt)
         room = self.max_model_len - len(prompt_ids)
@@ -84,14 +98,26 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens; this model serves at most {self.max_model_len} "
                 f"tokens including at least one generated token")
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        arrival = arrival_time or time.time()
+        samples = [self._new_request(request_id if k == 0 else f"{request_id}#{k}", prompt_ids,
+                                     _nth_sample(params, k), max_tokens, arrival, request_id, k, session_id)
+                   for k in range(params.n)]
+        self._family[request_id] = [r.request_id for r in samples]
+        if len(samples) > 1:
+            # Samples 1..n-1 fork from sample 0 once its prompt is computed: the prompt's KV is shared.
+            self._pending_forks[request_id] = samples[1:]
+        self.scheduler.add(samples[0])
+        return request_id
+
+    def _new_request(self, rid: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+                     arrival: float, parent_id: str, index: int, session_id: str | None) -> Request:
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
-        req = Request(request_id, prompt_ids, params, max_tokens, arrival_time or time.time(), generator)
-        self._states[request_id] = OutputState(req, self.tokenizer)
-        self.scheduler.add(req)
-        return request_id
+        req = Request(rid, prompt_ids, params, max_tokens, arrival, generator, parent_id, index, session_id)
+        self._states[rid] = OutputState(req, self.tokenizer)
+        return req
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -112,9 +138,19 @@ class Engine:
         return ids
 
     def abort_request(self, request_id: str) -> bool:
-        """Stop a request now and free its blocks. Returns False for an unknown or finished id."""
-        self._states.pop(request_id, None)
-        return self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED) is not None
+        """Stop a request (all its samples) now and free its blocks. False for an unknown or finished id."""
+        family = self._family.pop(request_id, None)
+        if family is None:
+            return False
+        self._pending_forks.pop(request_id, None)
+        for rid in family:
+            self._states.pop(rid, None)
+            self.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def close_session(self, session_id: str) -> bool:
+        """Release an agent session's retained KV now. False when the session holds nothing."""
+        return self.sessions.release(session_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -130,13 +166,24 @@ class Engine:
         reqs = [self.scheduler.requests[c.request_id] for c in sampled_chunks]
         result = sample(logits, reqs)
         self.scheduler.update(plan, {r.request_id: t for r, t in zip(reqs, result.token_ids)})
+        tokens = list(zip(reqs, result.token_ids, result.logprobs))
+        for row, req in enumerate(reqs):
+            for child in self._pending_forks.pop(req.request_id, ()):
+                tokens.append(self._fork(req, child, logits[row:row + 1]))
         now = time.time()
         outputs = []
-        for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
+        for req, token, lp in tokens:
             state = self._states[req.request_id]
             state.add_token(token, lp)
             outputs.append(self._output(req, state, now))
         return outputs
+
+    def _fork(self, parent: Request, child: Request, logits: torch.Tensor):
+        """Start sample `child` from its parent's prompt KV, drawing its first token from the same logits."""
+        self.scheduler.fork(parent, child)
+        result = sample(logits, [child])
+        child.append_output(result.token_ids[0])
+        return child, result.token_ids[0], result.logprobs[0]
 
     def _output(self, req: Request, state: OutputState, now: float) -> RequestOutput:
         delta_text, delta_ids, delta_lps = state.take_delta()
@@ -146,8 +193,14 @@ class Engine:
                       else RequestStatus.FINISHED_STOPPED)
             self.scheduler.finish(req.request_id, status)
             del self._states[req.request_id]
+            family = self._family.get(req.parent_id)
+            if family is not None and all(rid not in self._states for rid in family):
+                del self._family[req.parent_id]
         return RequestOutput(
             request_id=req.request_id,
+            parent_id=req.parent_id,
+            index=req.index,
+            num_cached_tokens=req.num_cached_tokens,
             prompt_token_ids=req.prompt_token_ids,
             delta_text=delta_text,
             delta_token_ids=delta_ids,
@@ -161,3 +214,10 @@ class Engine:
             metrics={"arrival_time": req.arrival_time, "first_scheduled_time": req.first_scheduled_time,
                      "now": now, "num_preemptions": req.num_preemptions},
         )
+
+
+def _nth_sample(params: SamplingParams, k: int) -> SamplingParams:
+    """The k-th of n samples: n=1, and its own seed (seed + k) so the n differ but stay reproducible."""
+    if params.n == 1:
+        return params
+    return dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + k)

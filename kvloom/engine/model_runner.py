@@ -23,8 +23,20 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> torch.Tensor:
         """Logits [num sampled chunks, vocab], in plan.chunks order of the chunks with sample=True."""
+        if plan.copies:
+            self._copy_blocks(plan.copies)
         input_ids, positions, meta, logits_indices = self._prepare(plan)
         return self.model(input_ids, positions, meta, self.kv_caches, logits_indices)
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate shared blocks before this step writes into the copies."""
+        bs = self.block_size
+        offsets = torch.arange(bs)
+        src = torch.cat([offsets + s * bs for s, _ in copies]).to(self.device)
+        dst = torch.cat([offsets + d * bs for _, d in copies]).to(self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache.index_copy_(0, dst, k_cache[src])
+            v_cache.index_copy_(0, dst, v_cache[src])
 
     def _prepare(self, plan: SchedulerOutput):
         bs = self.block_size

@@ -15,6 +15,8 @@ class RequestOutput:
     """
 
     request_id: str
+    parent_id: str                     # the id add_request returned; the n samples of a request share it
+    index: int                         # which of the n samples
     prompt_token_ids: list[int]
     delta_text: str
     delta_token_ids: list[int]
@@ -25,5 +27,5 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None          # "stop" | "length" | "abort" | None while running
     stop_reason: str | int | None = None   # the stop string or token id that ended it
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0             # prompt tokens whose KV came from the prefix cache
     metrics: dict = field(default_factory=dict)

@@ -33,8 +33,12 @@ class Request:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 max_tokens: int, arrival_time: float, generator: torch.Generator | None):
+                 max_tokens: int, arrival_time: float, generator: torch.Generator | None,
+                 parent_id: str | None = None, index: int = 0, session_id: str | None = None):
         self.request_id = request_id
+        self.parent_id = parent_id or request_id   # the caller's id; n samples share it
+        self.index = index                         # which of the n samples this is
+        self.session_id = session_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.max_tokens = max_tokens          # resolved: never runs past the model's context
@@ -45,6 +49,8 @@ class Request:
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        self.key_ids: list[int] = []              # prefix-cache key chain of the full computed blocks
+        self.num_cached_tokens = 0                # prompt tokens found in the prefix cache at admission
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None

@@ -4,13 +4,17 @@ Each step has a token budget (max_num_batched_tokens) and a cap on running
 requests (max_num_seqs). Running decodes go first, one token each; the rest of
 the budget takes prompt chunks, from partly prefilled requests and then from
 the waiting queue, so a long prompt streams in over several steps while
-decodes keep moving.
+decodes keep moving. A newly admitted request first takes whatever leading
+blocks of its tokens the prefix cache holds, and computes only the rest.
 
 When the pool runs dry, a request about to decode preempts the most recently
 arrived running request that this step has not scheduled yet (it may be
 itself): its blocks are freed and it waits at the head of the queue to be
 recomputed. Older requests never yield to newer ones, so the oldest always
 progresses, and the engine never deadlocks.
+
+Forked samples share their parent's blocks; the first write into a shared,
+partly filled block copies it first (copy-on-write, listed in the plan).
 """
 from __future__ import annotations
 
@@ -21,14 +25,19 @@ from collections import deque
 from kvloom.engine.request import Request, RequestStatus
 from kvloom.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from kvloom.kv.block_pool import BlockPool
+from kvloom.kv.prefix_cache import PrefixCache
+from kvloom.kv.session_store import SessionStore
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefix_cache: PrefixCache | None = None, sessions: SessionStore | None = None):
         self.pool = pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefix_cache = prefix_cache
+        self.sessions = sessions
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []          # sorted by arrival order
         self.requests: dict[str, Request] = {}
@@ -52,9 +61,27 @@ class Scheduler:
             self.running.remove(req)
         else:
             self.waiting.remove(req)
+        if self.sessions is not None and req.session_id and status != RequestStatus.FINISHED_ABORTED:
+            # The program's next call continues from here: keep the KV of every computed token.
+            rest = self.sessions.retain(req.session_id, req.all_token_ids[:req.num_computed_tokens],
+                                        req.block_ids, req.key_ids)
+            req.block_ids = rest
         self._release_blocks(req)
         req.status = status
         return req
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Start `child` where `parent` stands now, sharing every block (no KV is copied yet)."""
+        for b in parent.block_ids:
+            self.pool.share(b)
+        child.block_ids = list(parent.block_ids)
+        child.key_ids = list(parent.key_ids)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.first_scheduled_time = parent.first_scheduled_time
+        child.status = RequestStatus.RUNNING
+        self.requests[child.request_id] = child
+        bisect.insort(self.running, child, key=lambda r: r.arrival_order)
 
     # ---- one step ---------------------------------------------------------------------
 
@@ -62,6 +89,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled: set[str] = set()
+        if self.sessions is not None:
+            self.sessions.expire()
 
         for req in list(self.running):                       # 1. decodes, oldest first
             if budget == 0:
@@ -88,11 +117,18 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:   # 3. admissions
             req = self.waiting[0]
-            n = min(req.num_uncomputed, budget, self._fits_in_free_blocks(req))
+            self._take_cached_prefix(req)
+            n = min(req.num_uncomputed, budget)
+            while self._fits_in_free_blocks(req) < n and self._release_a_session():
+                pass
+            n = min(n, self._fits_in_free_blocks(req))
             if n <= 0:
-                break  # first come, first served: nobody jumps the queue
+                self._release_blocks(req)  # first come, first served: nobody jumps the queue
+                break
             self.waiting.popleft()
-            req.block_ids += self.pool.allocate(self._blocks_needed(req, n))
+            if self.prefix_cache is not None:
+                self.prefix_cache.record(req.num_tokens, req.num_computed_tokens)
+            self._allocate(req, n, out)
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.time()
@@ -111,6 +147,8 @@ class Scheduler:
             req.num_computed_tokens += len(chunk.token_ids)
             if chunk.sample:
                 req.append_output(sampled[chunk.request_id])
+            if self.prefix_cache is not None:
+                self.prefix_cache.register(req.all_token_ids, req.block_ids, req.key_ids, req.num_computed_tokens)
 
     # ---- helpers ----------------------------------------------------------------------
 
@@ -119,14 +157,47 @@ class Scheduler:
         return ScheduledChunk(req.request_id, req.all_token_ids[start:start + n], start,
                               list(req.block_ids), sample=start + n == req.num_tokens)
 
+    def _take_cached_prefix(self, req: Request) -> None:
+        """Start from KV already in the pool: the request's session's, else the prefix cache's."""
+        if req.num_computed_tokens or req.block_ids:
+            return
+        session = self.sessions.adopt(req.session_id, req.all_token_ids) if self.sessions is not None else None
+        if session is not None:
+            req.block_ids, req.key_ids = session.block_ids, session.key_ids
+            req.num_computed_tokens = len(session.tokens)
+        elif self.prefix_cache is not None:
+            blocks, key_ids = self.prefix_cache.match(req.all_token_ids)
+            for b in blocks:
+                self.pool.share(b)
+            req.block_ids, req.key_ids = blocks, key_ids
+            req.num_computed_tokens = len(blocks) * self.block_size
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = req.num_computed_tokens
+
+    def _shared_tail(self, req: Request) -> bool:
+        """The block the next token goes into is partly filled and shared with a fork: copy it first."""
+        i = req.num_computed_tokens // self.block_size
+        return (req.num_computed_tokens % self.block_size != 0 and i < len(req.block_ids)
+                and self.pool.ref_count(req.block_ids[i]) > 1)
+
     def _blocks_needed(self, req: Request, n: int) -> int:
         total = -(-(req.num_computed_tokens + n) // self.block_size)
-        return max(0, total - len(req.block_ids))
+        return max(0, total - len(req.block_ids)) + self._shared_tail(req)
 
     def _fits_in_free_blocks(self, req: Request) -> int:
         """How many more tokens the request's blocks plus the free ones can hold."""
-        capacity = (len(req.block_ids) + self.pool.num_free) * self.block_size
+        capacity = (len(req.block_ids) + self.pool.num_free - self._shared_tail(req)) * self.block_size
         return capacity - req.num_computed_tokens
+
+    def _allocate(self, req: Request, n: int, out: SchedulerOutput) -> None:
+        """Blocks for n more tokens (the caller checked they are free), copying a shared tail first."""
+        if self._shared_tail(req):
+            i = req.num_computed_tokens // self.block_size
+            (fresh,) = self.pool.allocate(1)
+            out.copies.append((req.block_ids[i], fresh))
+            self.pool.free([req.block_ids[i]])
+            req.block_ids[i] = fresh
+        req.block_ids += self.pool.allocate(self._blocks_needed(req, n))
 
     def _grow(self, req: Request, n: int, scheduled: set[str], out: SchedulerOutput, can_shrink: bool) -> int:
         """Give req blocks for n more tokens, preempting newer unscheduled requests if needed.
@@ -135,6 +206,8 @@ class Scheduler:
         that cannot get its block even so preempts itself.
         """
         while self._blocks_needed(req, n) > self.pool.num_free:
+            if self._release_a_session():
+                continue  # idle sessions' KV goes before any running request is preempted
             victim = self._newest_unscheduled(scheduled, newer_than=req)
             if victim is None:
                 break
@@ -147,8 +220,11 @@ class Scheduler:
             else:
                 self._preempt(req, out)
                 return 0
-        req.block_ids += self.pool.allocate(self._blocks_needed(req, n))
+        self._allocate(req, n, out)
         return n
+
+    def _release_a_session(self) -> bool:
+        return self.sessions is not None and self.sessions.release_oldest()
 
     def _newest_unscheduled(self, scheduled: set[str], newer_than: Request) -> Request | None:
         for r in reversed(self.running):
@@ -161,7 +237,6 @@ class Scheduler:
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
         self._release_blocks(req)
-        req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -171,3 +246,5 @@ class Scheduler:
     def _release_blocks(self, req: Request) -> None:
         self.pool.free(req.block_ids)
         req.block_ids = []
+        req.key_ids = []
+        req.num_computed_tokens = 0

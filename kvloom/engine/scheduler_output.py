@@ -20,6 +20,7 @@ class SchedulerOutput:
     decodes: list[ScheduledChunk] = field(default_factory=list)   # one token each, batched first
     prefills: list[ScheduledChunk] = field(default_factory=list)  # prompt chunks, after the decodes
     preempted: list[str] = field(default_factory=list)            # request ids sent back to waiting
+    copies: list[tuple[int, int]] = field(default_factory=list)   # (src, dst) blocks to copy before the pass
 
     @property
     def chunks(self) -> list[ScheduledChunk]:

@@ -1,12 +1,16 @@
-"""The KV block allocator: a free list of block ids with reference counts.
+"""The KV block allocator: reference counts, an LRU of free blocks, and content keys for prefix reuse.
 
 Pure bookkeeping, no torch: the runner owns the tensors, this owns which
-block belongs to whom. Invariant: a block is on the free list exactly when
-its reference count is zero.
+block belongs to whom. Invariants:
+- a block is in the free LRU exactly when its reference count is zero;
+- a free block keeps its content key (and so stays a prefix-cache hit) until
+  allocate() needs it: blocks with no content go first, then the least
+  recently freed.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Hashable
 
 
 class BlockPool:
@@ -14,30 +18,75 @@ class BlockPool:
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
         self._refs = [0] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evicted first
+        self._key_of: list[Hashable | None] = [None] * num_blocks
+        self._by_key: dict[Hashable, int] = {}
+        self.num_evictions = 0
 
     @property
     def num_free(self) -> int:
+        """Blocks allocate() can hand out, cached ones included."""
         return len(self._free)
 
     @property
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def num_cached(self) -> int:
+        return len(self._by_key)
+
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]
+
     def allocate(self, n: int) -> list[int] | None:
-        """n fresh blocks, or None (and nothing taken) when fewer than n are free."""
+        """n blocks for new content, or None (and nothing taken) when fewer than n are free."""
         if n > len(self._free):
             return None
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
+        blocks = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            self._forget(b)
             self._refs[b] = 1
+            blocks.append(b)
         return blocks
 
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
+        """Drop one reference to each block. Pass a sequence's blocks in order: its tail is evicted first."""
+        for b in reversed(blocks):
             if self._refs[b] <= 0:
                 raise RuntimeError(f"KV block {b} freed twice")
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                self._free[b] = None
+                if self._key_of[b] is None:
+                    self._free.move_to_end(b, last=False)  # nothing worth keeping: reuse it first
+
+    def share(self, block: int) -> None:
+        """Take one more reference to a block (a prefix-cache hit, a fork); revives it if it was free."""
+        if self._refs[block] == 0:
+            del self._free[block]
+        self._refs[block] += 1
+
+    # ---- content keys (prefix caching) ----------------------------------------------------
+
+    def lookup(self, key: Hashable) -> int | None:
+        return self._by_key.get(key)
+
+    def set_key(self, block: int, key: Hashable) -> int:
+        """Record that a full block holds the content `key`. Returns the block that now answers for the key
+        (an earlier block with the same content keeps that role)."""
+        holder = self._by_key.get(key)
+        if holder is not None:
+            return holder
+        self._by_key[key] = block
+        self._key_of[block] = key
+        return block
+
+    def _forget(self, block: int) -> None:
+        key = self._key_of[block]
+        if key is not None:
+            del self._by_key[key]
+            self._key_of[block] = None
+            self.num_evictions += 1

@@ -135,6 +135,11 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
                                      media_type="text/event-stream")
         return await until_disconnect(request, serving.completion_response(subs, first, stream, body.echo))
 
+    @v1.delete("/sessions/{session_id}")
+    async def close_session(session_id: str):
+        released = await async_engine.close_session(session_id)
+        return {"id": session_id, "object": "session", "deleted": released}
+
     @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": int(time.time()),

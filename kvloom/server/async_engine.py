@@ -37,11 +37,18 @@ class _Add:
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     accepted: Future
+    session_id: str | None = None
 
 
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _CloseSession:
+    session_id: str
+    done: Future
 
 
 class AsyncEngine:
@@ -51,6 +58,7 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._unfinished: dict[str, int] = {}   # request id -> samples (of n) still running
         self._on_step = on_step            # called in the loop thread after each step (metrics)
         self._stop = threading.Event()
         self._dead: BaseException | None = None
@@ -78,33 +86,36 @@ class AsyncEngine:
 
     # ---- requests ------------------------------------------------------------------------
 
-    async def generate(self, prompt: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs until it finishes; aborts it if the consumer stops early."""
+    async def generate(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
+                       session_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields the outputs of the request's n samples until all finish; aborts it if the consumer stops early."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
         request_id = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue = asyncio.Queue()
         accepted: Future = Future()
-        self._commands.put(_Add(request_id, prompt, params, time.time(), sink, loop, accepted))
+        self._commands.put(_Add(request_id, prompt, params, time.time(), sink, loop, accepted, session_id))
         await asyncio.wrap_future(accepted)  # raises the engine's validation error, if any
-        finished = False
+        remaining = params.n
         try:
-            while True:
+            while remaining:
                 item = await sink.get()
                 if isinstance(item, BaseException):
                     raise item
+                remaining -= item.finished
                 yield item
-                if item.finished:
-                    finished = True
-                    return
         finally:
-            if not finished:
+            if remaining:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
+
+    async def close_session(self, session_id: str) -> bool:
+        done: Future = Future()
+        self._commands.put(_CloseSession(session_id, done))
+        return await asyncio.wrap_future(done)
 
     # ---- the loop thread -----------------------------------------------------------------
 
@@ -119,7 +130,7 @@ class AsyncEngine:
                 outputs = engine.step()
                 self.last_step_time = time.time()
                 for out in outputs:
-                    self._deliver(out.request_id, out, done=out.finished)
+                    self._deliver_output(out)
                 if self._on_step is not None:
                     self._on_step(engine, outputs)
         except BaseException as e:  # anything here is a bug: fail every request loudly, never hang them
@@ -136,19 +147,34 @@ class AsyncEngine:
         while cmd is not None:
             if isinstance(cmd, _Add):
                 try:
-                    self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id, cmd.arrival_time)
+                    self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id, cmd.arrival_time,
+                                            cmd.session_id)
                 except Exception as e:
                     cmd.accepted.set_exception(e)
                 else:
                     self._sinks[cmd.request_id] = (cmd.loop, cmd.sink)
+                    self._unfinished[cmd.request_id] = cmd.params.n
                     cmd.accepted.set_result(True)
+            elif isinstance(cmd, _CloseSession):
+                cmd.done.set_result(self.engine.close_session(cmd.session_id))
             elif isinstance(cmd, _Abort):
                 if self.engine.abort_request(cmd.request_id):
                     self._sinks.pop(cmd.request_id, None)
+                    self._unfinished.pop(cmd.request_id, None)
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _deliver_output(self, out) -> None:
+        rid = out.parent_id
+        done = False
+        if out.finished and rid in self._unfinished:
+            self._unfinished[rid] -= 1
+            done = self._unfinished[rid] == 0
+            if done:
+                del self._unfinished[rid]
+        self._deliver(rid, out, done)
 
     def _deliver(self, request_id: str, item, done: bool) -> None:
         entry = self._sinks.pop(request_id, None) if done else self._sinks.get(request_id)

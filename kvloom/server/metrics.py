@@ -26,6 +26,12 @@ class ServerMetrics:
         self.kv_blocks_used = Gauge("kvloom_kv_cache_blocks_used", "KV blocks in use", registry=r)
         self.kv_usage = Gauge("kvloom_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
         self.preemptions = Gauge("kvloom_num_preemptions", "Preemptions since start", registry=r)
+        self.prefix_queries = Gauge("kvloom_prefix_cache_queries", "Tokens looked up in the prefix cache",
+                                    registry=r)
+        self.prefix_hits = Gauge("kvloom_prefix_cache_hits", "Tokens found in the prefix cache", registry=r)
+        self.prefix_hit_rate = Gauge("kvloom_prefix_cache_hit_rate", "Prefix cache hits / queries", registry=r)
+        self.sessions = Gauge("kvloom_sessions_retained", "Agent sessions holding KV between calls", registry=r)
+        self.session_blocks = Gauge("kvloom_session_kv_blocks", "KV blocks held by idle sessions", registry=r)
 
     def observe_engine(self, engine, outputs) -> None:
         """Called by the loop thread after each step."""
@@ -35,6 +41,12 @@ class ServerMetrics:
         self.kv_blocks_used.set(engine.pool.num_used)
         self.kv_usage.set(engine.pool.num_used / engine.pool.num_blocks)
         self.preemptions.set(s.num_preemptions)
+        if engine.prefix_cache is not None:
+            self.prefix_queries.set(engine.prefix_cache.queries)
+            self.prefix_hits.set(engine.prefix_cache.hits)
+            self.prefix_hit_rate.set(engine.prefix_cache.hit_rate)
+        self.sessions.set(len(engine.sessions))
+        self.session_blocks.set(engine.sessions.num_blocks_held)
         self.generation_tokens.inc(sum(len(o.delta_token_ids) for o in outputs))
         for o in outputs:
             m = o.metrics

@@ -28,6 +28,7 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    session_id: str | None = None   # an agent program's id: its KV is kept between its calls
 
     @property
     def include_usage(self) -> bool:

@@ -6,7 +6,6 @@ Written against the small engine-client interface of AsyncEngine
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 import uuid
@@ -23,12 +22,13 @@ from kvloom.tokenizer import Tokenizer
 
 @dataclass
 class SubRequest:
-    """One engine request behind one choice of a response."""
+    """One engine request (one prompt, n samples) behind n choices of a response."""
 
-    index: int                 # choice index
+    first_choice: int          # choice index of its sample 0; sample k is first_choice + k
     prompt_ids: list[int]
     prompt_text: str | None    # for echo
     params: SamplingParams
+    session_id: str | None = None
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -45,9 +45,9 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def sampling_params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int) -> SamplingParams:
     return SamplingParams(
-        n=1,
+        n=n,
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -65,20 +65,10 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None) -> Sampli
     )
 
 
-def _fan_out(prompts: list[tuple[list[int], str | None]], params: SamplingParams, n: int) -> list[SubRequest]:
-    """n choices per prompt, each with its own seed (seed + k) so they differ but stay reproducible."""
-    if not isinstance(n, int) or n < 1:
-        raise InvalidRequestError("n must be an integer >= 1", field="n")
-    subs = []
-    for p_idx, (ids, text) in enumerate(prompts):
-        for k in range(n):
-            seed = None if params.seed is None else params.seed + k
-            subs.append(SubRequest(p_idx * n + k, ids, text, _with_seed(params, seed)))
-    return subs
-
-
-def _with_seed(params: SamplingParams, seed):
-    return params if seed == params.seed else dataclasses.replace(params, seed=seed)
+def _fan_out(prompts: list[tuple[list[int], str | None]], params: SamplingParams,
+             session_id: str | None) -> list[SubRequest]:
+    """One engine request per prompt; its n samples share the prompt's KV in the engine."""
+    return [SubRequest(i * params.n, ids, text, params, session_id) for i, (ids, text) in enumerate(prompts)]
 
 
 class OpenAIServing:
@@ -98,7 +88,7 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", field="top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return _fan_out([(ids, None)], sampling_params(req, max_tokens, logprobs), req.n)
+        return _fan_out([(ids, None)], sampling_params(req, max_tokens, logprobs, req.n), req.session_id)
 
     def completion_subrequests(self, req: CompletionRequest) -> list[SubRequest]:
         p = req.prompt
@@ -120,41 +110,41 @@ class OpenAIServing:
                 prompts.append((list(item), None))
         if req.logprobs is not None and not 0 <= req.logprobs <= 5:
             raise InvalidRequestError("logprobs must be in [0, 5] for completions", field="logprobs")
-        return _fan_out(prompts, sampling_params(req, req.max_tokens, req.logprobs), req.n)
+        return _fan_out(prompts, sampling_params(req, req.max_tokens, req.logprobs, req.n), req.session_id)
 
     # ---- running ---------------------------------------------------------------------
 
-    async def stream_outputs(self, subs: list[SubRequest]) -> AsyncIterator[tuple[SubRequest, RequestOutput]]:
-        """All sub-requests' outputs as they come, merged. Cancelling the consumer aborts them all."""
+    async def stream_outputs(self, subs: list[SubRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output) of every sample as they come, merged. Cancelling the consumer aborts all."""
         merged: asyncio.Queue = asyncio.Queue()
         arrival = time.time()
-        first_token: dict[int, float] = {}
 
         async def pump(sub: SubRequest):
+            first_token: dict[int, float] = {}
             try:
-                async for out in self.engine.generate(sub.prompt_ids, sub.params):
-                    if sub.index not in first_token and out.token_ids:
-                        first_token[sub.index] = time.time()
-                    await merged.put((sub, out))
+                async for out in self.engine.generate(sub.prompt_ids, sub.params, session_id=sub.session_id):
+                    if out.index not in first_token and out.token_ids:
+                        first_token[out.index] = time.time()
+                    await merged.put((sub.first_choice + out.index, out))
                     if out.finished:
-                        self.metrics.observe_finished("success", arrival, first_token.get(sub.index), time.time(),
+                        self.metrics.observe_finished("success", arrival, first_token.get(out.index), time.time(),
                                                       len(out.token_ids))
             except asyncio.CancelledError:
-                self.metrics.observe_finished("abort", arrival, first_token.get(sub.index), time.time(), 0)
+                self.metrics.observe_finished("abort", arrival, min(first_token.values(), default=None),
+                                              time.time(), 0)
                 raise
             except BaseException as e:
-                await merged.put((sub, e))
+                await merged.put((sub.first_choice, e))
 
         tasks = [asyncio.create_task(pump(s)) for s in subs]
         try:
-            done = 0
-            while done < len(subs):
-                sub, item = await merged.get()
+            left = sum(s.params.n for s in subs)
+            while left:
+                choice, item = await merged.get()
                 if isinstance(item, BaseException):
                     raise item
-                if item.finished:
-                    done += 1
-                yield sub, item
+                left -= item.finished
+                yield choice, item
         finally:
             for t in tasks:
                 t.cancel()
@@ -202,20 +192,18 @@ class OpenAIServing:
 
     @staticmethod
     def _usage(subs: list[SubRequest], outs: dict[int, RequestOutput]) -> dict:
-        # n choices of one prompt share it: count each distinct prompt once, as OpenAI does.
-        prompt = sum(len(ids) for ids in {id(s.prompt_ids): s.prompt_ids for s in subs}.values())
+        # n choices of one prompt share it: each prompt counts once, as OpenAI counts it.
+        prompt = sum(len(s.prompt_ids) for s in subs)
         completion = sum(len(o.token_ids) for o in outs.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum({o.parent_id: o.num_cached_tokens for o in outs.values()}.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def _collect(self, first, stream) -> dict[int, RequestOutput]:
         finals: dict[int, RequestOutput] = {}
-        if first is not None:
-            sub, out = first
+        async for choice, out in _chain(first, stream):
             if out.finished:
-                finals[sub.index] = out
-        async for sub, out in stream:
-            if out.finished:
-                finals[sub.index] = out
+                finals[choice] = out
         return finals
 
     async def chat_response(self, subs, first, stream) -> dict:
@@ -228,14 +216,17 @@ class OpenAIServing:
 
     async def completion_response(self, subs, first, stream, echo: bool) -> dict:
         finals = await self._collect(first, stream)
-        by_index = {s.index: s for s in subs}
         choices = []
         for i, o in sorted(finals.items()):
-            prefix = self._echo_text(by_index[i]) if echo else ""
+            prefix = self._echo_text(self._sub_of(subs, i)) if echo else ""
             choices.append({"index": i, "text": prefix + o.text, "finish_reason": o.finish_reason,
                             "logprobs": self._completion_logprobs(o.logprobs, len(prefix))})
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices, "usage": self._usage(subs, finals)}
+
+    @staticmethod
+    def _sub_of(subs: list[SubRequest], choice: int) -> SubRequest:
+        return next(s for s in subs if s.first_choice <= choice < s.first_choice + s.params.n)
 
     def _echo_text(self, sub: SubRequest) -> str:
         return sub.prompt_text if sub.prompt_text is not None else self.tokenizer.decode(sub.prompt_ids)
@@ -244,17 +235,18 @@ class OpenAIServing:
         chunk = _SSE(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk", self.model_name, include_usage)
 
         for s in subs:
-            yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+            for k in range(s.params.n):
+                yield chunk([{"index": s.first_choice + k, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
         finals: dict[int, RequestOutput] = {}
-        async for sub, out in _chain(first, stream):
+        async for choice, out in _chain(first, stream):
             if out.delta_text or out.finished or out.delta_logprobs:
                 delta = {"content": out.delta_text} if out.delta_text else {}
-                yield chunk([{"index": sub.index, "delta": delta,
+                yield chunk([{"index": choice, "delta": delta,
                               "logprobs": self._chat_logprobs(out.delta_logprobs) if out.delta_logprobs else None,
                               "finish_reason": out.finish_reason}])
             if out.finished:
-                finals[sub.index] = out
+                finals[choice] = out
         if include_usage:
             yield chunk([], self._usage(subs, finals))
         yield "data: [DONE]\n\n"
@@ -264,18 +256,20 @@ class OpenAIServing:
 
         if echo:
             for s in subs:
-                yield chunk([{"index": s.index, "text": self._echo_text(s), "logprobs": None, "finish_reason": None}])
+                for k in range(s.params.n):
+                    yield chunk([{"index": s.first_choice + k, "text": self._echo_text(s), "logprobs": None,
+                                  "finish_reason": None}])
         finals: dict[int, RequestOutput] = {}
         offsets: dict[int, int] = {}
-        async for sub, out in _chain(first, stream):
+        async for choice, out in _chain(first, stream):
             if out.delta_text or out.finished or out.delta_logprobs:
-                off = offsets.get(sub.index, 0)
-                offsets[sub.index] = off + len(out.delta_text)
-                yield chunk([{"index": sub.index, "text": out.delta_text, "finish_reason": out.finish_reason,
+                off = offsets.get(choice, 0)
+                offsets[choice] = off + len(out.delta_text)
+                yield chunk([{"index": choice, "text": out.delta_text, "finish_reason": out.finish_reason,
                               "logprobs": self._completion_logprobs(out.delta_logprobs, off)
                               if out.delta_logprobs else None}])
             if out.finished:
-                finals[sub.index] = out
+                finals[choice] = out
         if include_usage:
             yield chunk([], self._usage(subs, finals))
         yield "data: [DONE]\n\n"
