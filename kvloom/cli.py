@@ -112,6 +112,18 @@ def cmd_serve(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.bench == "prefix":
+        from kvloom.bench.prefix_reuse import agent_turns, shared_prefix
+        config = engine_config(args)
+        result = {"shared_prefix": shared_prefix(config, args.prefix_len, args.suffix_len, args.num_requests,
+                                                 args.output_len),
+                  "agent": agent_turns(config, args.agents, args.turns, args.prefix_len, args.tool_len,
+                                       args.output_len, args.traffic_per_turn, args.traffic_len)}
+        print(json.dumps(result, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        return
     if args.bench in ("serve", "sweep"):
         from kvloom.bench.serve import cmd_bench_serve, cmd_bench_sweep
         (cmd_bench_serve if args.bench == "serve" else cmd_bench_sweep)(args)
@@ -213,7 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--serve-requests", type=int, default=64)
     peers.add_argument("--slo", default="ttft=2s,tpot=100ms")
     peers.add_argument("--max-duration", type=float, default=900.0)
-    for p in (lat, thr, peers):
+    pre = bsub.add_parser("prefix", help="TTFT with prefix caching off / on / with agent sessions")
+    pre.add_argument("--prefix-len", type=int, default=1000, help="shared system prompt / first turn tokens")
+    pre.add_argument("--suffix-len", type=int, default=50)
+    pre.add_argument("--num-requests", type=int, default=8)
+    pre.add_argument("--output-len", type=int, default=16)
+    pre.add_argument("--agents", type=int, default=2)
+    pre.add_argument("--turns", type=int, default=3)
+    pre.add_argument("--tool-len", type=int, default=50)
+    pre.add_argument("--traffic-per-turn", type=int, default=2)
+    pre.add_argument("--traffic-len", type=int, default=400)
+    for p in (lat, thr, peers, pre):
         add_engine_args(p)
         p.add_argument("--out", default=None, help="also write the JSON result here")
         p.set_defaults(func=cmd_bench)

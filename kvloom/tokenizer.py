@@ -7,6 +7,7 @@ import os
 from transformers import AutoTokenizer
 
 from kvloom.errors import InvalidRequestError, ModelNotFoundError
+from kvloom.models.gguf_metadata_cache import converted_dir
 from kvloom.models.model_source import ModelSource
 
 
@@ -23,7 +24,9 @@ class Tokenizer:
             if tokenizer_path:
                 hf = AutoTokenizer.from_pretrained(tokenizer_path)
             elif source.gguf_file:
-                hf = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+                converted = converted_dir(source)
+                hf = (AutoTokenizer.from_pretrained(converted) if converted is not None
+                      else AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file))
             else:
                 hf = AutoTokenizer.from_pretrained(source.directory)
         except (OSError, ValueError) as e:

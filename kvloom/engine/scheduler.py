@@ -149,6 +149,8 @@ class Scheduler:
                 req.append_output(sampled[chunk.request_id])
             if self.prefix_cache is not None:
                 self.prefix_cache.register(req.all_token_ids, req.block_ids, req.key_ids, req.num_computed_tokens)
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget_unused_keys()
 
     # ---- helpers ----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from kvloom.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
+from kvloom.models.gguf_metadata_cache import converted_dir
 from kvloom.models.gguf_weights import iter_gguf_weights, open_gguf
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.model_source import ModelSource
@@ -24,6 +25,9 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def load_hf_config(source: ModelSource):
     try:
         if source.gguf_file:
+            converted = converted_dir(source)
+            if converted is not None:
+                return AutoConfig.from_pretrained(converted)
             return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
         return AutoConfig.from_pretrained(source.directory)
     except (OSError, ValueError, KeyError) as e:

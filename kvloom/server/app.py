@@ -90,12 +90,24 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
                           "not_found_error", "model", "model_not_found")
         return None
 
+    # Requests accepted here that have not produced their first token yet (queued or prefilling).
+    # Counted in the event loop, so the limit holds however fast requests arrive.
+    waiting = {"n": 0}
+
     def overloaded() -> JSONResponse | None:
-        if async_engine.num_pending >= settings.max_waiting_requests:
+        if waiting["n"] >= settings.max_waiting_requests:
             metrics.requests.labels(outcome="rejected").inc()
             return _error(503, "the server is at capacity; retry shortly", "overloaded_error",
                           headers={"Retry-After": "1"})
         return None
+
+    async def start(subs):
+        """Submit and wait for the first output (validation errors surface before a 200 is sent)."""
+        waiting["n"] += 1
+        try:
+            return await serving.accepted(subs)
+        finally:
+            waiting["n"] -= 1
 
     async def until_disconnect(request: Request, work):
         """Run work, cancelling it (and so aborting its engine requests) if the client goes away."""
@@ -118,7 +130,7 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         if (err := check_model(body.model) or overloaded()) is not None:
             return err
         subs = serving.chat_subrequests(body)
-        first, stream = await serving.accepted(subs)
+        first, stream = await start(subs)
         if body.stream:
             return StreamingResponse(serving.chat_stream(subs, first, stream, body.include_usage),
                                      media_type="text/event-stream")
@@ -129,7 +141,7 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         if (err := check_model(body.model) or overloaded()) is not None:
             return err
         subs = serving.completion_subrequests(body)
-        first, stream = await serving.accepted(subs)
+        first, stream = await start(subs)
         if body.stream:
             return StreamingResponse(serving.completion_stream(subs, first, stream, body.include_usage, body.echo),
                                      media_type="text/event-stream")

@@ -79,11 +79,6 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._dead is None
 
-    @property
-    def num_pending(self) -> int:
-        """Requests not running yet: queued commands plus the scheduler's waiting queue."""
-        return self._commands.qsize() + len(self.engine.scheduler.waiting)
-
     # ---- requests ------------------------------------------------------------------------
 
     async def generate(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
