@@ -20,6 +20,10 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     d = EngineConfig()
     p.add_argument("--tokenizer", default=None, help="tokenizer directory, if not the model's own")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=d.quantization, choices=["none", "int8", "int4", "w8a8"],
+                   help="weight quantization (w8a8: int8 weights and activations)")
+    p.add_argument("--quantization-group-size", type=int, default=d.quantization_group_size, choices=[32, 64, 128],
+                   help="int4 group size")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", type=parse_size, default=d.kv_cache_memory,
@@ -39,6 +43,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
 
 def engine_config(args) -> EngineConfig:
     return EngineConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+                        quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                         max_model_len=args.max_model_len, block_size=args.block_size,
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
@@ -176,6 +181,18 @@ def _rates(text: str) -> list[float]:
     return [float("inf") if r.strip() == "inf" else float(r) for r in text.split(",")]
 
 
+def cmd_eval(args) -> None:
+    from kvloom.engine.engine import Engine
+    from kvloom.eval.perplexity import perplexity
+    engine = Engine(engine_config(args))
+    result = {**perplexity(engine, args.num_tokens, args.window), "model": engine.source.name,
+              "quantization": args.quantization, "dtype": args.dtype}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvloom", description="LLM inference serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--graceful-shutdown", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM/SIGINT")
     s.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser("eval", help="quality evaluation")
+    esub = ev.add_subparsers(dest="eval", required=True)
+    ppl = esub.add_parser("perplexity", help="perplexity on English text shipped with Python (pydoc topics)")
+    ppl.add_argument("--num-tokens", type=int, default=4096)
+    ppl.add_argument("--window", type=int, default=512)
+    ppl.add_argument("--out", default=None)
+    add_engine_args(ppl)
+    ppl.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

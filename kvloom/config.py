@@ -31,6 +31,8 @@ class EngineConfig:
     model: str | None = None
     tokenizer: str | None = None          # defaults to the model's own
     dtype: str = "float32"
+    quantization: str = "none"            # none | int8 | int4 | w8a8 (weights; w8a8 also activations)
+    quantization_group_size: int = 32     # int4 group size (32, 64 or 128)
     max_model_len: int | None = None      # defaults to the model's context, capped by the KV pool
     block_size: int = 16                  # tokens per KV block
     kv_cache_memory: int = 1 << 30        # bytes for the KV pool
@@ -45,6 +47,10 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise KvloomError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization not in ("none", "int8", "int4", "w8a8"):
+            raise KvloomError(f"quantization must be none, int8, int4 or w8a8, got {self.quantization!r}")
+        if self.quantization_group_size not in (32, 64, 128):
+            raise KvloomError(f"quantization_group_size must be 32, 64 or 128, got {self.quantization_group_size}")
         for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens"):
             if int(getattr(self, name)) < 1:
                 raise KvloomError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -36,10 +36,11 @@ def memory_floor(engine: Engine, context_len: int, bandwidth_gbs: float) -> dict
 def run_latency(engine: Engine, input_len: int, output_len: int, iters: int = 3, warmup: int = 1,
                 bandwidth_gbs: float | None = None) -> dict:
     """Batch-1: time to first token (prefill) and the mean time per later token (decode)."""
-    prompt = prompts_of_length(engine.tokenizer, [input_len])[0]
+    # A different prompt each time: a repeated one would be a prefix-cache hit, not a prefill.
+    prompts = prompts_of_length(engine.tokenizer, [input_len] * (warmup + iters))
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     prefill, decode = [], []
-    for i in range(warmup + iters):
+    for i, prompt in enumerate(prompts):
         engine.add_request(prompt, params)
         t0 = time.perf_counter()
         t_first = None

@@ -30,6 +30,7 @@ from kvloom.kv.prefix_cache import PrefixCache
 from kvloom.kv.session_store import SessionStore
 from kvloom.models.loader import load_model
 from kvloom.models.model_source import resolve_model
+from kvloom.quant import quantize_model
 from kvloom.sampling_params import SamplingParams
 from kvloom.tokenizer import Tokenizer
 
@@ -45,7 +46,7 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.source = resolve_model(config.model)
         self.dtype = _DTYPES[config.dtype]
-        self.model, self.hf_config = load_model(self.source, self.dtype, config.block_size, config.max_model_len)
+        self.model, self.hf_config = load_model(self.source, self.dtype, config.max_model_len)
         self.tokenizer = Tokenizer.load(self.source, self.hf_config, config.tokenizer)
         shape = self.model.shape
         bs = config.block_size
@@ -68,10 +69,21 @@ class Engine:
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.prefix_cache, self.sessions)
         self.runner = ModelRunner(self.model, num_blocks, bs, self.dtype)
+        quantize_model(self.model, config.quantization, config.quantization_group_size, self._calibration_pass)
         self._states: dict[str, OutputState] = {}
         self._pending_forks: dict[str, list[Request]] = {}   # parent id -> samples 1..n-1, made at its first token
         self._family: dict[str, list[str]] = {}              # parent id -> ids of all its samples
         self._seeds = random.Random(config.seed)
+
+    def _calibration_pass(self) -> None:
+        """One window of corpus text through the model (activation ranges for w8a8 smoothing).
+
+        Taken from far into the corpus, away from the text `kvloom eval perplexity` scores.
+        """
+        from kvloom.bench.prompts import corpus_token_ids
+        from kvloom.eval.perplexity import window_logits
+        n = min(512, self.max_model_len)
+        window_logits(self, corpus_token_ids(self.tokenizer, 20_000 + n)[-n:])
 
     @property
     def kv_capacity_tokens(self) -> int:

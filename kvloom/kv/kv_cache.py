@@ -1,4 +1,4 @@
-"""The physical KV pool: per layer, one key and one value tensor of [num_blocks * block_size, kv_heads, head_dim].
+"""The physical KV pool: per layer, one key and one value tensor of [num_blocks, kv_heads, block_size, head_dim].
 
 Owned by the model runner alone; the scheduler only ever sees block ids.
 """
@@ -15,7 +15,6 @@ def num_blocks_for(memory_bytes: int, shape: LlamaShape, block_size: int, dtype:
 
 def allocate_kv_cache(num_blocks: int, block_size: int, shape: LlamaShape, dtype: torch.dtype,
                       device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    slots = num_blocks * block_size
-    return [(torch.zeros(slots, shape.num_kv_heads, shape.head_dim, dtype=dtype, device=device),
-             torch.zeros(slots, shape.num_kv_heads, shape.head_dim, dtype=dtype, device=device))
+    dims = (num_blocks, shape.num_kv_heads, block_size, shape.head_dim)
+    return [(torch.zeros(dims, dtype=dtype, device=device), torch.zeros(dims, dtype=dtype, device=device))
             for _ in range(shape.num_layers)]

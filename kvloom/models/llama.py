@@ -70,11 +70,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: LlamaShape, rope: RotaryEmbedding, block_size: int):
+    def __init__(self, shape: LlamaShape, rope: RotaryEmbedding):
         super().__init__()
         self.shape = shape
         self.rope = rope
-        self.block_size = block_size
         self.q_size = shape.num_heads * shape.head_dim
         self.kv_size = shape.num_kv_heads * shape.head_dim
         self.scale = shape.head_dim ** -0.5
@@ -95,8 +94,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, self.block_size, self.scale)
+        write_kv(k_cache, v_cache, k, v, meta)
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -113,10 +112,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: LlamaShape, rope: RotaryEmbedding, block_size: int):
+    def __init__(self, shape: LlamaShape, rope: RotaryEmbedding):
         super().__init__()
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.self_attn = Attention(shape, rope, block_size)
+        self.self_attn = Attention(shape, rope)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.mlp = MLP(shape)
 
@@ -132,11 +131,11 @@ class LlamaForCausalLM(nn.Module):
     _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, shape: LlamaShape, rope: RotaryEmbedding, block_size: int):
+    def __init__(self, shape: LlamaShape, rope: RotaryEmbedding):
         super().__init__()
         self.shape = shape
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(shape, rope, block_size) for _ in range(shape.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(shape, rope) for _ in range(shape.num_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
         if shape.tie_word_embeddings:

@@ -37,8 +37,7 @@ def load_hf_config(source: ModelSource):
         raise ModelNotFoundError(f"cannot read the config of {source.name}: {msg}") from e
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, block_size: int,
-               max_positions: int | None = None) -> tuple[LlamaForCausalLM, object]:
+def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | None = None) -> tuple[LlamaForCausalLM, object]:
     """Returns (model in eval mode with all weights loaded, its transformers config)."""
     hf_config = load_hf_config(source)
     reader = open_gguf(source.gguf_path) if source.gguf_file else None
@@ -49,7 +48,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, block_size: int,
     max_positions = min(max_positions or shape.max_position_embeddings, shape.max_position_embeddings)
     rope = RotaryEmbedding(hf_config, shape.head_dim, max_positions)
     with torch.device("meta"):  # no time spent on random init: every weight is loaded below
-        model = cls(shape, rope, block_size)
+        model = cls(shape, rope)
     model.to_empty(device="cpu")
     if shape.tie_word_embeddings:  # to_empty() gives the two names separate storage
         model.lm_head.weight = model.embed_tokens.weight

@@ -1,10 +1,15 @@
 """Attention over the paged KV pool for one mixed batch.
 
-The flat batch holds decode tokens first (one per request), then prompt
-chunks. Each token's K/V is written to its slot in the pool before attention,
-so a chunk attends to every earlier token of its request plus itself:
+The pool of one layer is a K and a V tensor of [num_blocks, kv_heads, block_size, head_dim].
+A token at position p of a request lives in block block_ids[p // block_size], row p % block_size.
+Gathering a request's blocks head by head, as rows of the pool viewed as
+[num_blocks * kv_heads, block_size, head_dim], yields its context already laid
+out as [kv_heads, blocks * block_size, head_dim]: one gather, no further copy.
 
-    pool slots   [ req A: 0..15 | req B: 16..31 | ... ]   (blocks of block_size)
+The flat batch holds decode tokens first (one per request), then prompt
+chunks. Each token's K/V is written to the pool before attention, so a chunk
+attends to every earlier token of its request plus itself:
+
     decode row   q(1)  x  K[context of its request]        masked past its length
     prefill      q(n)  x  K[context_len]   causal, offset by context_len - n
 
@@ -20,58 +25,62 @@ import torch.nn.functional as F
 
 @dataclass
 class PrefillChunk:
-    start: int                 # index of the chunk's first token in the flat batch
-    length: int                # tokens in the chunk
-    context_slots: torch.Tensor  # [context_len] pool slot of each token it attends to
+    start: int                   # index of the chunk's first token in the flat batch
+    length: int                  # tokens in the chunk
+    context_len: int             # tokens it attends to: earlier ones and its own
+    head_blocks: torch.Tensor    # [kv_heads, blocks] rows of the pool viewed as [num_blocks * kv_heads, ...]
     causal_mask: torch.Tensor | None  # [length, context_len] bool; None when plain causal (no earlier KV)
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor            # [T] pool slot each token's K/V is written to
+    write_blocks: torch.Tensor            # [T] block each token's K/V is written to
+    write_offsets: torch.Tensor           # [T] its row within the block
     num_decodes: int                      # the first num_decodes tokens are single-token decodes
-    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] block ids (padded)
+    decode_head_blocks: torch.Tensor | None  # [num_decodes, kv_heads, max_blocks] pool rows (padded)
     decode_bias: torch.Tensor | None      # [num_decodes, 1, 1, max_blocks*block_size] 0 or -inf
     prefills: list[PrefillChunk]
 
 
+def head_block_rows(block_ids: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[..., blocks] block ids -> [..., kv_heads, blocks] rows of the pool seen as [num_blocks * kv_heads, ...]."""
+    heads = torch.arange(num_kv_heads, device=block_ids.device)
+    return block_ids.unsqueeze(-2) * num_kv_heads + heads[:, None]
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store this step's keys and values ([T, kv_heads, head_dim]) at their slots."""
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+             meta: AttentionMetadata) -> None:
+    """Store this step's keys and values ([T, kv_heads, head_dim]) in their blocks."""
+    k_cache[meta.write_blocks, :, meta.write_offsets] = k
+    v_cache[meta.write_blocks, :, meta.write_offsets] = v
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, block_size: int, scale: float) -> torch.Tensor:
-    """q: [T, heads, head_dim]; caches: [num_slots, kv_heads, head_dim]. Returns [T, heads, head_dim]."""
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, heads, head_dim]; caches: [num_blocks, kv_heads, block_size, head_dim]. Returns [T, heads, head_dim]."""
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
+    num_blocks, num_kv_heads, block_size, _ = k_cache.shape
     group = num_heads // num_kv_heads
+    rows_k = k_cache.view(num_blocks * num_kv_heads, block_size, head_dim)
+    rows_v = v_cache.view(num_blocks * num_kv_heads, block_size, head_dim)
     out = torch.empty_like(q)
 
     nd = meta.num_decodes
     if nd:
-        # Gather whole blocks: [nd, max_blocks, block_size, kv_heads, D] -> [nd, L, kv_heads, D].
-        blocks_k = k_cache.view(-1, block_size, num_kv_heads, head_dim)[meta.decode_block_tables]
-        blocks_v = v_cache.view(-1, block_size, num_kv_heads, head_dim)[meta.decode_block_tables]
-        ctx_k = blocks_k.view(nd, -1, num_kv_heads, head_dim).permute(0, 2, 3, 1)  # [nd, kvh, D, L]
-        ctx_v = blocks_v.view(nd, -1, num_kv_heads, head_dim).transpose(1, 2)      # [nd, kvh, L, D]
+        ctx_k = rows_k[meta.decode_head_blocks].view(nd, num_kv_heads, -1, head_dim)   # [nd, kvh, L, D]
+        ctx_v = rows_v[meta.decode_head_blocks].view(nd, num_kv_heads, -1, head_dim)
         qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
-        scores = torch.matmul(qd, ctx_k).mul_(scale).add_(meta.decode_bias)        # [nd, kvh, G, L]
+        scores = torch.matmul(qd, ctx_k.transpose(-1, -2)).mul_(scale).add_(meta.decode_bias)  # [nd, kvh, G, L]
         probs = torch.softmax(scores, dim=-1)
         out[:nd] = torch.matmul(probs, ctx_v).view(nd, num_heads, head_dim)
 
     for chunk in meta.prefills:
-        s, n = chunk.start, chunk.length
-        qc = q[s:s + n].transpose(0, 1).unsqueeze(0)                              # [1, H, n, D]
-        kc = k_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)           # [1, kvh, L, D]
-        vc = v_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)
-        if chunk.causal_mask is None:
-            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale,
-                                               enable_gqa=group > 1)
-        else:
-            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.causal_mask, scale=scale,
-                                               enable_gqa=group > 1)
+        s, n, L = chunk.start, chunk.length, chunk.context_len
+        qc = q[s:s + n].transpose(0, 1).unsqueeze(0)                                   # [1, H, n, D]
+        kc = rows_k[chunk.head_blocks].view(num_kv_heads, -1, head_dim)[:, :L].unsqueeze(0)  # [1, kvh, L, D]
+        vc = rows_v[chunk.head_blocks].view(num_kv_heads, -1, head_dim)[:, :L].unsqueeze(0)
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.causal_mask,
+                                           is_causal=chunk.causal_mask is None, scale=scale,
+                                           enable_gqa=group > 1)
         out[s:s + n] = o[0].transpose(0, 1)
     return out
