@@ -92,3 +92,20 @@ def test_sweep_writes_curve(tiny_model_dir, tmp_path):
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert len(sweep["runs"]) == 2 and sweep["runs"][0]["rate"] == 5.0
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_offline_benchmarks_report_floor_and_roofline(tiny_model_dir):
+    from kvloom import LLM
+    from kvloom.bench.offline import run_latency, run_throughput, weight_bytes
+    model = tiny_model_dir("llama")
+    engine = LLM(model).engine
+    lat = run_latency(engine, 16, 8, iters=1, warmup=0, bandwidth_gbs=10.0)
+    floor = lat["memory_floor"]
+    assert floor["weight_bytes"] == weight_bytes(engine)[0] and floor["kv_bytes"] > 0
+    assert 0 < lat["fraction_of_memory_floor"] and lat["decode_tokens_per_s"] > 0
+    thr = run_throughput(engine, 4, 16, 8, matmul_gflops=50.0)
+    assert thr["output_tokens"] == 32 and thr["roofline"]["achieved_gflops"] > 0
+    # weights read per step shrink with quantization: int8 weights plus float scales
+    q = LLM(model, quantization="w8a8").engine
+    assert weight_bytes(q)[0] < 0.5 * weight_bytes(engine)[0]
+    assert weight_bytes(q)[1] == weight_bytes(engine)[1]

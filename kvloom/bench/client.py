@@ -58,6 +58,13 @@ async def _one(h: httpx.AsyncClient, url: str, model: str, req: BenchRequest, re
         rec.error = f"{type(e).__name__}: {e}"
 
 
+async def warm_up(base_url: str, model: str, req: BenchRequest, api_key: str | None = None) -> None:
+    """One short request before the timed run, so one-time costs (first kernels, caches) are not measured."""
+    url = base_url.rstrip("/") + "/v1/completions"
+    async with httpx.AsyncClient(timeout=120, headers=_headers(api_key)) as h:
+        await _one(h, url, model, BenchRequest(0.0, req.prompt[:16], 4), RequestRecord(16, 4))
+
+
 async def run_requests(base_url: str, model: str, requests: list[BenchRequest], max_duration: float,
                        api_key: str | None = None, progress: bool = True) -> tuple[list[RequestRecord], float]:
     """Send each request at its arrival time; stop sending (and cancel what runs) after max_duration."""

@@ -58,9 +58,9 @@ def engine_description(engine) -> dict:
     return {
         **stack_description(),
         "model": engine.source.name,
-        "parameters": sum(p.numel() for p in engine.model.parameters()),
+        "parameters": engine.model.num_parameters(),
         "dtype": engine.config.dtype,
-        "quantization": "none",
+        "quantization": engine.config.quantization,
         "kv_cache_dtype": engine.config.dtype,
         "engine_config": {k: v for k, v in vars(engine.config).items()},
         "max_model_len": engine.max_model_len,

@@ -11,16 +11,26 @@ from kvloom.engine.engine import Engine
 from kvloom.sampling_params import SamplingParams
 
 
+def _tensor_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _macs(linear) -> int:
+    """Multiply-accumulates of one row through a linear layer, float or quantized."""
+    return linear.in_features * linear.out_features
+
+
 def weight_bytes(engine: Engine) -> tuple[int, int]:
-    """(bytes of every weight a decode step reads, bytes of the matmul weights of the decoder layers)."""
+    """(bytes of every weight a decode step reads, multiply-accumulates per token in the decoder layers)."""
     model = engine.model
-    elem = model.embed_tokens.weight.element_size()
-    layer_linear = sum(p.numel() for n, p in model.layers.named_parameters() if n.endswith("proj.weight"))
-    # A decode step reads all layer weights, the norms and the LM head; of the embedding only one row.
-    read = sum(p.numel() for p in model.layers.parameters()) + model.norm.weight.numel() + model.lm_head.weight.numel()
-    if not model.shape.tie_word_embeddings:
-        read += model.shape.hidden_size
-    return read * elem, layer_linear
+    # A decode step reads all layer weights (quantized ones as stored), the final norm, the
+    # LM head, and of the embedding table one row.
+    read = (_tensor_bytes(model.layers) + _tensor_bytes(model.norm) + _tensor_bytes(model.lm_head)
+            + model.shape.hidden_size * model.embed_tokens.weight.element_size())
+    layer_macs = sum(_macs(m) for layer in model.layers
+                     for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                               layer.mlp.down_proj))
+    return read, layer_macs
 
 
 def memory_floor(engine: Engine, context_len: int, bandwidth_gbs: float) -> dict:
@@ -85,10 +95,10 @@ def run_throughput(engine: Engine, num_prompts: int, input_len: int, output_len:
               "preemptions": engine.scheduler.num_preemptions, "threads": torch.get_num_threads()}
     if matmul_gflops:
         # Matmul work: every processed token through the layers, every sampled token through the LM head.
-        _, layer_linear = weight_bytes(engine)
+        _, layer_macs = weight_bytes(engine)
         shape = engine.model.shape
         processed = num_prompts * input_len + produced - num_prompts
-        flops = 2 * layer_linear * processed + 2 * shape.vocab_size * shape.hidden_size * produced
+        flops = 2 * layer_macs * processed + 2 * shape.vocab_size * shape.hidden_size * produced
         result["roofline"] = {"matmul_gflops_measured": matmul_gflops, "gflop": flops / 1e9,
                               "achieved_gflops": flops / elapsed / 1e9,
                               "fraction_of_roofline": flops / elapsed / 1e9 / matmul_gflops}

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import httpx
 
-from kvloom.bench.client import fetch_model, run_requests
+from kvloom.bench.client import fetch_model, run_requests, warm_up
 from kvloom.bench.hardware import stack_description
 from kvloom.bench.metrics import parse_slo, summarize
 from kvloom.bench.plots import latency_throughput_curve, request_timeline
@@ -45,6 +45,7 @@ async def _server_info(base_url: str, api_key: str | None) -> dict | None:
 
 async def bench_one(base_url: str, workload: Workload, args, progress: bool = True) -> dict:
     model = await fetch_model(base_url, args.api_key)
+    await warm_up(base_url, model["id"], workload.requests[0], args.api_key)
     records, duration = await run_requests(base_url, model["id"], workload.requests, args.max_duration,
                                            args.api_key, progress)
     result = {

@@ -63,7 +63,7 @@ class Engine:
         self.max_model_len = min(limit, num_blocks * bs)
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks)
-        self.prefix_cache = (PrefixCache(self.pool, bs, salt=config.dtype) if config.enable_prefix_caching
+        self.prefix_cache = (PrefixCache(self.pool, bs, salt=(config.dtype, config.quantization)) if config.enable_prefix_caching
                              else None)
         self.sessions = SessionStore(self.pool, bs, config.session_kv_fraction, config.session_ttl)
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,

@@ -147,6 +147,16 @@ class LlamaForCausalLM(nn.Module):
             h = layer(h, positions, meta, kv)
         return self.lm_head(self.norm(h[logits_indices]))
 
+    def num_parameters(self) -> int:
+        """Logical parameter count (a tied head counted once), whether or not layers are quantized."""
+        s = self.shape
+        per_layer = (s.hidden_size * (s.num_heads + 2 * s.num_kv_heads) * s.head_dim        # q, k, v
+                     + s.num_heads * s.head_dim * s.hidden_size                              # o
+                     + 3 * s.hidden_size * s.intermediate_size + 2 * s.hidden_size          # mlp, norms
+                     + s.qkv_bias * (s.num_heads + 2 * s.num_kv_heads) * s.head_dim + s.qk_norm * 2 * s.head_dim)
+        head = 0 if s.tie_word_embeddings else s.vocab_size * s.hidden_size
+        return s.num_layers * per_layer + s.vocab_size * s.hidden_size + head + s.hidden_size
+
     def expected_weight_names(self) -> set[str]:
         """The Hugging Face parameter names this model needs."""
         names = {"model.embed_tokens.weight", "model.norm.weight"}

@@ -19,9 +19,9 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_k
           graceful_shutdown_s: float = 30.0) -> None:
     engine = Engine(config)
     name = served_model_name or engine.source.name
-    params = sum(p.numel() for p in engine.model.parameters())
-    log.info("model %s: %.1fM parameters, %s, %d layers, context %d tokens", name, params / 1e6, config.dtype,
-             engine.model.shape.num_layers, engine.max_model_len)
+    log.info("model %s: %.1fM parameters, %s, quantization %s, %d layers, context %d tokens", name,
+             engine.model.num_parameters() / 1e6, config.dtype, config.quantization, engine.model.shape.num_layers,
+             engine.max_model_len)
     log.info("KV cache: %d blocks of %d tokens = %d tokens in %.0f MiB", engine.num_blocks, config.block_size,
              engine.kv_capacity_tokens, config.kv_cache_memory / 2**20)
     log.info("scheduler: max_num_seqs=%d max_num_batched_tokens=%d max_waiting_requests=%d",
