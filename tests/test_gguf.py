@@ -2,7 +2,6 @@
 import gguf
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from kvloom.errors import WeightsError

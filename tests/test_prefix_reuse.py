@@ -64,7 +64,6 @@ def test_eviction_under_pressure_recomputes_correctly(model_dir):
     prompts = random_prompts(12, [40] * 12, seed=9)
     want = [r.token_ids for r in _llm(model_dir, enable_prefix_caching=False).generate(prompts, GREEDY)]
     # 16 blocks of 8 tokens: room for a few sequences, far too little to keep every prompt cached.
-    from kvloom.kv.kv_cache import num_blocks_for  # noqa: F401  (size computed below from the engine)
     probe = _llm(model_dir)
     per_block = probe.engine.model.shape.kv_bytes_per_token(torch.float32) * 8
     llm = _llm(model_dir, kv_cache_memory=16 * per_block, max_num_seqs=2)
@@ -93,11 +92,10 @@ def test_n4_shares_the_prompt_and_matches_separate_seeds(model_dir):
     prompt = random_prompts(1, [64], seed=11)[0]
     n4 = SamplingParams(n=4, temperature=1.0, seed=40, max_tokens=12, ignore_eos=True)
     peak_fork, forked = _peak_blocks(_llm(model_dir), prompt, n4, 1)
-    separate_peak = 0
     separate = {}
     llm = _llm(model_dir)
     for k in range(4):
-        p, outs = _peak_blocks(llm, prompt, SamplingParams(temperature=1.0, seed=40 + k, max_tokens=12,
+        _, outs = _peak_blocks(llm, prompt, SamplingParams(temperature=1.0, seed=40 + k, max_tokens=12,
                                                            ignore_eos=True), 1)
         separate[k] = outs[("r0", 0)]
     assert [forked[("r0", k)] for k in range(4)] == [separate[k] for k in range(4)]

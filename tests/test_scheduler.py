@@ -1,5 +1,4 @@
 """The scheduler alone, fed hand-made sampled tokens: budget, chunking, preemption, no leaks."""
-import torch
 
 from kvloom.engine.request import Request, RequestStatus
 from kvloom.engine.scheduler import Scheduler

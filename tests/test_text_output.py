@@ -24,7 +24,7 @@ def test_deltas_concatenate_to_full_decode(llm, text):
 
 def _stream(llm, prompt, params):
     engine = llm.engine
-    rid = engine.add_request(prompt, params)
+    engine.add_request(prompt, params)
     deltas, last = [], None
     while engine.has_unfinished():
         for out in engine.step():
