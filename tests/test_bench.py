@@ -59,24 +59,37 @@ def test_real_traces_read():
     assert len(azure) == 2000 and azure[-1][0] > 500
 
 
-@pytest.mark.parametrize("workload", ["poisson", "burstgpt", "shared-prefix", "repetitive"])
+BURSTGPT_ROWS = """Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type
+26939,ChatGPT,29,69,98,Conversation log
+27037,ChatGPT,136,74,210,Conversation log
+27040,ChatGPT,0,0,0,Conversation log
+27162,ChatGPT,229,12,241,Conversation log
+27307,ChatGPT,326,66,392,Conversation log
+"""
+
+
+@pytest.mark.parametrize("workload", ["poisson", "trace", "shared-prefix", "repetitive"])
 def test_bench_serve_against_kvloom(tiny_model_dir, tmp_path, workload, capsys):
     model = tiny_model_dir("llama")
+    trace = tmp_path / "trace.csv"  # BurstGPT's columns; the real files are read in test_real_traces_read
+    trace.write_text(BURSTGPT_ROWS)
+    extra = ["--trace", str(trace)] if workload == "trace" else ["--workload", workload]
     with ServerThread(tiny_engine(model, max_model_len=200)) as s:
         out = tmp_path / "r.json"
-        code = main(["bench", "serve", "--base-url", s.url, "--workload", workload, "--num-requests", "10",
+        code = main(["bench", "serve", "--base-url", s.url, *extra, "--num-requests", "10",
                      "--request-rate", "20", "--input-len", "30", "--output-len", "12", "--prefix-len", "40",
                      "--time-scale", "10000", "--tokenizer", model, "--slo", "ttft=5s,tpot=1s", "--out", str(out)])
         assert code == 0
     result = json.loads(out.read_text())
     summ = result["summary"]
-    assert summ["completed"] == 10 and summ["failed"] == 0
+    assert summ["completed"] == (4 if workload == "trace" else 10) and summ["failed"] == 0
     assert summ["ttft_ms"]["p99"] >= summ["ttft_ms"]["median"] > 0
     assert summ["goodput"] > 0 and summ["total_output_tokens"] > 0
     assert result["server"]["engine_config"]["max_num_batched_tokens"] == 512
     assert result["server"]["torch_version"] and result["client"]["cpu_model"]
-    if workload == "burstgpt":
-        assert result["workload"]["clipped_to_context"] > 0  # rows longer than the 200-token context
+    if workload == "trace":  # the failed row (0 tokens) is not replayed; three rows exceed the 200-token context
+        assert result["workload"]["num_requests"] == 4 and result["workload"]["clipped_to_context"] == 3
+        assert result["workload"]["name"] == "trace.csv"
     if workload == "poisson":
         assert summ["total_output_tokens"] == 120  # ignore_eos: exactly max_tokens each
     assert (tmp_path / "r_timeline.png").stat().st_size > 1000

@@ -26,7 +26,8 @@ def build_workload(args, tokenizer: Tokenizer, max_len: int, rate: float | None 
     kind = args.workload
     if args.trace or kind in TRACE_FILES:
         path = find_trace(args.trace or kind)
-        return trace_workload(tokenizer, path, args.num_requests, args.time_scale, max_len, kind)
+        name = os.path.basename(path) if args.trace else kind
+        return trace_workload(tokenizer, path, args.num_requests, args.time_scale, max_len, name)
     return synthetic_workload(tokenizer, kind, args.num_requests, rate if rate is not None else args.request_rate,
                               args.burstiness, args.input_len, args.output_len, args.range_ratio, max_len,
                               args.seed, args.prefix_len)
