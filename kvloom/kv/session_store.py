@@ -31,7 +31,6 @@ class SessionStore:
         self.max_blocks = int(max_fraction * pool.num_blocks)
         self.ttl = ttl
         self._sessions: OrderedDict[str, Session] = OrderedDict()   # longest idle first
-        self.num_adopted_tokens = 0
 
     @property
     def num_blocks_held(self) -> int:
@@ -69,7 +68,6 @@ class SessionStore:
             keep = n // self.block_size
             self.pool.free(s.block_ids[keep:])
             s.block_ids, s.key_ids, s.tokens = s.block_ids[:keep], s.key_ids[:keep], s.tokens[:n]
-        self.num_adopted_tokens += len(s.tokens)
         return s
 
     def release(self, session_id: str) -> bool:

@@ -27,6 +27,3 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
-
-    def dequantized(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scales[:, None]

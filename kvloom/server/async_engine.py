@@ -63,7 +63,6 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kvloom-engine", daemon=True)
-        self.last_step_time = time.time()
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -123,7 +122,6 @@ class AsyncEngine:
                 if not engine.has_unfinished():
                     continue
                 outputs = engine.step()
-                self.last_step_time = time.time()
                 for out in outputs:
                     self._deliver_output(out)
                 if self._on_step is not None:
