@@ -24,6 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
                    help="weight quantization (w8a8: int8 weights and activations)")
     p.add_argument("--quantization-group-size", type=int, default=d.quantization_group_size, choices=[32, 64, 128],
                    help="int4 group size")
+    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "int8"],
+                   help="KV cache precision: auto (the model's dtype) or int8 (keys per channel, values per token)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", type=parse_size, default=d.kv_cache_memory,
@@ -37,6 +39,11 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
                    help="share of the KV pool kept for idle agent sessions (requests with a session_id)")
     p.add_argument("--session-ttl", type=float, default=d.session_ttl,
                    help="seconds an idle session's KV is kept")
+    p.add_argument("--speculative", default=d.speculative, choices=["none", "lookahead"],
+                   help="speculative decoding without a draft model: n-gram trie drafts, verified losslessly")
+    p.add_argument("--spec-max-tokens", type=int, default=d.spec_max_tokens,
+                   help="draft tokens per request per step at most")
+    p.add_argument("--spec-branches", type=int, default=d.spec_branches, help="children per draft-tree node at most")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -44,6 +51,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
 def engine_config(args) -> EngineConfig:
     return EngineConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
                         quantization=args.quantization, quantization_group_size=args.quantization_group_size,
+                        kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative,
+                        spec_max_tokens=args.spec_max_tokens, spec_branches=args.spec_branches,
                         max_model_len=args.max_model_len, block_size=args.block_size,
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
@@ -129,6 +138,15 @@ def cmd_bench(args) -> None:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
         return
+    if args.bench == "spec":
+        from kvloom.bench.speculative import run_spec_comparison
+        result = run_spec_comparison(engine_config(args), args.workload, args.num_requests, args.input_len,
+                                     args.output_len, args.concurrency, args.rounds)
+        print(json.dumps(result, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        return
     if args.bench in ("serve", "sweep"):
         from kvloom.bench.serve import cmd_bench_serve, cmd_bench_sweep
         (cmd_bench_serve if args.bench == "serve" else cmd_bench_sweep)(args)
@@ -185,8 +203,8 @@ def cmd_eval(args) -> None:
     from kvloom.engine.engine import Engine
     from kvloom.eval.perplexity import perplexity
     engine = Engine(engine_config(args))
-    result = {**perplexity(engine, args.num_tokens, args.window), "model": engine.source.name,
-              "quantization": args.quantization, "dtype": args.dtype}
+    result = {**perplexity(engine, args.num_tokens, args.window, args.chunk), "model": engine.source.name,
+              "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype, "dtype": args.dtype}
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:
@@ -227,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = esub.add_parser("perplexity", help="perplexity on English text shipped with Python (pydoc topics)")
     ppl.add_argument("--num-tokens", type=int, default=4096)
     ppl.add_argument("--window", type=int, default=512)
+    ppl.add_argument("--chunk", type=int, default=None,
+                     help="tokens per forward pass within a window (default: the block size, so the KV is read back)")
     ppl.add_argument("--out", default=None)
     add_engine_args(ppl)
     ppl.set_defaults(func=cmd_eval)
@@ -251,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--serve-requests", type=int, default=64)
     peers.add_argument("--slo", default="ttft=2s,tpot=100ms")
     peers.add_argument("--max-duration", type=float, default=900.0)
+    sp = bsub.add_parser("spec", help="decode speed with and without lookahead speculation, same run")
+    sp.add_argument("--workload", default="repetitive", choices=["repetitive", "poisson"],
+                    help="repetitive: outputs copy input spans; poisson: corpus passages to continue")
+    sp.add_argument("--num-requests", type=int, default=8)
+    sp.add_argument("--concurrency", type=int, default=1)
+    sp.add_argument("--input-len", type=int, default=200, help="poisson workload prompt length")
+    sp.add_argument("--output-len", type=int, default=128)
+    sp.add_argument("--rounds", type=int, default=2, help="runs per engine, alternating; the best counts")
+    sp.add_argument("--out", default=None)
+    add_engine_args(sp)
+    sp.set_defaults(func=cmd_bench)
+
     pre = bsub.add_parser("prefix", help="TTFT with prefix caching off / on / with agent sessions")
     pre.add_argument("--prefix-len", type=int, default=1000, help="shared system prompt / first turn tokens")
     pre.add_argument("--suffix-len", type=int, default=50)

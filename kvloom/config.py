@@ -33,6 +33,7 @@ class EngineConfig:
     dtype: str = "float32"
     quantization: str = "none"            # none | int8 | int4 | w8a8 (weights; w8a8 also activations)
     quantization_group_size: int = 32     # int4 group size (32, 64 or 128)
+    kv_cache_dtype: str = "auto"          # auto (the model's dtype) | int8 (keys per channel, values per token)
     max_model_len: int | None = None      # defaults to the model's context, capped by the KV pool
     block_size: int = 16                  # tokens per KV block
     kv_cache_memory: int = 1 << 30        # bytes for the KV pool
@@ -41,6 +42,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True    # reuse KV blocks of identical leading tokens across requests
     session_kv_fraction: float = 0.5      # at most this share of the pool kept for idle agent sessions
     session_ttl: float = 300.0            # seconds an idle session's KV is kept
+    speculative: str = "none"             # none | lookahead (draft tokens from n-gram tries, verified in one pass)
+    spec_max_tokens: int = 8              # draft tokens per request per step at most
+    spec_branches: int = 2                # children per draft-tree node at most
     seed: int = 0                         # seeds requests that bring no seed of their own
     num_threads: int | None = None        # torch intra-op threads (None: torch's default)
 
@@ -49,6 +53,12 @@ class EngineConfig:
             raise KvloomError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization not in ("none", "int8", "int4", "w8a8"):
             raise KvloomError(f"quantization must be none, int8, int4 or w8a8, got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise KvloomError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
+        if self.speculative not in ("none", "lookahead"):
+            raise KvloomError(f"speculative must be none or lookahead, got {self.speculative!r}")
+        if self.spec_max_tokens < 1 or self.spec_branches < 1:
+            raise KvloomError("spec_max_tokens and spec_branches must be >= 1")
         if self.quantization_group_size not in (32, 64, 128):
             raise KvloomError(f"quantization_group_size must be 32, 64 or 128, got {self.quantization_group_size}")
         for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens"):

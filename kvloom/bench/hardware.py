@@ -61,7 +61,7 @@ def engine_description(engine) -> dict:
         "parameters": engine.model.num_parameters(),
         "dtype": engine.config.dtype,
         "quantization": engine.config.quantization,
-        "kv_cache_dtype": engine.config.dtype,
+        "kv_cache_dtype": engine.config.kv_cache_dtype,
         "engine_config": {k: v for k, v in vars(engine.config).items()},
         "max_model_len": engine.max_model_len,
         "kv_cache_blocks": engine.num_blocks,

@@ -8,6 +8,7 @@ import torch
 
 from kvloom.bench.prompts import prompts_of_length
 from kvloom.engine.engine import Engine
+from kvloom.kv.kv_cache import kv_bytes_per_token
 from kvloom.sampling_params import SamplingParams
 
 
@@ -36,7 +37,8 @@ def weight_bytes(engine: Engine) -> tuple[int, int]:
 def memory_floor(engine: Engine, context_len: int, bandwidth_gbs: float) -> dict:
     """The fastest a batch-1 decode step can be: bytes read (weights + KV of the context) / bandwidth."""
     weights, _ = weight_bytes(engine)
-    kv = context_len * engine.model.shape.kv_bytes_per_token(engine.dtype)
+    kv = int(context_len * kv_bytes_per_token(engine.model.shape, engine.dtype, engine.config.kv_cache_dtype,
+                                              engine.config.block_size))
     floor_s = (weights + kv) / (bandwidth_gbs * 1e9)
     return {"bytes_per_step": weights + kv, "weight_bytes": weights, "kv_bytes": kv,
             "bandwidth_gbs": bandwidth_gbs, "floor_ms_per_token": floor_s * 1e3,

@@ -25,13 +25,17 @@ from kvloom.engine.sampler import sample
 from kvloom.engine.scheduler import Scheduler
 from kvloom.errors import InvalidRequestError, PromptTooLongError
 from kvloom.kv.block_pool import BlockPool
-from kvloom.kv.kv_cache import num_blocks_for
+from kvloom.kv.kv_cache import kv_bytes_per_token, num_blocks_for, staging_capacity
 from kvloom.kv.prefix_cache import PrefixCache
 from kvloom.kv.session_store import SessionStore
 from kvloom.models.loader import load_model
 from kvloom.models.model_source import resolve_model
 from kvloom.quant import quantize_model
 from kvloom.sampling_params import SamplingParams
+from kvloom.spec.lookahead import LookaheadSpeculator, SpecSettings
+from kvloom.spec.ngram_trie import DraftTree
+from kvloom.spec.step_cost import StepCost
+from kvloom.spec.verify import verify
 from kvloom.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,11 +54,14 @@ class Engine:
         self.tokenizer = Tokenizer.load(self.source, self.hf_config, config.tokenizer)
         shape = self.model.shape
         bs = config.block_size
-        num_blocks = num_blocks_for(config.kv_cache_memory, shape, bs, self.dtype)
+        staging = (staging_capacity(config.max_num_seqs, config.max_num_batched_tokens, bs)
+                   if config.kv_cache_dtype == "int8" else 0)
+        num_blocks = num_blocks_for(config.kv_cache_memory, shape, bs, self.dtype, config.kv_cache_dtype, staging)
         if num_blocks < 1:
             raise InvalidRequestError(
                 f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of {bs} tokens "
-                f"({shape.kv_bytes_per_token(self.dtype) * bs} bytes); raise it", field="kv_cache_memory")
+                f"({kv_bytes_per_token(shape, self.dtype, config.kv_cache_dtype, bs) * bs:.0f} bytes"
+                f"{' plus int8 staging' if staging else ''}); raise it", field="kv_cache_memory")
         limit = min(config.max_model_len or shape.max_position_embeddings, shape.max_position_embeddings)
         if num_blocks * bs < limit:
             log.warning("KV pool holds %d tokens, less than the context of %d: max_model_len capped",
@@ -63,13 +70,23 @@ class Engine:
         self.max_model_len = min(limit, num_blocks * bs)
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks)
-        self.prefix_cache = (PrefixCache(self.pool, bs, salt=(config.dtype, config.quantization)) if config.enable_prefix_caching
-                             else None)
+        salt = (config.dtype, config.quantization, config.kv_cache_dtype)
+        self.prefix_cache = PrefixCache(self.pool, bs, salt=salt) if config.enable_prefix_caching else None
         self.sessions = SessionStore(self.pool, bs, config.session_kv_fraction, config.session_ttl)
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.prefix_cache, self.sessions)
-        self.runner = ModelRunner(self.model, num_blocks, bs, self.dtype)
+        self.runner = ModelRunner(self.model, num_blocks, bs, self.dtype, kv_cache_dtype=config.kv_cache_dtype,
+                                  num_staging_slots=staging)
+        self.pool.on_release = self.runner.kv.release
         quantize_model(self.model, config.quantization, config.quantization_group_size, self._calibration_pass)
+        self.speculator = None
+        if config.speculative == "lookahead":
+            cost = StepCost.measure(self.runner, self.pool, bs, config.max_num_batched_tokens)
+            log.info("speculation: forward pass of %s tokens takes %s ms", cost.sizes,
+                     [round(t * 1e3, 1) for t in cost.seconds])
+            self.speculator = LookaheadSpeculator(
+                SpecSettings(max_tokens=config.spec_max_tokens, branches=config.spec_branches), cost)
+            self.scheduler.speculator = self.speculator
         self._states: dict[str, OutputState] = {}
         self._pending_forks: dict[str, list[Request]] = {}   # parent id -> samples 1..n-1, made at its first token
         self._family: dict[str, list[str]] = {}              # parent id -> ids of all its samples
@@ -174,28 +191,68 @@ class Engine:
         if plan.is_empty:
             return []
         logits = self.runner.execute(plan)
-        sampled_chunks = [c for c in plan.chunks if c.sample]
-        reqs = [self.scheduler.requests[c.request_id] for c in sampled_chunks]
-        result = sample(logits, reqs)
-        self.scheduler.update(plan, {r.request_id: t for r, t in zip(reqs, result.token_ids)})
-        tokens = list(zip(reqs, result.token_ids, result.logprobs))
-        for row, req in enumerate(reqs):
+        new_tokens, new_logprobs, kept_drafts, first_rows = self._sample(plan, logits)
+        self.scheduler.update(plan, new_tokens, kept_drafts)
+        requests = [self.scheduler.requests[rid] for rid in new_tokens]
+        produced = [(req, new_tokens[req.request_id], new_logprobs[req.request_id]) for req in requests]
+        for req in requests:
             for child in self._pending_forks.pop(req.request_id, ()):
-                tokens.append(self._fork(req, child, logits[row:row + 1]))
+                row = first_rows[req.request_id]
+                produced.append(self._fork(req, child, logits[row:row + 1]))
         now = time.time()
         outputs = []
-        for req, token, lp in tokens:
+        for req, tokens, logprobs in produced:
             state = self._states[req.request_id]
-            state.add_token(token, lp)
+            for used, (token, lp) in enumerate(zip(tokens, logprobs), 1):
+                state.add_token(token, lp)
+                if state.finish_reason is not None:
+                    req.truncate_output(len(req.output_token_ids) - (len(tokens) - used))
+                    break
             outputs.append(self._output(req, state, now))
         return outputs
+
+    def _sample(self, plan, logits: torch.Tensor):
+        """Next tokens per sampled request: one drawn by the sampler, or those a draft verification accepted."""
+        new_tokens: dict[str, list[int]] = {}
+        new_logprobs: dict[str, list] = {}
+        kept_drafts: dict[str, int] = {}
+        first_rows: dict[str, int] = {}
+        plain_rows: list[int] = []
+        plain_reqs: list[Request] = []
+        row = 0
+        for c in plan.chunks:
+            if not c.sample:
+                continue
+            req = self.scheduler.requests[c.request_id]
+            first_rows[req.request_id] = row
+            new_tokens[req.request_id] = []       # keeps plan order
+            k = c.num_draft_tokens
+            if k:
+                tree = DraftTree(c.token_ids[-k:], c.draft_parents)
+                tokens, path = verify(logits[row:row + 1 + k], tree, req)
+                self.speculator.observe(req, tree, path)
+                new_tokens[req.request_id] = tokens
+                new_logprobs[req.request_id] = [None] * len(tokens)
+                # Accepted drafts along the first branch were written to the slots of their positions.
+                kept_drafts[req.request_id] = next((j for j, i in enumerate(path) if i != j), len(path))
+            else:
+                plain_rows.append(row)
+                plain_reqs.append(req)
+            row += 1 + k
+        if plain_reqs:
+            rows = logits if len(plain_rows) == row else logits[torch.tensor(plain_rows)]
+            result = sample(rows, plain_reqs)
+            for req, token, lp in zip(plain_reqs, result.token_ids, result.logprobs):
+                new_tokens[req.request_id] = [token]
+                new_logprobs[req.request_id] = [lp]
+        return new_tokens, new_logprobs, kept_drafts, first_rows
 
     def _fork(self, parent: Request, child: Request, logits: torch.Tensor):
         """Start sample `child` from its parent's prompt KV, drawing its first token from the same logits."""
         self.scheduler.fork(parent, child)
         result = sample(logits, [child])
         child.append_output(result.token_ids[0])
-        return child, result.token_ids[0], result.logprobs[0]
+        return child, result.token_ids, result.logprobs
 
     def _output(self, req: Request, state: OutputState, now: float) -> RequestOutput:
         delta_text, delta_ids, delta_lps = state.take_delta()

@@ -10,34 +10,32 @@ from kvloom.engine.scheduler_output import SchedulerOutput
 from kvloom.kv.kv_cache import allocate_kv_cache
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk, head_block_rows
+from kvloom.spec.tree_attention import tree_depths, tree_mask
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", kv_cache_dtype: str = "auto", num_staging_slots: int = 0):
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
-        self.kv_caches = allocate_kv_cache(num_blocks, block_size, model.shape, dtype, self.device)
+        self.kv = allocate_kv_cache(kv_cache_dtype, num_blocks, block_size=block_size, shape=model.shape,
+                                    dtype=dtype, device=self.device, num_staging_slots=num_staging_slots)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput, all_logits: bool = False) -> torch.Tensor:
-        """Logits [num sampled chunks, vocab], in plan.chunks order of the chunks with sample=True
-        (with all_logits: one row for every token of the batch, for evaluation)."""
+        """Logits of the chunks with sample=True, in plan.chunks order: one row each, or 1 + num_draft_tokens
+        rows for a chunk carrying drafts (its last committed token, then each draft token).
+        With all_logits: one row for every token of the batch, for evaluation."""
         if plan.copies:
-            self._copy_blocks(plan.copies)
+            self.kv.copy_blocks(plan.copies)   # copy-on-write, before this step writes into the copies
         input_ids, positions, meta, logits_indices = self._prepare(plan)
+        to_seal = self.kv.prepare(plan.chunks, meta)
         if all_logits:
             logits_indices = torch.arange(len(input_ids), device=self.device)
-        return self.model(input_ids, positions, meta, self.kv_caches, logits_indices)
-
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate shared blocks before this step writes into the copies."""
-        src = torch.tensor([c[0] for c in copies], device=self.device)
-        dst = torch.tensor([c[1] for c in copies], device=self.device)
-        for k_cache, v_cache in self.kv_caches:
-            k_cache.index_copy_(0, dst, k_cache[src])
-            v_cache.index_copy_(0, dst, v_cache[src])
+        logits = self.model(input_ids, positions, meta, self.kv.layers, logits_indices)
+        self.kv.seal(to_seal)
+        return logits
 
     def _prepare(self, plan: SchedulerOutput):
         bs = self.block_size
@@ -64,24 +62,36 @@ class ModelRunner:
 
         prefills: list[PrefillChunk] = []
         for c in plan.prefills:
-            n, start = len(c.token_ids), c.start_pos
+            n, start, k = len(c.token_ids), c.start_pos, c.num_draft_tokens
             ctx_len = start + n
             mask = None
-            if start > 0:  # earlier KV exists: causal with an offset
-                mask = (torch.arange(ctx_len)[None, :] <= (start + torch.arange(n))[:, None]).to(dev)
+            if start > 0 or k:  # earlier KV exists, or a draft tree: causal with an offset, tree for drafts
+                mask = torch.arange(ctx_len)[None, :] <= (start + torch.arange(n))[:, None]
+                if k:
+                    mask[n - k:, ctx_len - k:] = tree_mask(c.draft_parents)
+                mask = mask.to(dev)
             table = torch.tensor(c.block_ids[:-(-ctx_len // bs)])
             prefills.append(PrefillChunk(len(ids), n, ctx_len, head_block_rows(table, kvh).to(dev), mask))
             ids.extend(c.token_ids)
-            pos.extend(range(start, ctx_len))
-            if c.sample:
-                logits_indices.append(len(ids) - 1)
+            if k:
+                committed = n - k
+                pos.extend(range(start, start + committed))
+                pos.extend(start + committed - 1 + d for d in tree_depths(c.draft_parents))
+                if c.sample:   # the last committed token's row, then every draft token's
+                    logits_indices.extend(range(len(ids) - k - 1, len(ids)))
+            else:
+                pos.extend(range(start, ctx_len))
+                if c.sample:
+                    logits_indices.append(len(ids) - 1)
 
         positions = torch.tensor(pos, dtype=torch.long)
-        write_blocks = torch.tensor([c.block_ids[p // bs] for c in plan.chunks
-                                     for p in range(c.start_pos, c.start_pos + len(c.token_ids))])
+        slots = [(c.block_ids[p // bs], p % bs) for c in plan.chunks
+                 for p in range(c.start_pos, c.start_pos + len(c.token_ids))]
+        write_blocks = torch.tensor([b for b, _ in slots], dtype=torch.long)
+        write_offsets = torch.tensor([o for _, o in slots], dtype=torch.long)
         meta = AttentionMetadata(
             write_blocks=write_blocks.to(dev),
-            write_offsets=(positions % bs).to(dev),
+            write_offsets=write_offsets.to(dev),
             num_decodes=len(plan.decodes),
             decode_head_blocks=decode_rows,
             decode_bias=decode_bias,

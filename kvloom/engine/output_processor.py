@@ -25,11 +25,13 @@ class OutputState:
         self.emitted_chars = 0
         self.emitted_tokens = 0
         self.logprobs: list[TokenLogprobs] | None = [] if req.params.logprobs is not None else None
+        self.num_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
 
     def add_token(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
-        """Account for the newest sampled token (already appended to the request)."""
+        """Account for the next sampled token (already appended to the request, maybe with later ones)."""
+        self.num_tokens += 1
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
         if token_id in self.stop_ids or token_id in self.eos_ids:
@@ -39,7 +41,7 @@ class OutputState:
             self.text += self.detok.push(token_id)
             if self.stops and self._check_stop_strings(before):
                 return
-        if self.finish_reason is None and len(self.req.output_token_ids) >= self.req.max_tokens:
+        if self.finish_reason is None and self.num_tokens >= self.req.max_tokens:
             self.finish_reason = "length"
             self.text += self.detok.flush()
             self._check_stop_strings(0)

@@ -65,3 +65,9 @@ class Request:
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def truncate_output(self, n: int) -> None:
+        """Keep the first n output tokens (a stop came in the middle of several accepted at once)."""
+        del self.output_token_ids[n:]
+        del self.all_token_ids[self.num_prompt_tokens + n:]
+        self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens - 1)

@@ -72,7 +72,11 @@ def _apply_penalties(row: torch.Tensor, r: Request) -> None:
 
 
 def _draw(row: torch.Tensor, r: Request) -> int:
-    p = r.params
+    return int(torch.multinomial(target_probs(row, r.params), 1, generator=r.generator).item())
+
+
+def target_probs(row: torch.Tensor, p) -> torch.Tensor:
+    """The distribution a sampling row draws from: temperature, then top-k, min-p, top-p."""
     row = row / p.temperature
     if p.top_k and p.top_k < row.shape[-1]:
         kth = row.topk(p.top_k).values[-1]
@@ -86,4 +90,4 @@ def _draw(row: torch.Tensor, r: Request) -> int:
         drop = cum - sorted_p >= p.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=r.generator).item())
+    return probs

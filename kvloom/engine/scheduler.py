@@ -15,6 +15,11 @@ progresses, and the engine never deadlocks.
 
 Forked samples share their parent's blocks; the first write into a shared,
 partly filled block copies it first (copy-on-write, listed in the plan).
+
+With a speculator, decodes may carry draft tokens after everything else is
+scheduled: they take what is left of the budget and only free blocks (a
+guess never preempts anyone), and such a decode travels with the prompt
+chunks, as a short chunk with a tree mask.
 """
 from __future__ import annotations
 
@@ -31,13 +36,15 @@ from kvloom.kv.session_store import SessionStore
 
 class Scheduler:
     def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefix_cache: PrefixCache | None = None, sessions: SessionStore | None = None):
+                 prefix_cache: PrefixCache | None = None, sessions: SessionStore | None = None,
+                 speculator=None):
         self.pool = pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefix_cache = prefix_cache
         self.sessions = sessions
+        self.speculator = speculator
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []          # sorted by arrival order
         self.requests: dict[str, Request] = {}
@@ -68,6 +75,8 @@ class Scheduler:
             req.block_ids = rest
         self._release_blocks(req)
         req.status = status
+        if self.speculator is not None:
+            self.speculator.finish(req)
         return req
 
     def fork(self, parent: Request, child: Request) -> None:
@@ -96,7 +105,7 @@ class Scheduler:
             if budget == 0:
                 break
             if req.status != RequestStatus.RUNNING or req.num_uncomputed != 1:
-                continue
+                continue   # (accepted drafts not in their KV slots make a short chunk in 2.)
             if not self._grow(req, 1, scheduled, out, can_shrink=False):
                 continue
             out.decodes.append(self._chunk(req, 1))
@@ -136,17 +145,55 @@ class Scheduler:
             out.prefills.append(self._chunk(req, n))
             scheduled.add(req.request_id)
             budget -= n
+        if self.speculator is not None and out.decodes and budget > 0:
+            self._add_drafts(out, budget)
         return out
 
-    def update(self, plan: SchedulerOutput, sampled: dict[str, int]) -> None:
-        """Advance each scheduled request past this step's tokens; append the sampled ones."""
+    def _add_drafts(self, out: SchedulerOutput, budget: int) -> None:
+        candidates = []
+        for c in out.decodes:
+            req = self.requests[c.request_id]
+            if self.speculator.eligible(req):
+                # The last output token is never a draft's to fill: drafts + bonus stay within max_tokens.
+                candidates.append((req, req.max_tokens - len(req.output_token_ids) - 1))
+        if not candidates:
+            return
+        base_yield = sum(c.sample for c in out.chunks)
+        trees = self.speculator.propose(candidates, out.num_tokens, base_yield, budget)
+        for c in list(out.decodes):
+            tree = trees.get(c.request_id)
+            if tree is None:
+                continue
+            req = self.requests[c.request_id]
+            room = (len(req.block_ids) + self.pool.num_free) * self.block_size - req.num_computed_tokens - 1
+            tree = tree.prefix(min(len(tree), room))
+            if not tree.tokens:
+                continue
+            self._allocate(req, 1 + len(tree), out)
+            c.token_ids = c.token_ids + tree.tokens
+            c.num_draft_tokens, c.draft_parents = len(tree), tree.parents
+            c.block_ids = list(req.block_ids)
+            out.decodes.remove(c)
+            out.prefills.insert(0, c)
+
+    def update(self, plan: SchedulerOutput, sampled: dict[str, int | list[int]],
+               kept_drafts: dict[str, int] | None = None) -> None:
+        """Advance each scheduled request past this step's committed tokens; append the sampled ones.
+
+        kept_drafts: per request, how many accepted draft tokens already sit in their right KV slots
+        (the leading run of the first branch); other accepted tokens are computed again next step.
+        """
         for chunk in plan.chunks:
             req = self.requests.get(chunk.request_id)
             if req is None:
                 continue
-            req.num_computed_tokens += len(chunk.token_ids)
+            req.num_computed_tokens += len(chunk.token_ids) - chunk.num_draft_tokens
+            if kept_drafts:
+                req.num_computed_tokens += kept_drafts.get(chunk.request_id, 0)
             if chunk.sample:
-                req.append_output(sampled[chunk.request_id])
+                new = sampled[chunk.request_id]
+                for t in new if isinstance(new, list) else (new,):
+                    req.append_output(t)
             if self.prefix_cache is not None:
                 self.prefix_cache.register(req.all_token_ids, req.block_ids, req.key_ids, req.num_computed_tokens)
         if self.prefix_cache is not None:

@@ -13,6 +13,8 @@ class ScheduledChunk:
     start_pos: int            # position of token_ids[0] (= tokens already in the KV pool)
     block_ids: list[int]      # the request's whole block table, covering start_pos + len tokens
     sample: bool              # the last token's logits produce the next token
+    num_draft_tokens: int = 0  # trailing speculative tokens: written to the pool, not yet committed
+    draft_parents: list[int] | None = None  # each draft token's parent among the drafts (-1: the last committed)
 
 
 @dataclass

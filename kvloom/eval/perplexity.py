@@ -3,6 +3,10 @@
 Deterministic: the same corpus tokens (pydoc_data.topics), cut into
 non-overlapping windows, each scored from an empty context through the
 engine's own runner and KV pool, so quantized weights and KV are measured as served.
+A window goes through in chunks (block_size tokens by default), as chunked
+prefill and decoding do: every chunk reads the KV of the earlier ones back
+from the pool, so an int8 KV cache is in the measurement. (One pass over the
+whole window would attend to its own keys and values in full precision.)
 """
 from __future__ import annotations
 
@@ -15,31 +19,38 @@ from kvloom.engine.engine import Engine
 from kvloom.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 
 
-def window_logits(engine: Engine, token_ids: list[int]) -> torch.Tensor:
-    """Logits at every position of one window, computed as one prompt in the paged KV pool."""
+def window_logits(engine: Engine, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+    """Logits at every position of one window, computed as one prompt in the paged KV pool,
+    `chunk` tokens per forward pass (default: all at once)."""
     bs = engine.config.block_size
+    chunk = chunk or len(token_ids)
     blocks = engine.pool.allocate(-(-len(token_ids) // bs))
     if blocks is None:
         raise ValueError("the KV pool is too small for one evaluation window; lower --window")
     try:
-        plan = SchedulerOutput(prefills=[ScheduledChunk("eval", token_ids, 0, blocks, sample=True)])
-        return engine.runner.execute(plan, all_logits=True)
+        logits = []
+        for start in range(0, len(token_ids), chunk):
+            ids = token_ids[start:start + chunk]
+            plan = SchedulerOutput(prefills=[ScheduledChunk("eval", ids, start, blocks, sample=True)])
+            logits.append(engine.runner.execute(plan, all_logits=True))
+        return torch.cat(logits)
     finally:
         engine.pool.free(blocks)
 
 
-def perplexity(engine: Engine, num_tokens: int = 4096, window: int = 512) -> dict:
+def perplexity(engine: Engine, num_tokens: int = 4096, window: int = 512, chunk: int | None = None) -> dict:
     ids = corpus_token_ids(engine.tokenizer, max_tokens=num_tokens)
     window = min(window, engine.max_model_len)
+    chunk = chunk or engine.config.block_size
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
-        chunk = ids[start:start + window]
-        if len(chunk) < 2:
+        ids_w = ids[start:start + window]
+        if len(ids_w) < 2:
             break
-        logits = window_logits(engine, chunk).float()
+        logits = window_logits(engine, ids_w, chunk).float()
         logp = torch.log_softmax(logits[:-1], dim=-1)
-        targets = torch.tensor(chunk[1:])
+        targets = torch.tensor(ids_w[1:])
         nll -= logp.gather(1, targets[:, None]).sum().item()
-        count += len(chunk) - 1
-    return {"perplexity": math.exp(nll / count), "tokens_scored": count, "window": window,
+        count += len(ids_w) - 1
+    return {"perplexity": math.exp(nll / count), "tokens_scored": count, "window": window, "chunk": chunk,
             "corpus": "pydoc_data.topics"}

@@ -10,7 +10,7 @@ block belongs to whom. Invariants:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 
 class BlockPool:
@@ -23,6 +23,9 @@ class BlockPool:
         self._key_of: list[Hashable | None] = [None] * num_blocks
         self._by_key: dict[Hashable, int] = {}
         self.num_evictions = 0
+        # Told when a block leaves its last sequence, and whether it holds full, keyed content
+        # (the int8 KV pool seals or drops the block's float staging then).
+        self.on_release: Callable[[int, bool], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -62,6 +65,8 @@ class BlockPool:
                 self._free[b] = None
                 if self._key_of[b] is None:
                     self._free.move_to_end(b, last=False)  # nothing worth keeping: reuse it first
+                if self.on_release is not None:
+                    self.on_release(b, self._key_of[b] is not None)
 
     def share(self, block: int) -> None:
         """Take one more reference to a block (a prefix-cache hit, a fork); revives it if it was free."""

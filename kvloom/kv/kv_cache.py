@@ -1,20 +1,99 @@
-"""The physical KV pool: per layer, one key and one value tensor of [num_blocks, kv_heads, block_size, head_dim].
+"""The physical KV pool in the model's dtype: per layer, K and V tensors of [num_blocks, kv_heads, block_size, head_dim].
 
 Owned by the model runner alone; the scheduler only ever sees block ids.
+Attention reaches the pool through the three methods every layer cache has
+(write, decode_context, chunk_context), so the int8 pool (int8_kv_cache.py)
+slots in behind the same calls.
 """
 from __future__ import annotations
 
 import torch
 
+from kvloom.kv.int8_kv_cache import Int8KVCache, int8_kv_bytes_per_token, staging_bytes_per_slot
 from kvloom.models.llama import LlamaShape
+from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk
 
 
-def num_blocks_for(memory_bytes: int, shape: LlamaShape, block_size: int, dtype: torch.dtype) -> int:
+class FloatLayerKV:
+    def __init__(self, num_blocks: int, shape: LlamaShape, block_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        dims = (num_blocks, shape.num_kv_heads, block_size, shape.head_dim)
+        self.k = torch.zeros(dims, dtype=dtype, device=device)
+        self.v = torch.zeros(dims, dtype=dtype, device=device)
+        # Rows of the pool seen as [num_blocks * kv_heads, block_size, head_dim]: what a head-block gather reads.
+        self._rows_k = self.k.view(-1, block_size, shape.head_dim)
+        self._rows_v = self.v.view(-1, block_size, shape.head_dim)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Store this step's keys and values ([T, kv_heads, head_dim]) in their blocks."""
+        self.k[meta.write_blocks, :, meta.write_offsets] = k
+        self.v[meta.write_blocks, :, meta.write_offsets] = v
+
+    def decode_context(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of every decode's blocks: [num_decodes, kv_heads, max_blocks * block_size, head_dim]."""
+        nd, kvh = meta.decode_head_blocks.shape[:2]
+        d = self.k.shape[-1]
+        return (self._rows_k[meta.decode_head_blocks].view(nd, kvh, -1, d),
+                self._rows_v[meta.decode_head_blocks].view(nd, kvh, -1, d))
+
+    def chunk_context(self, chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a prompt chunk's blocks: [kv_heads, blocks * block_size, head_dim]."""
+        kvh, d = chunk.head_blocks.shape[0], self.k.shape[-1]
+        return (self._rows_k[chunk.head_blocks].view(kvh, -1, d), self._rows_v[chunk.head_blocks].view(kvh, -1, d))
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.k.index_copy_(0, dst, self.k[src])
+        self.v.index_copy_(0, dst, self.v[src])
+
+
+class FloatKVCache:
+    """All layers' float pools. prepare/seal/release are no-ops: a float block is final when written."""
+
+    def __init__(self, num_blocks: int, shape: LlamaShape, block_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.device = device
+        self.layers = [FloatLayerKV(num_blocks, shape, block_size, dtype, device) for _ in range(shape.num_layers)]
+
+    def prepare(self, chunks, meta: AttentionMetadata) -> list[int]:
+        return []
+
+    def seal(self, blocks: list[int]) -> None:
+        pass
+
+    def release(self, block: int, holds_full_content: bool) -> None:
+        pass
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        src = torch.tensor([c[0] for c in copies], device=self.device)
+        dst = torch.tensor([c[1] for c in copies], device=self.device)
+        for layer in self.layers:
+            layer.copy_blocks(src, dst)
+
+
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
+def staging_capacity(max_num_seqs: int, max_num_batched_tokens: int, block_size: int) -> int:
+    """Int8 staging slots counted in the budget: one open block per running request plus one step's writes."""
+    return max_num_seqs + -(-max_num_batched_tokens // block_size) + 1
+
+
+def num_blocks_for(memory_bytes: int, shape: LlamaShape, block_size: int, dtype: torch.dtype,
+                   kv_cache_dtype: str = "auto", num_staging_slots: int = 0) -> int:
+    if kv_cache_dtype == "int8":
+        memory_bytes -= num_staging_slots * staging_bytes_per_slot(shape, dtype, block_size)
+        return max(0, int(memory_bytes // (int8_kv_bytes_per_token(shape, dtype, block_size) * block_size)))
     return memory_bytes // (shape.kv_bytes_per_token(dtype) * block_size)
 
 
-def allocate_kv_cache(num_blocks: int, block_size: int, shape: LlamaShape, dtype: torch.dtype,
-                      device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    dims = (num_blocks, shape.num_kv_heads, block_size, shape.head_dim)
-    return [(torch.zeros(dims, dtype=dtype, device=device), torch.zeros(dims, dtype=dtype, device=device))
-            for _ in range(shape.num_layers)]
+def kv_bytes_per_token(shape: LlamaShape, dtype: torch.dtype, kv_cache_dtype: str, block_size: int) -> float:
+    if kv_cache_dtype == "int8":
+        return int8_kv_bytes_per_token(shape, dtype, block_size)
+    return shape.kv_bytes_per_token(dtype)
+
+
+def allocate_kv_cache(kv_cache_dtype: str, num_blocks: int, shape: LlamaShape, block_size: int,
+                      dtype: torch.dtype, device: torch.device, num_staging_slots: int = 0):
+    if kv_cache_dtype == "int8":
+        return Int8KVCache(num_blocks, shape, block_size, dtype, device, max(1, num_staging_slots))
+    return FloatKVCache(num_blocks, shape, block_size, dtype, device)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvloom.models.paged_attention import AttentionMetadata, paged_attention, write_kv
+from kvloom.models.paged_attention import AttentionMetadata, paged_attention
 from kvloom.models.rope import RotaryEmbedding
 
 
@@ -33,7 +33,7 @@ class LlamaShape:
     max_position_embeddings: int
 
     @classmethod
-    def from_hf(cls, cfg, *, qkv_bias: bool = False, qk_norm: bool = False) -> "LlamaShape":
+    def from_hf(cls, cfg, *, qkv_bias: bool = False, qk_norm: bool = False) -> LlamaShape:
         heads = cfg.num_attention_heads
         return cls(
             vocab_size=cfg.vocab_size,
@@ -93,9 +93,8 @@ class Attention(nn.Module):
         if s.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
-        k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        kv_cache.write(k, v, meta)
+        o = paged_attention(q, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -176,8 +175,7 @@ class LlamaForCausalLM(nn.Module):
 
     def hf_to_param(self, name: str) -> tuple[str, int | None]:
         """Map an HF weight name to (our parameter name, part index within a fused weight or None)."""
-        if name.startswith("model."):
-            name = name[len("model."):]
+        name = name.removeprefix("model.")
         for frag, (fused, idx) in self._FUSED.items():
             if f".{frag}." in name:
                 return name.replace(frag, fused), idx

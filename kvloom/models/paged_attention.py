@@ -1,7 +1,8 @@
 """Attention over the paged KV pool for one mixed batch.
 
-The pool of one layer is a K and a V tensor of [num_blocks, kv_heads, block_size, head_dim].
-A token at position p of a request lives in block block_ids[p // block_size], row p % block_size.
+The pool of one layer holds K and V as [num_blocks, kv_heads, block_size, head_dim]
+(in the model's dtype, or int8 with scales: kvloom/kv/). A token at position p
+of a request lives in block block_ids[p // block_size], row p % block_size.
 Gathering a request's blocks head by head, as rows of the pool viewed as
 [num_blocks * kv_heads, block_size, head_dim], yields its context already laid
 out as [kv_heads, blocks * block_size, head_dim]: one gather, no further copy.
@@ -30,6 +31,7 @@ class PrefillChunk:
     context_len: int             # tokens it attends to: earlier ones and its own
     head_blocks: torch.Tensor    # [kv_heads, blocks] rows of the pool viewed as [num_blocks * kv_heads, ...]
     causal_mask: torch.Tensor | None  # [length, context_len] bool; None when plain causal (no earlier KV)
+    staged: tuple[torch.Tensor, ...] | None = None  # int8 KV: (block index, staging slot) of float-staged blocks
 
 
 @dataclass
@@ -40,6 +42,8 @@ class AttentionMetadata:
     decode_head_blocks: torch.Tensor | None  # [num_decodes, kv_heads, max_blocks] pool rows (padded)
     decode_bias: torch.Tensor | None      # [num_decodes, 1, 1, max_blocks*block_size] 0 or -inf
     prefills: list[PrefillChunk]
+    write_slots: torch.Tensor | None = None     # int8 KV: [T] staging slot each token's key goes to
+    decode_staged: tuple[torch.Tensor, ...] | None = None  # int8 KV: (decode row, block index, slot)
 
 
 def head_block_rows(block_ids: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -48,39 +52,26 @@ def head_block_rows(block_ids: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return block_ids.unsqueeze(-2) * num_kv_heads + heads[:, None]
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             meta: AttentionMetadata) -> None:
-    """Store this step's keys and values ([T, kv_heads, head_dim]) in their blocks."""
-    k_cache[meta.write_blocks, :, meta.write_offsets] = k
-    v_cache[meta.write_blocks, :, meta.write_offsets] = v
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, heads, head_dim]; caches: [num_blocks, kv_heads, block_size, head_dim]. Returns [T, heads, head_dim]."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_blocks, num_kv_heads, block_size, _ = k_cache.shape
-    group = num_heads // num_kv_heads
-    rows_k = k_cache.view(num_blocks * num_kv_heads, block_size, head_dim)
-    rows_v = v_cache.view(num_blocks * num_kv_heads, block_size, head_dim)
+def paged_attention(q: torch.Tensor, kv, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, heads, head_dim]; kv: one layer's cache (kvloom.kv.kv_cache). Returns [T, heads, head_dim]."""
+    num_heads, head_dim = q.shape[1:]
     out = torch.empty_like(q)
 
     nd = meta.num_decodes
     if nd:
-        ctx_k = rows_k[meta.decode_head_blocks].view(nd, num_kv_heads, -1, head_dim)   # [nd, kvh, L, D]
-        ctx_v = rows_v[meta.decode_head_blocks].view(nd, num_kv_heads, -1, head_dim)
-        qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
+        ctx_k, ctx_v = kv.decode_context(meta)                                          # [nd, kvh, L, D]
+        num_kv_heads = ctx_k.shape[1]
+        qd = q[:nd].view(nd, num_kv_heads, num_heads // num_kv_heads, head_dim)
         scores = torch.matmul(qd, ctx_k.transpose(-1, -2)).mul_(scale).add_(meta.decode_bias)  # [nd, kvh, G, L]
         probs = torch.softmax(scores, dim=-1)
         out[:nd] = torch.matmul(probs, ctx_v).view(nd, num_heads, head_dim)
 
     for chunk in meta.prefills:
         s, n, L = chunk.start, chunk.length, chunk.context_len
-        qc = q[s:s + n].transpose(0, 1).unsqueeze(0)                                   # [1, H, n, D]
-        kc = rows_k[chunk.head_blocks].view(num_kv_heads, -1, head_dim)[:, :L].unsqueeze(0)  # [1, kvh, L, D]
-        vc = rows_v[chunk.head_blocks].view(num_kv_heads, -1, head_dim)[:, :L].unsqueeze(0)
-        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.causal_mask,
-                                           is_causal=chunk.causal_mask is None, scale=scale,
-                                           enable_gqa=group > 1)
+        kc, vc = kv.chunk_context(chunk)                                                 # [kvh, blocks*bs, D]
+        qc = q[s:s + n].transpose(0, 1).unsqueeze(0)                                     # [1, H, n, D]
+        o = F.scaled_dot_product_attention(qc, kc[:, :L].unsqueeze(0), vc[:, :L].unsqueeze(0),
+                                           attn_mask=chunk.causal_mask, is_causal=chunk.causal_mask is None,
+                                           scale=scale, enable_gqa=kc.shape[0] != num_heads)
         out[s:s + n] = o[0].transpose(0, 1)
     return out

@@ -32,6 +32,11 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("kvloom_prefix_cache_hit_rate", "Prefix cache hits / queries", registry=r)
         self.sessions = Gauge("kvloom_sessions_retained", "Agent sessions holding KV between calls", registry=r)
         self.session_blocks = Gauge("kvloom_session_kv_blocks", "KV blocks held by idle sessions", registry=r)
+        self.spec_proposed = Gauge("kvloom_spec_draft_tokens", "Draft tokens scored by the model", registry=r)
+        self.spec_accepted = Gauge("kvloom_spec_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.spec_acceptance = Gauge("kvloom_spec_acceptance_rate", "Accepted / scored draft tokens", registry=r)
+        self.spec_mean_accepted = Gauge("kvloom_spec_mean_accepted_length",
+                                        "Draft tokens accepted per verification", registry=r)
 
     def observe_engine(self, engine, outputs) -> None:
         """Called by the loop thread after each step."""
@@ -46,6 +51,12 @@ class ServerMetrics:
             self.prefix_hits.set(engine.prefix_cache.hits)
             self.prefix_hit_rate.set(engine.prefix_cache.hit_rate)
         self.sessions.set(len(engine.sessions))
+        if engine.speculator is not None:
+            st = engine.speculator.stats()
+            self.spec_proposed.set(st["proposed"])
+            self.spec_accepted.set(st["accepted"])
+            self.spec_acceptance.set(st["acceptance_rate"])
+            self.spec_mean_accepted.set(st["mean_accepted_length"])
         self.session_blocks.set(engine.sessions.num_blocks_held)
         self.generation_tokens.inc(sum(len(o.delta_token_ids) for o in outputs))
         for o in outputs:

@@ -1,0 +1,162 @@
+"""Speculation without a draft model (`--speculative lookahead`): n-gram tries propose, the target verifies.
+
+Drafts come from two tries (ngram_trie.py): one per request over its own
+prompt and output, and a global one over recent requests' outputs, bounded
+in nodes (the oldest request's n-grams leave first). The request's own trie
+is asked first: its text is the likeliest to repeat.
+
+How many tokens each request drafts is decided per step (after FASER): a
+request's acceptance rate is tracked as a running ratio of accepted to
+rejected draft positions, its j-th draft token is worth a^j expected tokens,
+and draft tokens go to the requests where they are worth most for as long as
+(tokens produced) / (measured cost of the pass) keeps rising. At batch 1 a
+pass of 8 tokens costs little more than one, so guesses are cheap; in a
+large, compute-bound batch they are not, and speculation fades out by itself.
+A request whose guesses keep failing stops drafting; its estimate drifts back
+towards the prior while idle, so it is retried now and then.
+
+Only requests without penalties or logprobs speculate (their distributions
+would depend on the draft path); they decode normally.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+from kvloom.engine.request import Request
+from kvloom.spec.ngram_trie import DraftTree, NGramTrie
+from kvloom.spec.step_cost import StepCost
+
+_DECAY = 0.8          # weight of the past in the acceptance estimate
+_PRIOR = 0.5          # acceptance assumed for a request that has not speculated yet
+_RELAX = 0.05         # per idle step, how far the estimate moves back to the prior
+_GLOBAL_DOC_TOKENS = 1024   # a finished request adds at most its last this-many output tokens
+
+
+@dataclass(frozen=True)
+class SpecSettings:
+    max_tokens: int = 8          # draft tokens per request per step at most
+    branches: int = 2            # children per draft node at most
+    max_match: int = 3           # trailing context tokens looked up in a trie
+    global_max_nodes: int = 200_000
+
+
+class _RequestState:
+    __slots__ = ("trie", "active", "fed", "hits", "misses")
+
+    def __init__(self, max_len: int):
+        self.trie = NGramTrie(max_len)
+        self.active = None
+        self.fed = 0
+        self.hits = _PRIOR       # running (decayed) counts of accepted and rejected draft positions
+        self.misses = 1 - _PRIOR
+
+    @property
+    def acceptance(self) -> float:
+        return self.hits / (self.hits + self.misses)
+
+
+class LookaheadSpeculator:
+    def __init__(self, settings: SpecSettings, step_cost: StepCost):
+        self.settings = settings
+        self.step_cost = step_cost
+        self._max_len = settings.max_match + settings.max_tokens
+        self.global_trie = NGramTrie(self._max_len)
+        self._global_docs: deque[list[int]] = deque()
+        self._states: dict[str, _RequestState] = {}
+        self.num_verifications = 0
+        self.num_proposed = 0      # draft tokens scored by the model
+        self.num_accepted = 0      # of those, accepted
+
+    @staticmethod
+    def eligible(req: Request) -> bool:
+        p = req.params
+        return bool(req.output_token_ids) and not p.needs_penalties and p.logprobs is None
+
+    def _state(self, req: Request) -> _RequestState:
+        st = self._states.get(req.request_id)
+        if st is None:
+            st = self._states[req.request_id] = _RequestState(self._max_len)
+        st.active = st.trie.extend(req.all_token_ids, st.fed, st.active)
+        st.fed = len(req.all_token_ids)
+        return st
+
+    def _draft(self, req: Request, st: _RequestState, max_tokens: int) -> DraftTree | None:
+        s = self.settings
+        ctx = req.all_token_ids
+        return (st.trie.draft(ctx, max_tokens, s.max_match, s.branches)
+                or self.global_trie.draft(ctx, max_tokens, s.max_match, s.branches))
+
+    def propose(self, candidates: list[tuple[Request, int]], base_tokens: int, base_yield: int,
+                budget: int) -> dict[str, DraftTree]:
+        """Drafts for this step. candidates: (request, most draft tokens it may take); base_tokens: tokens
+        already in the pass; base_yield: tokens the pass produces without speculation."""
+        trees: dict[str, DraftTree] = {}
+        states: dict[str, _RequestState] = {}
+        reqs: dict[str, Request] = {}
+        heap: list[tuple[float, int, str]] = []
+        limit: dict[str, int] = {}
+        for order, (req, room) in enumerate(candidates):
+            st = self._state(req)
+            room = min(room, self.settings.max_tokens)
+            tree = self._draft(req, st, room) if room > 0 else None
+            if tree is None:
+                st.hits += _RELAX * (_PRIOR - st.acceptance)   # idle: drift back towards the prior
+                continue
+            rid = req.request_id
+            trees[rid], states[rid], reqs[rid], limit[rid] = tree, st, req, len(tree)
+            heapq.heappush(heap, (-st.acceptance, order, req.request_id))
+        # Greedy: the next draft token goes where its expected yield is highest, while it raises tokens/s.
+        given: dict[str, int] = {}
+        tokens, produced = base_tokens, float(base_yield)
+        rate = produced / self.step_cost(tokens)
+        while heap and budget > 0:
+            neg_gain, order, rid = heapq.heappop(heap)
+            new_rate = (produced - neg_gain) / self.step_cost(tokens + 1)
+            if new_rate <= rate:
+                break
+            rate, produced, tokens, budget = new_rate, produced - neg_gain, tokens + 1, budget - 1
+            k = given[rid] = given.get(rid, 0) + 1
+            if k < limit[rid]:
+                heapq.heappush(heap, (neg_gain * states[rid].acceptance, order, rid))
+        out: dict[str, DraftTree] = {}
+        for rid, tree in trees.items():
+            k = given.get(rid, 0)
+            if k == 0:
+                continue
+            # Fewer tokens than drafted: draft again with k, which keeps the k likeliest nodes.
+            out[rid] = tree if k == len(tree) else self._draft(reqs[rid], states[rid], k)
+        return out
+
+    def observe(self, req: Request, tree: DraftTree, path: list[int]) -> None:
+        """Verification accepted `path` (draft indices) of `tree`."""
+        st = self._states.get(req.request_id)
+        self.num_verifications += 1
+        self.num_proposed += len(tree)
+        self.num_accepted += len(path)
+        if st is None:
+            return
+        # The accepted positions, and one rejection unless the walk ran off the end of a branch (a leaf).
+        end = path[-1] if path else -1
+        reached_leaf = bool(path) and end not in tree.parents
+        st.hits = _DECAY * st.hits + len(path)
+        st.misses = _DECAY * st.misses + (0 if reached_leaf else 1)
+
+    def finish(self, req: Request) -> None:
+        """The request is done: its output joins the global trie; its own trie goes."""
+        self._states.pop(req.request_id, None)
+        doc = req.output_token_ids[-_GLOBAL_DOC_TOKENS:]
+        if len(doc) < 2:
+            return
+        self.global_trie.extend(doc)
+        self._global_docs.append(doc)
+        while self.global_trie.num_nodes > self.settings.global_max_nodes and self._global_docs:
+            self.global_trie.extend(self._global_docs.popleft(), delta=-1)
+
+    def stats(self) -> dict:
+        v = self.num_verifications
+        return {"verifications": v, "proposed": self.num_proposed, "accepted": self.num_accepted,
+                "acceptance_rate": self.num_accepted / self.num_proposed if self.num_proposed else 0.0,
+                "mean_accepted_length": self.num_accepted / v if v else 0.0,
+                "global_trie_nodes": self.global_trie.num_nodes}

@@ -1,0 +1,178 @@
+"""Lookahead speculation: the trie, the tree mask, greedy exactness everywhere, sampling distribution."""
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from conftest import hf_greedy, random_prompts
+from kvloom import LLM, SamplingParams
+from kvloom.engine.request import Request
+from kvloom.spec.lookahead import LookaheadSpeculator, SpecSettings
+from kvloom.spec.ngram_trie import NGramTrie
+from kvloom.spec.step_cost import StepCost
+from kvloom.spec.tree_attention import tree_depths, tree_mask
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+def _repetitive_prompts(n, seed):
+    """Prompts that repeat a span of themselves, so drafts from the request's own trie get accepted."""
+    out = []
+    for p in random_prompts(n, [24] * n, seed=seed):
+        out.append(p + p[:8] + p + p[:12])
+    return out
+
+
+def _spec(model, **kw):
+    return LLM(model, speculative="lookahead", **kw)
+
+
+def test_trie_counts_continuations_and_grows_incrementally():
+    seq = [1, 2, 3, 1, 2, 4, 1, 2, 3]
+    whole = NGramTrie(4)
+    whole.extend(seq)
+    grown = NGramTrie(4)
+    active = grown.extend(seq[:5])
+    grown.extend(seq, 5, active)
+    assert grown.num_nodes == whole.num_nodes
+    tree = whole.draft([9, 1, 2], max_tokens=4, max_match=3, max_branches=2)
+    # After "1 2": "3" twice, "4" once; the likelier branch comes first and continues with "1".
+    assert tree.tokens == [3, 1, 4, 1] and tree.parents == [-1, 0, -1, 2]
+    assert whole.draft([9, 9], 4, 3, 2) is None
+
+
+def test_trie_removal_takes_back_exactly_what_was_added():
+    t = NGramTrie(5)
+    t.extend([1, 2, 3, 4, 5, 1, 2])
+    before = t.num_nodes
+    t.extend([7, 1, 2, 3, 9, 9, 9])
+    t.extend([7, 1, 2, 3, 9, 9, 9], delta=-1)
+    assert t.num_nodes == before == _count(t.root) - 1
+    assert t.draft([1, 2, 3], 3, 2, 1).tokens == [4, 5, 1]
+
+
+def _count(node):
+    return 1 + sum(_count(c) for c in node.children.values())
+
+
+def test_global_trie_stays_within_its_node_bound():
+    spec = LookaheadSpeculator(SpecSettings(global_max_nodes=2000), StepCost([1], [1.0]))
+    g = torch.Generator().manual_seed(0)
+    for k in range(40):
+        req = Request(f"r{k}", [1, 2, 3], SamplingParams(), 100, 0.0, None)
+        for t in torch.randint(0, 50, (60,), generator=g).tolist():
+            req.append_output(t)
+        spec.finish(req)
+        assert spec.global_trie.num_nodes <= 2000
+        assert spec.global_trie.num_nodes == _count(spec.global_trie.root) - 1
+    assert spec.global_trie.num_nodes > 700    # it holds the recent requests (~600 nodes each), not nothing
+
+
+def test_tree_mask_and_depths():
+    parents = [-1, 0, 1, -1, 3, 0]
+    assert tree_depths(parents) == [1, 2, 3, 1, 2, 2]
+    m = tree_mask(parents)
+    assert m[2].tolist() == [True, True, True, False, False, False]
+    assert m[4].tolist() == [False, False, False, True, True, False]
+    assert m[5].tolist() == [True, False, False, False, False, True]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_with_speculation_matches_transformers(tiny_model_dir, arch):
+    model = tiny_model_dir(arch)
+    prompts = _repetitive_prompts(5, seed=60) + random_prompts(5, seed=61)
+    want = hf_greedy(model, prompts, GREEDY.max_tokens)
+    llm = _spec(model)
+    # EOS ends a request as in transformers, also when it arrives among several accepted tokens.
+    assert [r.token_ids for r in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=40))] == want
+    stats = llm.engine.speculator.stats()
+    assert stats["accepted"] > 20, stats       # speculation really ran and was accepted
+    assert llm.engine.pool.num_free == llm.engine.num_blocks
+
+
+def test_speculation_stays_exact_with_chunking_preemption_prefix_caching_and_int8_kv(tiny_model_dir):
+    model = tiny_model_dir("llama")
+    shared = random_prompts(1, [40], seed=62)[0]
+    prompts = _repetitive_prompts(6, seed=63) + [shared + p for p in random_prompts(4, seed=64)]
+    plain = [r.token_ids for r in LLM(model).generate(prompts, GREEDY)]
+    chunked = _spec(model, max_num_batched_tokens=16)
+    assert [r.token_ids for r in chunked.generate(prompts, GREEDY)] == plain
+    small = _spec(model, kv_cache_memory=24 * 16 * 512, max_num_batched_tokens=32)   # 24 blocks
+    assert [r.token_ids for r in small.generate(prompts, GREEDY)] == plain
+    assert small.engine.scheduler.num_preemptions > 0
+    cached = _spec(model)
+    cached.generate(prompts[-4:], GREEDY)                                           # warm the prefix cache
+    assert [r.token_ids for r in cached.generate(prompts, GREEDY)] == plain
+    assert cached.engine.prefix_cache.hits > 0
+    int8_plain = [r.token_ids for r in LLM(model, kv_cache_dtype="int8").generate(prompts, GREEDY)]
+    int8 = _spec(model, kv_cache_dtype="int8")
+    assert [r.token_ids for r in int8.generate(prompts, GREEDY)] == int8_plain
+    for llm in (chunked, small, cached, int8):
+        assert llm.engine.speculator.stats()["accepted"] > 0
+        assert llm.engine.pool.num_free == llm.engine.num_blocks
+
+
+def test_stop_inside_accepted_drafts_truncates_there(tiny_model_dir):
+    model = tiny_model_dir("llama")
+    prompts = _repetitive_prompts(4, seed=65)
+    ref = [r.token_ids for r in LLM(model).generate(prompts, GREEDY)]
+    # Stop at the 15th token of each output: it may arrive in the middle of several accepted tokens.
+    for p, r in zip(prompts, ref):
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop_token_ids=[r[14]])
+        got = _spec(model).generate([p], params)[0].token_ids
+        assert got == r[:r.index(r[14]) + 1]
+    short = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+    assert [o.token_ids for o in _spec(model).generate(prompts, short)] == [r[:7] for r in ref]
+
+
+def _sample_tokens(llm, prompt, n, params):
+    """n independent samples: no per-request seed, so each request takes the next of the engine's seeds."""
+    return [o.token_ids for o in llm.generate([prompt] * n, SamplingParams(**params))]
+
+
+def _chi2_p(a, b, position):
+    cats = sorted({x[position] for x in a} | {x[position] for x in b})
+    table = np.array([[sum(x[position] == c for x in s) for c in cats] for s in (a, b)])
+    keep = table.sum(0) >= 10                  # pool rare tokens so every cell has a fair expectation
+    table = np.concatenate([table[:, keep], table[:, ~keep].sum(1, keepdims=True)], axis=1)
+    table = table[:, table.sum(0) > 0]
+    return chi2_contingency(table)[1]
+
+
+def _over_accepting_verify(logits, tree, req):
+    """A deliberately wrong verifier for the power check: accepts a draft with probability 2 p(d)."""
+    from kvloom.engine.sampler import target_probs
+    tokens, path, node = [], [], -1
+    while True:
+        probs = target_probs(logits[node + 1].float(), req.params)
+        probs = probs / probs.sum()
+        kids = [i for i, p in enumerate(tree.parents) if p == node]
+        nxt = next((c for c in kids if float(torch.rand((), generator=req.generator)) < 2 * probs[tree.tokens[c]]),
+                   None)
+        if nxt is None:
+            tokens.append(int(torch.multinomial(probs, 1, generator=req.generator)))
+            return tokens, path
+        tokens.append(tree.tokens[nxt])
+        path.append(nxt)
+        node = nxt
+
+
+@pytest.mark.timeout(600)
+def test_sampling_with_speculation_keeps_the_model_distribution(tiny_model_dir, monkeypatch):
+    """Rejection sampling is lossless: token frequencies with and without speculation agree (chi-square),
+    while the same test catches a verifier that over-accepts drafts (it has the power to see a bias)."""
+    model = tiny_model_dir("llama")
+    prompt = _repetitive_prompts(1, seed=66)[0]
+    params = dict(temperature=0.7, top_k=6, max_tokens=4, ignore_eos=True)
+    n = 1500
+    roomy = dict(max_num_seqs=32, max_num_batched_tokens=4096)     # budget left over for drafts
+    plain = _sample_tokens(LLM(model, seed=1), prompt, n, params)
+    spec_llm = _spec(model, seed=2, **roomy)
+    spec = _sample_tokens(spec_llm, prompt, n, params)
+    stats = spec_llm.engine.speculator.stats()
+    assert stats["accepted"] > 200 and stats["proposed"] > stats["accepted"], stats   # both outcomes happen
+    for pos in (1, 2, 3):
+        assert _chi2_p(plain, spec, pos) > 0.001, pos
+    monkeypatch.setattr("kvloom.engine.engine.verify", _over_accepting_verify)
+    biased = _sample_tokens(_spec(model, seed=3, **roomy), prompt, n, params)
+    assert min(_chi2_p(plain, biased, pos) for pos in (1, 2, 3)) < 0.001
