@@ -44,6 +44,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     p.add_argument("--spec-max-tokens", type=int, default=d.spec_max_tokens,
                    help="draft tokens per request per step at most")
     p.add_argument("--spec-branches", type=int, default=d.spec_branches, help="children per draft-tree node at most")
+    p.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
+                   help="run decode attention in plain PyTorch instead of the compiled C++ kernel")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -52,6 +54,7 @@ def engine_config(args) -> EngineConfig:
     return EngineConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
                         quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                         kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative,
+                        native_kernels=args.native_kernels,
                         spec_max_tokens=args.spec_max_tokens, spec_branches=args.spec_branches,
                         max_model_len=args.max_model_len, block_size=args.block_size,
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,

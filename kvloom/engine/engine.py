@@ -76,9 +76,10 @@ class Engine:
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.prefix_cache, self.sessions)
         self.runner = ModelRunner(self.model, num_blocks, bs, self.dtype, kv_cache_dtype=config.kv_cache_dtype,
-                                  num_staging_slots=staging)
+                                  num_staging_slots=staging, use_kernels=config.native_kernels)
         self.pool.on_release = self.runner.kv.release
-        quantize_model(self.model, config.quantization, config.quantization_group_size, self._calibration_pass)
+        quantize_model(self.model, config.quantization, config.quantization_group_size, self._calibration_pass,
+                       native_kernels=config.native_kernels)
         self.speculator = None
         if config.speculative == "lookahead":
             cost = StepCost.measure(self.runner, self.pool, bs, config.max_num_batched_tokens)

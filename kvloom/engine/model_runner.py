@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from kvloom.engine.scheduler_output import SchedulerOutput
+from kvloom.kernels import kernels
 from kvloom.kv.kv_cache import allocate_kv_cache
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk, head_block_rows
@@ -15,10 +16,14 @@ from kvloom.spec.tree_attention import tree_depths, tree_mask
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", kv_cache_dtype: str = "auto", num_staging_slots: int = 0):
+                 device: torch.device | str = "cpu", kv_cache_dtype: str = "auto", num_staging_slots: int = 0,
+                 use_kernels: bool = True):
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
+        # The native decode kernel reads float32 pools (or int8 ones with float32 scales) on the CPU.
+        self.native_decode = (use_kernels and dtype == torch.float32 and self.device.type == "cpu"
+                              and kernels() is not None)
         self.kv = allocate_kv_cache(kv_cache_dtype, num_blocks, block_size=block_size, shape=model.shape,
                                     dtype=dtype, device=self.device, num_staging_slots=num_staging_slots)
 
@@ -49,8 +54,12 @@ class ModelRunner:
             pos.append(c.start_pos)
             logits_indices.append(len(ids) - 1)
 
-        decode_rows = decode_bias = None
-        if plan.decodes:
+        decode_rows = decode_bias = decode_tables = decode_lens = None
+        if plan.decodes and self.native_decode:
+            width = max(len(c.block_ids) for c in plan.decodes)
+            decode_tables = torch.tensor([c.block_ids + [0] * (width - len(c.block_ids)) for c in plan.decodes]).to(dev)
+            decode_lens = torch.tensor([c.start_pos + 1 for c in plan.decodes]).to(dev)
+        elif plan.decodes:
             width = max(len(c.block_ids) for c in plan.decodes)
             tables = torch.tensor([c.block_ids + [0] * (width - len(c.block_ids)) for c in plan.decodes])
             decode_rows = head_block_rows(tables, kvh).to(dev)
@@ -95,6 +104,8 @@ class ModelRunner:
             num_decodes=len(plan.decodes),
             decode_head_blocks=decode_rows,
             decode_bias=decode_bias,
+            decode_tables=decode_tables,
+            decode_lens=decode_lens,
             prefills=prefills,
         )
         return (torch.tensor(ids, dtype=torch.long, device=dev), positions.to(dev), meta,

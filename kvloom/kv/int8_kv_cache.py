@@ -20,6 +20,7 @@ import logging
 
 import torch
 
+from kvloom.kernels import kernels
 from kvloom.models.llama import LlamaShape
 from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk
 
@@ -81,6 +82,10 @@ class Int8LayerKV:
             k[req, :, col] = self.k_stage[slot]
         nd, kvh = k.shape[:2]
         return k.view(nd, kvh, -1, self.head_dim), v.view(nd, kvh, -1, self.head_dim)
+
+    def decode_attention(self, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return kernels().decode_attention_i8(q.contiguous(), self.k, self.k_scale, self.v, self.v_scale, self.k_stage,
+                                             meta.decode_tables, meta.decode_slots, meta.decode_lens, scale)
 
     def chunk_context(self, chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self._dequantized(chunk.head_blocks)
@@ -163,7 +168,12 @@ class Int8KVCache:
                 if staged:
                     chunk.staged = tuple(torch.tensor(x, device=self.device) for x in zip(*staged))
         meta.write_slots = torch.tensor(write_slots, dtype=torch.long, device=self.device)
-        if staged_decode:
+        if meta.decode_tables is not None:
+            slots = torch.full(meta.decode_tables.shape, -1, dtype=torch.long)
+            for i, j, slot in staged_decode:
+                slots[i, j] = slot
+            meta.decode_slots = slots.to(self.device)
+        elif staged_decode:
             meta.decode_staged = tuple(torch.tensor(x, device=self.device) for x in zip(*staged_decode))
         return list(to_seal)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kvloom.kernels import kernels
 from kvloom.kv.int8_kv_cache import Int8KVCache, int8_kv_bytes_per_token, staging_bytes_per_slot
 from kvloom.models.llama import LlamaShape
 from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk
@@ -35,6 +36,9 @@ class FloatLayerKV:
         d = self.k.shape[-1]
         return (self._rows_k[meta.decode_head_blocks].view(nd, kvh, -1, d),
                 self._rows_v[meta.decode_head_blocks].view(nd, kvh, -1, d))
+
+    def decode_attention(self, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return kernels().decode_attention_f32(q.contiguous(), self.k, self.v, meta.decode_tables, meta.decode_lens, scale)
 
     def chunk_context(self, chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a prompt chunk's blocks: [kv_heads, blocks * block_size, head_dim]."""

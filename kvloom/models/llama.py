@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvloom.models.paged_attention import AttentionMetadata, paged_attention
-from kvloom.models.rope import RotaryEmbedding
+from kvloom.models.rope import RotaryEmbedding, apply_rope
 
 
 @dataclass(frozen=True)
@@ -62,18 +62,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as the reference: normalise in fp32, scale in the input dtype.
-        dtype = x.dtype
+        if x.dtype == torch.float32:   # one fused op, bit-identical to the reference's arithmetic in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # The reference's order for lower precisions: normalise in fp32, scale in the input dtype.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(x.dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: LlamaShape, rope: RotaryEmbedding):
+    def __init__(self, shape: LlamaShape):
         super().__init__()
         self.shape = shape
-        self.rope = rope
         self.q_size = shape.num_heads * shape.head_dim
         self.kv_size = shape.num_kv_heads * shape.head_dim
         self.scale = shape.head_dim ** -0.5
@@ -83,16 +83,17 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
             self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
 
-    def forward(self, x, positions, meta: AttentionMetadata, kv_cache):
+    def forward(self, x, rope_cos_sin, meta: AttentionMetadata, kv_cache):
         t = x.shape[0]
         s = self.shape
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, s.num_heads, s.head_dim)
-        k = k.view(t, s.num_kv_heads, s.head_dim)
-        v = v.view(t, s.num_kv_heads, s.head_dim)
+        h, kvh = s.num_heads, s.num_kv_heads
+        qkv = self.qkv_proj(x).view(t, h + 2 * kvh, s.head_dim)
         if s.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
+            qk = torch.cat((self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h:h + kvh])), dim=1)
+        else:
+            qk = qkv[:, :h + kvh]
+        qk = apply_rope(qk, *rope_cos_sin)           # q and k rotated together: one set of ops
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh:]
         kv_cache.write(k, v, meta)
         o = paged_attention(q, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
@@ -111,15 +112,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: LlamaShape, rope: RotaryEmbedding):
+    def __init__(self, shape: LlamaShape):
         super().__init__()
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.self_attn = Attention(shape, rope)
+        self.self_attn = Attention(shape)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.mlp = MLP(shape)
 
-    def forward(self, h, positions, meta, kv_cache):
-        h = h + self.self_attn(self.input_layernorm(h), positions, meta, kv_cache)
+    def forward(self, h, rope_cos_sin, meta, kv_cache):
+        h = h + self.self_attn(self.input_layernorm(h), rope_cos_sin, meta, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -134,7 +135,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.shape = shape
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(shape, rope) for _ in range(shape.num_layers))
+        self.rope = rope
+        self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
         if shape.tie_word_embeddings:
@@ -142,8 +144,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, logits_indices):
         h = self.embed_tokens(input_ids)
+        rope_cos_sin = self.rope.cos_sin(positions, h.dtype)
         for layer, kv in zip(self.layers, kv_caches):
-            h = layer(h, positions, meta, kv)
+            h = layer(h, rope_cos_sin, meta, kv)
         return self.lm_head(self.norm(h[logits_indices]))
 
     def num_parameters(self) -> int:

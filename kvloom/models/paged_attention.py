@@ -42,6 +42,9 @@ class AttentionMetadata:
     decode_head_blocks: torch.Tensor | None  # [num_decodes, kv_heads, max_blocks] pool rows (padded)
     decode_bias: torch.Tensor | None      # [num_decodes, 1, 1, max_blocks*block_size] 0 or -inf
     prefills: list[PrefillChunk]
+    decode_tables: torch.Tensor | None = None   # native kernel: [num_decodes, max_blocks] block ids (padded)
+    decode_lens: torch.Tensor | None = None     # native kernel: [num_decodes] context length with the new token
+    decode_slots: torch.Tensor | None = None    # native kernel, int8 KV: staging slot per table entry, -1 sealed
     write_slots: torch.Tensor | None = None     # int8 KV: [T] staging slot each token's key goes to
     decode_staged: tuple[torch.Tensor, ...] | None = None  # int8 KV: (decode row, block index, slot)
 
@@ -58,7 +61,9 @@ def paged_attention(q: torch.Tensor, kv, meta: AttentionMetadata, scale: float) 
     out = torch.empty_like(q)
 
     nd = meta.num_decodes
-    if nd:
+    if nd and meta.decode_tables is not None:   # native kernel: reads the blocks in place
+        out[:nd] = kv.decode_attention(q[:nd], meta, scale)
+    elif nd:
         ctx_k, ctx_v = kv.decode_context(meta)                                          # [nd, kvh, L, D]
         num_kv_heads = ctx_k.shape[1]
         qd = q[:nd].view(nd, num_kv_heads, num_heads // num_kv_heads, head_dim)

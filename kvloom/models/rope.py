@@ -47,13 +47,15 @@ class RotaryEmbedding(torch.nn.Module):
         self.cos = emb.cos() * scaling
         self.sin = emb.sin() * scaling
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, D] tables for this step's positions: looked up once per step, used by every layer.
+        The sine's first half is negated, so rotate-half becomes a roll (see apply_rope)."""
+        half = self.sin.shape[-1] // 2
+        sin = self.sin[positions]
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return self.cos[positions].to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) = roll(x) * sign."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

@@ -15,19 +15,20 @@ log = logging.getLogger(__name__)
 SCHEMES = ("none", "int8", "int4", "w8a8")
 
 
-def _quantized(linear: nn.Linear, scheme: str, group: int) -> nn.Module:
+def _quantized(linear: nn.Linear, scheme: str, group: int, native: bool = True) -> nn.Module:
     w, b = linear.weight.data, None if linear.bias is None else linear.bias.data
     if scheme == "int8":
         return Int8Linear(w, b)
     if scheme == "w8a8":
-        return W8A8Linear(w, b)
+        return W8A8Linear(w, b, native)
     g = group if w.shape[1] % group == 0 else 32   # e.g. 576 inputs admit groups of 32 and 64, not 128
     if w.shape[1] % g:
         raise KvloomError(f"int4 needs in_features divisible by the group size; {w.shape[1]} is not")
     return Int4Linear.from_float(w, b, g)
 
 
-def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibration=None) -> nn.Module:
+def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibration=None,
+                   native_kernels: bool = True) -> nn.Module:
     """Quantize every projection of the decoder layers, and the LM head.
 
     The LM head goes to int8 under every scheme: it is a large share of the
@@ -45,9 +46,9 @@ def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibrati
         smooth(model, activation_absmax(model, run_calibration))
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = _quantized(attn.qkv_proj, scheme, group)
-        attn.o_proj = _quantized(attn.o_proj, scheme, group)
-        mlp.gate_up_proj = _quantized(mlp.gate_up_proj, scheme, group)
-        mlp.down_proj = _quantized(mlp.down_proj, scheme, group)
-    model.lm_head = _quantized(model.lm_head, "w8a8" if scheme == "w8a8" else "int8", group)
+        attn.qkv_proj = _quantized(attn.qkv_proj, scheme, group, native_kernels)
+        attn.o_proj = _quantized(attn.o_proj, scheme, group, native_kernels)
+        mlp.gate_up_proj = _quantized(mlp.gate_up_proj, scheme, group, native_kernels)
+        mlp.down_proj = _quantized(mlp.down_proj, scheme, group, native_kernels)
+    model.lm_head = _quantized(model.lm_head, "w8a8" if scheme == "w8a8" else "int8", group, native_kernels)
     return model

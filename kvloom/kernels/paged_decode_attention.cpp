@@ -1,0 +1,157 @@
+// Decode attention straight over the paged KV pool: one query token per sequence.
+//
+// The PyTorch path gathers every sequence's blocks into a contiguous copy per
+// layer per step, and at 32 sequences that copy (plus reading it back) is most
+// of a decode step on a CPU. Here each (sequence, KV head) task walks its block
+// table in place: scores for the whole context, softmax, then the weighted sum
+// of values, for the group of query heads that share the KV head.
+//
+// Two pools are read: the model's float dtype, and int8 (keys with a scale per
+// block and channel, values with a scale per token; a block still filling has
+// its keys in float staging, see kvloom/kv/int8_kv_cache.py).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline float dot_scaled_i8(const float* q, const int8_t* k, const float* scale, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += q[i] * (static_cast<float>(k[i]) * scale[i]);
+  return s;
+}
+
+// Softmax of scores[0..len) in place, returning nothing: scores become probabilities.
+inline void softmax_inplace(float* scores, int64_t len) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < len; ++i) m = std::max(m, scores[i]);
+  float sum = 0.f;
+  for (int64_t i = 0; i < len; ++i) {
+    scores[i] = std::exp(scores[i] - m);
+    sum += scores[i];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < len; ++i) scores[i] *= inv;
+}
+
+void check_common(const torch::Tensor& q, const torch::Tensor& tables, const torch::Tensor& lens) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.is_contiguous(), "q: contiguous float [n, heads, d]");
+  TORCH_CHECK(tables.scalar_type() == torch::kLong && tables.is_contiguous(), "block tables: contiguous int64");
+  TORCH_CHECK(lens.scalar_type() == torch::kLong && lens.is_contiguous(), "context lengths: contiguous int64");
+}
+
+}  // namespace
+
+// q [n, H, D]; k, v [NB, KVH, BS, D] float; tables [n, W] int64; lens [n] int64 -> out [n, H, D]
+torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
+                                   torch::Tensor lens, double scale) {
+  check_common(q, tables, lens);
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == torch::kFloat, "float KV pool");
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KVH = k.size(1), BS = k.size(2), W = tables.size(1), G = H / KVH;
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+
+  at::parallel_for(0, n * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / KVH, h = task % KVH, len = lp[s];
+      scores.assign(G * len, 0.f);
+      const int64_t* table = tp + s * W;
+      for (int64_t pos = 0; pos < len; ++pos) {
+        const float* kr = kp + ((table[pos / BS] * KVH + h) * BS + pos % BS) * D;
+        for (int64_t g = 0; g < G; ++g) scores[g * len + pos] = dot(qp + (s * H + h * G + g) * D, kr, D) * sc;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* p = scores.data() + g * len;
+        softmax_inplace(p, len);
+        float* o = op + (s * H + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+        for (int64_t pos = 0; pos < len; ++pos) {
+          const float* vr = vp + ((table[pos / BS] * KVH + h) * BS + pos % BS) * D;
+          const float w = p[pos];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// int8 pool: kq, vq [NB, KVH, BS, D] int8; k_scale [NB, KVH, D]; v_scale [NB, KVH, BS] (float);
+// k_stage [S, KVH, BS, D] float; slots [n, W] int64: the staging slot of each table entry, -1 when sealed.
+torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tensor k_scale, torch::Tensor vq,
+                                  torch::Tensor v_scale, torch::Tensor k_stage, torch::Tensor tables,
+                                  torch::Tensor slots, torch::Tensor lens, double scale) {
+  check_common(q, tables, lens);
+  TORCH_CHECK(kq.is_contiguous() && vq.is_contiguous() && kq.scalar_type() == torch::kChar, "int8 KV pool");
+  TORCH_CHECK(k_scale.scalar_type() == torch::kFloat && v_scale.scalar_type() == torch::kFloat &&
+              k_stage.scalar_type() == torch::kFloat && k_stage.is_contiguous(), "float scales and staging");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.sizes() == tables.sizes(), "slots like tables");
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KVH = kq.size(1), BS = kq.size(2), W = tables.size(1), G = H / KVH;
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const int8_t* kp = kq.data_ptr<int8_t>();
+  const int8_t* vp = vq.data_ptr<int8_t>();
+  const float* ksp = k_scale.data_ptr<float>();
+  const float* vsp = v_scale.data_ptr<float>();
+  const float* stp = k_stage.data_ptr<float>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* slp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+
+  at::parallel_for(0, n * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / KVH, h = task % KVH, len = lp[s];
+      scores.assign(G * len, 0.f);
+      const int64_t* table = tp + s * W;
+      const int64_t* slot = slp + s * W;
+      for (int64_t pos = 0; pos < len; ++pos) {
+        const int64_t col = pos / BS, row = pos % BS, blk = table[col];
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qr = qp + (s * H + h * G + g) * D;
+          scores[g * len + pos] =
+              (slot[col] >= 0 ? dot(qr, stp + ((slot[col] * KVH + h) * BS + row) * D, D)
+                              : dot_scaled_i8(qr, kp + ((blk * KVH + h) * BS + row) * D, ksp + (blk * KVH + h) * D, D)) *
+              sc;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* p = scores.data() + g * len;
+        softmax_inplace(p, len);
+        float* o = op + (s * H + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+        for (int64_t pos = 0; pos < len; ++pos) {
+          const int64_t blk = table[pos / BS], row = pos % BS;
+          const int8_t* vr = vp + ((blk * KVH + h) * BS + row) * D;
+          const float w = p[pos] * vsp[(blk * KVH + h) * BS + row];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] += w * static_cast<float>(vr[d]);
+        }
+      }
+    }
+  });
+  return out;
+}
