@@ -51,6 +51,44 @@ void check_common(const torch::Tensor& q, const torch::Tensor& tables, const tor
   TORCH_CHECK(lens.scalar_type() == torch::kLong && lens.is_contiguous(), "context lengths: contiguous int64");
 }
 
+// The loop both pools share. One task per (sequence, KV head): scores of its G query heads over the whole
+// context, softmax, weighted sum of values. score(qrow, s, h, col, row, blk) is q . key; add_value(o, w, h,
+// row, blk) adds w * value to o. col/row/blk: the table entry, the row in the block, the block id.
+template <typename Score, typename AddValue>
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tables, const torch::Tensor& lens,
+                               int64_t num_kv_heads, int64_t block_size, double scale, Score score,
+                               AddValue add_value) {
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), W = tables.size(1);
+  const int64_t KVH = num_kv_heads, BS = block_size, G = H / KVH;
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, n * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / KVH, h = task % KVH, len = lp[s];
+      const int64_t* table = tp + s * W;
+      scores.assign(G * len, 0.f);
+      for (int64_t pos = 0; pos < len; ++pos) {
+        const int64_t col = pos / BS, row = pos % BS;
+        for (int64_t g = 0; g < G; ++g)
+          scores[g * len + pos] = score(qp + (s * H + h * G + g) * D, s, h, col, row, table[col]) * sc;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* p = scores.data() + g * len;
+        softmax_inplace(p, len);
+        float* o = op + (s * H + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+        for (int64_t pos = 0; pos < len; ++pos) add_value(o, p[pos], h, pos % BS, table[pos / BS]);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // q [n, H, D]; k, v [NB, KVH, BS, D] float; tables [n, W] int64; lens [n] int64 -> out [n, H, D]
@@ -58,42 +96,18 @@ torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tens
                                    torch::Tensor lens, double scale) {
   check_common(q, tables, lens);
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == torch::kFloat, "float KV pool");
-  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KVH = k.size(1), BS = k.size(2), W = tables.size(1), G = H / KVH;
-  auto out = torch::empty_like(q);
-  const float* qp = q.data_ptr<float>();
+  const int64_t KVH = k.size(1), BS = k.size(2), D = k.size(3);
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  const int64_t* tp = tables.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-
-  at::parallel_for(0, n * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / KVH, h = task % KVH, len = lp[s];
-      scores.assign(G * len, 0.f);
-      const int64_t* table = tp + s * W;
-      for (int64_t pos = 0; pos < len; ++pos) {
-        const float* kr = kp + ((table[pos / BS] * KVH + h) * BS + pos % BS) * D;
-        for (int64_t g = 0; g < G; ++g) scores[g * len + pos] = dot(qp + (s * H + h * G + g) * D, kr, D) * sc;
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* p = scores.data() + g * len;
-        softmax_inplace(p, len);
-        float* o = op + (s * H + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-        for (int64_t pos = 0; pos < len; ++pos) {
-          const float* vr = vp + ((table[pos / BS] * KVH + h) * BS + pos % BS) * D;
-          const float w = p[pos];
+  auto score = [=](const float* qr, int64_t, int64_t h, int64_t, int64_t row, int64_t blk) {
+    return dot(qr, kp + ((blk * KVH + h) * BS + row) * D, D);
+  };
+  auto add_value = [=](float* o, float w, int64_t h, int64_t row, int64_t blk) {
+    const float* vr = vp + ((blk * KVH + h) * BS + row) * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
-        }
-      }
-    }
-  });
-  return out;
+    for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
+  };
+  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value);
 }
 
 // int8 pool: kq, vq [NB, KVH, BS, D] int8; k_scale [NB, KVH, D]; v_scale [NB, KVH, BS] (float);
@@ -106,52 +120,23 @@ torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tens
   TORCH_CHECK(k_scale.scalar_type() == torch::kFloat && v_scale.scalar_type() == torch::kFloat &&
               k_stage.scalar_type() == torch::kFloat && k_stage.is_contiguous(), "float scales and staging");
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.sizes() == tables.sizes(), "slots like tables");
-  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KVH = kq.size(1), BS = kq.size(2), W = tables.size(1), G = H / KVH;
-  auto out = torch::empty_like(q);
-  const float* qp = q.data_ptr<float>();
+  const int64_t KVH = kq.size(1), BS = kq.size(2), D = kq.size(3), W = tables.size(1);
   const int8_t* kp = kq.data_ptr<int8_t>();
   const int8_t* vp = vq.data_ptr<int8_t>();
   const float* ksp = k_scale.data_ptr<float>();
   const float* vsp = v_scale.data_ptr<float>();
   const float* stp = k_stage.data_ptr<float>();
-  const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* slp = slots.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-
-  at::parallel_for(0, n * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / KVH, h = task % KVH, len = lp[s];
-      scores.assign(G * len, 0.f);
-      const int64_t* table = tp + s * W;
-      const int64_t* slot = slp + s * W;
-      for (int64_t pos = 0; pos < len; ++pos) {
-        const int64_t col = pos / BS, row = pos % BS, blk = table[col];
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qr = qp + (s * H + h * G + g) * D;
-          scores[g * len + pos] =
-              (slot[col] >= 0 ? dot(qr, stp + ((slot[col] * KVH + h) * BS + row) * D, D)
-                              : dot_scaled_i8(qr, kp + ((blk * KVH + h) * BS + row) * D, ksp + (blk * KVH + h) * D, D)) *
-              sc;
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* p = scores.data() + g * len;
-        softmax_inplace(p, len);
-        float* o = op + (s * H + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-        for (int64_t pos = 0; pos < len; ++pos) {
-          const int64_t blk = table[pos / BS], row = pos % BS;
-          const int8_t* vr = vp + ((blk * KVH + h) * BS + row) * D;
-          const float w = p[pos] * vsp[(blk * KVH + h) * BS + row];
+  auto score = [=](const float* qr, int64_t s, int64_t h, int64_t col, int64_t row, int64_t blk) {
+    const int64_t slot = slp[s * W + col];
+    return slot >= 0 ? dot(qr, stp + ((slot * KVH + h) * BS + row) * D, D)
+                     : dot_scaled_i8(qr, kp + ((blk * KVH + h) * BS + row) * D, ksp + (blk * KVH + h) * D, D);
+  };
+  auto add_value = [=](float* o, float w, int64_t h, int64_t row, int64_t blk) {
+    const int8_t* vr = vp + ((blk * KVH + h) * BS + row) * D;
+    const float wv = w * vsp[(blk * KVH + h) * BS + row];
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) o[d] += w * static_cast<float>(vr[d]);
-        }
-      }
-    }
-  });
-  return out;
+    for (int64_t d = 0; d < D; ++d) o[d] += wv * static_cast<float>(vr[d]);
+  };
+  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value);
 }
