@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces every number in docs/performance.md on this machine (default model, 2 threads).
-# Runs one benchmark at a time: they share the CPU and would disturb each other. ~30 minutes.
+# Runs one benchmark at a time: they share the CPU and would disturb each other. ~60 minutes.
 set -euo pipefail
 OUT=${OUT:-results}
 PORT=${PORT:-8011}
@@ -18,6 +18,30 @@ for q in none w8a8; do
   run "peers_$q" kvloom bench peers --quantization "$q" --num-prompts 32 --input-len 100 --output-len 128 \
       --out "$OUT/peers_$q.json"
 done
+for q in none w8a8; do
+  run "throughput32_$q" kvloom bench throughput --quantization "$q" --num-prompts 32 --input-len 100 --output-len 128 \
+      --out "$OUT/throughput32_$q.json"
+  run "decode32_$q" python benchmarks/profile_step.py 32 "$q"   # steady-state batched decode, as llama-batched-bench
+done
+run decode64_w8a8 python benchmarks/profile_step.py 64 w8a8
+run ppl_kv_int8 kvloom eval perplexity --kv-cache-dtype int8 --num-tokens 2049 --window 512 --max-model-len 1024 \
+    --out "$OUT/ppl_kv_int8.json"
+for kv in auto int8; do
+  run "latency1k_kv_$kv" kvloom bench latency --quantization w8a8 --kv-cache-dtype "$kv" --input-len 1000 \
+      --output-len 32 --iters 1 --out "$OUT/latency1k_kv_$kv.json"
+  run "throughput32_kv_$kv" kvloom bench throughput --quantization w8a8 --kv-cache-dtype "$kv" --num-prompts 32 \
+      --input-len 100 --output-len 128 --out "$OUT/throughput32_kv_$kv.json"
+done
+for w in repetitive poisson; do
+  for q in none w8a8; do
+    run "spec_${w}_c1_$q" kvloom bench spec --quantization "$q" --workload "$w" --num-requests 4 --concurrency 1 \
+        --output-len 128 --out "$OUT/spec_${w}_c1_$q.json"
+  done
+  run "spec_${w}_c16" kvloom bench spec --workload "$w" --num-requests 32 --concurrency 16 --output-len 96 \
+      --rounds 1 --out "$OUT/spec_${w}_c16.json"
+done
+run tune kvloom tune --quantization w8a8 --num-requests 48 --output-len 48 --max-num-seqs-grid 16,24,32,48 \
+    --budget-grid 128,256,512 --max-tpot-ms 100 --out "$OUT/tune.json"
 run prefix kvloom bench prefix --prefix-len 1000 --num-requests 8 --kv-cache-memory 128MiB --traffic-per-turn 3 \
     --traffic-len 600 --out "$OUT/prefix.json"
 
@@ -41,4 +65,5 @@ serve_and_bench() {  # $1: label, then kvloom serve flags
 }
 serve_and_bench none
 serve_and_bench w8a8 --quantization w8a8
+serve_and_bench w8a8_s24 --quantization w8a8 --max-num-seqs 24 --max-num-batched-tokens 256
 echo done

@@ -202,6 +202,20 @@ def _rates(text: str) -> list[float]:
     return [float("inf") if r.strip() == "inf" else float(r) for r in text.split(",")]
 
 
+def cmd_tune(args) -> None:
+    from kvloom.bench.tune import format_tune, tune
+    from kvloom.engine.engine import Engine
+    seqs = [int(x) for x in args.max_num_seqs_grid.split(",")]
+    budgets = [int(x) for x in args.budget_grid.split(",")]
+    # Room for the largest setting; each run then sets the scheduler's limits itself.
+    engine = Engine(engine_config(args))
+    result = tune(engine, args.num_requests, args.input_len, args.output_len, seqs, budgets, args.max_tpot_ms)
+    print(format_tune(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def cmd_eval(args) -> None:
     from kvloom.engine.engine import Engine
     from kvloom.eval.perplexity import perplexity
@@ -242,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--graceful-shutdown", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM/SIGINT")
     s.set_defaults(func=cmd_serve)
+
+    tu = sub.add_parser("tune", help="sweep max_num_seqs x max_num_batched_tokens on this machine; print the best")
+    tu.add_argument("--num-requests", type=int, default=64, help="requests arriving at once")
+    tu.add_argument("--input-len", type=int, default=100)
+    tu.add_argument("--output-len", type=int, default=64)
+    tu.add_argument("--max-num-seqs-grid", default="16,24,32,64")
+    tu.add_argument("--budget-grid", default="128,256,512")
+    tu.add_argument("--max-tpot-ms", type=float, default=None, help="only settings whose TPOT p99 meets this")
+    tu.add_argument("--out", default=None)
+    add_engine_args(tu)
+    tu.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser("eval", help="quality evaluation")
     esub = ev.add_subparsers(dest="eval", required=True)

@@ -122,3 +122,27 @@ def test_offline_benchmarks_report_floor_and_roofline(tiny_model_dir):
     q = LLM(model, quantization="w8a8").engine
     assert weight_bytes(q)[0] < 0.5 * weight_bytes(engine)[0]
     assert weight_bytes(q)[1] == weight_bytes(engine)[1]
+
+
+def test_tune_sweeps_the_grid_and_names_the_best(tiny_model_dir, tmp_path, capsys):
+    model = tiny_model_dir("llama")
+    out = tmp_path / "tune.json"
+    code = main(["tune", "--model", model, "--num-requests", "6", "--input-len", "20", "--output-len", "6",
+                 "--max-num-seqs-grid", "2,6", "--budget-grid", "16,64", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert [(r["max_num_seqs"], r["max_num_batched_tokens"]) for r in result["results"]] == [
+        (2, 16), (2, 64), (6, 16), (6, 64)]
+    best = result["best"]
+    assert best["output_tokens_per_s"] == max(r["output_tokens_per_s"] for r in result["results"])
+    assert "best: --max-num-seqs" in capsys.readouterr().out
+
+
+def test_bench_spec_compares_both_engines(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama")
+    out = tmp_path / "spec.json"
+    assert main(["bench", "spec", "--model", model, "--workload", "poisson", "--num-requests", "2",
+                 "--input-len", "30", "--output-len", "12", "--rounds", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["none"]["output_tokens"] == result["lookahead"]["output_tokens"] == 24
+    assert result["decode_speedup"] > 0 and "acceptance_rate" in result["lookahead"]["speculation"]

@@ -24,7 +24,11 @@ def _repetitive_prompts(n, seed):
 
 
 def _spec(model, **kw):
-    return LLM(model, speculative="lookahead", **kw)
+    """Lookahead with a flat cost model (a pass costs the same at any size, chunks are free), so drafts are
+    always worth proposing: on a tiny model the measured costs would often say they are not."""
+    llm = LLM(model, speculative="lookahead", **kw)
+    llm.engine.speculator.step_cost = StepCost([1, 64], [1.0, 1.0])
+    return llm
 
 
 def test_trie_counts_continuations_and_grows_incrementally():
@@ -66,6 +70,23 @@ def test_global_trie_stays_within_its_node_bound():
         assert spec.global_trie.num_nodes <= 2000
         assert spec.global_trie.num_nodes == _count(spec.global_trie.root) - 1
     assert spec.global_trie.num_nodes > 700    # it holds the recent requests (~600 nodes each), not nothing
+
+
+def test_draft_allotment_follows_the_cost_model():
+    """Cheap extra tokens: drafts go out, likeliest requests first. Costly chunks: none at all."""
+    reqs = []
+    for k in range(3):
+        r = Request(f"r{k}", [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], SamplingParams(temperature=0.0), 50, 0.0, None)
+        r.append_output(3)
+        reqs.append(r)
+    cheap = LookaheadSpeculator(SpecSettings(max_tokens=4), StepCost([1, 64], [1.0, 1.0]))
+    trees = cheap.propose([(r, 10) for r in reqs], base_tokens=3, base_yield=3, budget=100)
+    assert set(trees) == {"r0", "r1", "r2"} and all(len(t) == 4 for t in trees.values())
+    assert trees["r0"].tokens[:3] == [4, 1, 2]                  # the request's own text, continued
+    costly = LookaheadSpeculator(SpecSettings(max_tokens=4), StepCost([1, 64], [1.0, 1.0], per_chunk=5.0))
+    assert costly.propose([(r, 10) for r in reqs], base_tokens=3, base_yield=3, budget=100) == {}
+    linear = LookaheadSpeculator(SpecSettings(max_tokens=4), StepCost([1, 64], [1.0, 64.0]))
+    assert linear.propose([(r, 10) for r in reqs], base_tokens=3, base_yield=3, budget=100) == {}
 
 
 def test_tree_mask_and_depths():

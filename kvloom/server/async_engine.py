@@ -122,8 +122,7 @@ class AsyncEngine:
                 if not engine.has_unfinished():
                     continue
                 outputs = engine.step()
-                for out in outputs:
-                    self._deliver_output(out)
+                self._deliver_outputs(outputs)
                 if self._on_step is not None:
                     self._on_step(engine, outputs)
         except BaseException as e:  # anything here is a bug: fail every request loudly, never hang them
@@ -159,15 +158,27 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _deliver_output(self, out) -> None:
-        rid = out.parent_id
-        done = False
-        if out.finished and rid in self._unfinished:
-            self._unfinished[rid] -= 1
-            done = self._unfinished[rid] == 0
-            if done:
-                del self._unfinished[rid]
-        self._deliver(rid, out, done)
+    def _deliver_outputs(self, outputs) -> None:
+        """Hand a step's outputs to their queues with one wake-up per event loop, not one per request:
+        every cross-thread call costs the loop a wake-up and both threads a GIL hand-over."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            rid = out.parent_id
+            done = False
+            if out.finished and rid in self._unfinished:
+                self._unfinished[rid] -= 1
+                done = self._unfinished[rid] == 0
+                if done:
+                    del self._unfinished[rid]
+            entry = self._sinks.pop(rid, None) if done else self._sinks.get(rid)
+            if entry is not None:
+                batches.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the clients' event loop is closed: nobody is listening
+                for _, out in items:
+                    self.engine.abort_request(out.parent_id)
 
     def _deliver(self, request_id: str, item, done: bool) -> None:
         entry = self._sinks.pop(request_id, None) if done else self._sinks.get(request_id)
@@ -178,3 +189,8 @@ class AsyncEngine:
             loop.call_soon_threadsafe(sink.put_nowait, item)
         except RuntimeError:  # the client's event loop is closed: nobody is listening
             self.engine.abort_request(request_id)
+
+
+def _put_all(items: list) -> None:
+    for sink, item in items:
+        sink.put_nowait(item)

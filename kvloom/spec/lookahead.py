@@ -109,14 +109,17 @@ class LookaheadSpeculator:
             heapq.heappush(heap, (-st.acceptance, order, req.request_id))
         # Greedy: the next draft token goes where its expected yield is highest, while it raises tokens/s.
         given: dict[str, int] = {}
-        tokens, produced = base_tokens, float(base_yield)
-        rate = produced / self.step_cost(tokens)
+        tokens, produced, chunks = base_tokens, float(base_yield), 0
+        cost = self.step_cost
+        rate = produced / cost(tokens)
         while heap and budget > 0:
             neg_gain, order, rid = heapq.heappop(heap)
-            new_rate = (produced - neg_gain) / self.step_cost(tokens + 1)
+            extra_chunk = rid not in given            # its first draft token moves it out of the decode batch
+            new_rate = (produced - neg_gain) / (cost(tokens + 1) + (chunks + extra_chunk) * cost.per_chunk)
             if new_rate <= rate:
-                break
+                continue   # not worth it for this request; a likelier request's token may still be
             rate, produced, tokens, budget = new_rate, produced - neg_gain, tokens + 1, budget - 1
+            chunks += extra_chunk
             k = given[rid] = given.get(rid, 0) + 1
             if k < limit[rid]:
                 heapq.heappush(heap, (neg_gain * states[rid].acceptance, order, rid))

@@ -17,9 +17,14 @@ SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
 class StepCost:
-    def __init__(self, sizes: list[int], seconds: list[float]):
+    """seconds(T tokens in one chunk), plus `per_chunk`: what each further request's chunk adds (its own
+    attention call per layer). A decode that carries drafts leaves the batched decode path and becomes
+    such a chunk, so giving a request its first draft token costs per_chunk on top of the token."""
+
+    def __init__(self, sizes: list[int], seconds: list[float], per_chunk: float = 0.0):
         self.sizes = list(sizes)
         self.seconds = list(seconds)
+        self.per_chunk = per_chunk
 
     def __call__(self, num_tokens: int) -> float:
         s, t = self.sizes, self.seconds
@@ -41,13 +46,25 @@ class StepCost:
             seconds = []
             for n in sizes:
                 plan = SchedulerOutput(prefills=[ScheduledChunk("step-cost", [0] * n, 0, blocks, sample=True)])
-                runner.execute(plan)   # warm-up
-                best = float("inf")
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    runner.execute(plan)
-                    best = min(best, time.perf_counter() - t0)
+                best = _best_time(runner, plan, repeats)
                 seconds.append(max(best, seconds[-1]) if seconds else best)   # noise never makes more cheaper
+            # Eight 2-token chunks against one 16-token chunk: the cost of splitting a pass into chunks.
+            n = min(8, len(blocks))
+            split = SchedulerOutput(prefills=[ScheduledChunk("step-cost", [0, 0], 0, [b], sample=True)
+                                              for b in blocks[:n]])
+            whole = SchedulerOutput(prefills=[ScheduledChunk("step-cost", [0] * 2 * n, 0, blocks, sample=True)])
+            per_chunk = max(0.0, (_best_time(runner, split, repeats) - _best_time(runner, whole, repeats)) / (n - 1)) \
+                if n > 1 else 0.0
         finally:
             pool.free(blocks)
-        return cls(sizes, seconds)
+        return cls(sizes, seconds, per_chunk)
+
+
+def _best_time(runner, plan: SchedulerOutput, repeats: int) -> float:
+    runner.execute(plan)   # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.execute(plan)
+        best = min(best, time.perf_counter() - t0)
+    return best

@@ -1,0 +1,54 @@
+"""Where a steady-state decode step's milliseconds go, by module: `python benchmarks/step_phases.py Q BATCH`.
+
+Wraps the scheduler, the runner's input building, the model and each layer's
+parts with timers (sums over the 30 layers), fills a batch of 100-token
+prompts, then times 20 decode steps. The wrappers add a little to each part.
+"""
+import sys
+import time
+
+from kvloom import SamplingParams
+from kvloom.bench.prompts import prompts_of_length
+from kvloom.config import EngineConfig
+from kvloom.engine.engine import Engine
+
+
+def main(quantization: str, batch: int, steps: int = 20) -> None:
+    engine = Engine(EngineConfig(quantization=quantization, num_threads=2))
+    for p in prompts_of_length(engine.tokenizer, [100] * batch):
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+    while engine.scheduler.waiting or any(r.num_uncomputed > 1 for r in engine.scheduler.requests.values()):
+        engine.step()
+    totals: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            result = fn(*args, **kwargs)
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - t
+            return result
+        return wrapper
+
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    engine.runner._prepare = timed("build inputs", engine.runner._prepare)
+    engine._sample = timed("sample", engine._sample)
+    for layer in engine.model.layers:
+        attn = layer.self_attn
+        attn.forward = timed("attention block", attn.forward)
+        attn.qkv_proj.forward = timed("  qkv projection", attn.qkv_proj.forward)
+        attn.o_proj.forward = timed("  o projection", attn.o_proj.forward)
+        layer.mlp.forward = timed("mlp", layer.mlp.forward)
+        layer.input_layernorm.forward = timed("norms", layer.input_layernorm.forward)
+        layer.post_attention_layernorm.forward = timed("norms", layer.post_attention_layernorm.forward)
+    engine.model.lm_head.forward = timed("lm head", engine.model.lm_head.forward)
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    step = (time.perf_counter() - t) / steps
+    print(f"{quantization} batch {batch}: {step * 1e3:.1f} ms a step")
+    for name, total in totals.items():
+        print(f"  {name:18s} {total / steps * 1e3:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "w8a8", int(sys.argv[2]) if len(sys.argv) > 2 else 1)

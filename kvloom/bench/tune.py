@@ -1,0 +1,76 @@
+"""`kvloom tune`: sweep the scheduler's knobs on this machine for one workload and name the best.
+
+Each setting of max_num_seqs x max_num_batched_tokens serves the same burst
+of requests (all arriving at once, as `bench serve --request-rate inf` sends
+them) through one engine whose scheduler limits are changed between runs,
+so the model is loaded once. Reported per setting: output tokens/s, TTFT and
+TPOT percentiles. The best is the highest throughput whose TPOT p99 meets
+`--max-tpot-ms` (throughput landscapes are irregular, so this is measured,
+not derived).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+
+from kvloom.bench.prompts import prompts_of_length
+from kvloom.engine.engine import Engine
+from kvloom.sampling_params import SamplingParams
+
+
+def _burst(engine: Engine, prompts: list[list[int]], output_len: int) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    for p in prompts:
+        engine.add_request(p, params)
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    count: dict[str, int] = {}
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            first.setdefault(o.request_id, now)
+            last[o.request_id] = now
+            count[o.request_id] = len(o.token_ids)
+    wall = time.perf_counter() - t0
+    ttft = np.array([first[r] - t0 for r in count]) * 1e3
+    tpot = np.array([(last[r] - first[r]) / (count[r] - 1) for r in count if count[r] > 1]) * 1e3
+    return {"output_tokens_per_s": sum(count.values()) / wall, "wall_s": wall,
+            "ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p99_ms": float(np.percentile(ttft, 99)),
+            "tpot_p50_ms": float(np.percentile(tpot, 50)), "tpot_p99_ms": float(np.percentile(tpot, 99))}
+
+
+def tune(engine: Engine, num_requests: int, input_len: int, output_len: int, seqs: list[int],
+         budgets: list[int], max_tpot_ms: float | None) -> dict:
+    grid = list(itertools.product(seqs, budgets))
+    # Fresh prompts for every run: repeating them would turn later runs' prefills into prefix-cache hits.
+    prompts = prompts_of_length(engine.tokenizer, [input_len] * num_requests * (len(grid) + 1))
+    _burst(engine, prompts[-2:], 4)    # warm-up
+    sched = engine.scheduler
+    rows = []
+    for k, (max_seqs, budget) in enumerate(grid):
+        sched.max_num_seqs, sched.max_num_batched_tokens = max_seqs, budget
+        rows.append({"max_num_seqs": max_seqs, "max_num_batched_tokens": budget,
+                     **_burst(engine, prompts[k * num_requests:(k + 1) * num_requests], output_len)})
+    ok = [r for r in rows if max_tpot_ms is None or r["tpot_p99_ms"] <= max_tpot_ms]
+    best = max(ok, key=lambda r: r["output_tokens_per_s"]) if ok else None
+    return {"num_requests": num_requests, "input_len": input_len, "output_len": output_len,
+            "max_tpot_ms": max_tpot_ms, "results": rows, "best": best}
+
+
+def format_tune(result: dict) -> str:
+    lines = [f"{'seqs':>5} {'budget':>7} {'tok/s':>8} {'TTFT p50':>9} {'TPOT p50':>9} {'TPOT p99':>9}"]
+    for r in result["results"]:
+        lines.append(f"{r['max_num_seqs']:>5} {r['max_num_batched_tokens']:>7} {r['output_tokens_per_s']:>8.1f} "
+                     f"{r['ttft_p50_ms']:>9.0f} {r['tpot_p50_ms']:>9.1f} {r['tpot_p99_ms']:>9.1f}")
+    b = result["best"]
+    if b is None:
+        lines.append(f"no setting meets TPOT p99 <= {result['max_tpot_ms']} ms")
+    else:
+        lines.append(f"best: --max-num-seqs {b['max_num_seqs']} --max-num-batched-tokens "
+                     f"{b['max_num_batched_tokens']} ({b['output_tokens_per_s']:.1f} tok/s, "
+                     f"TPOT p99 {b['tpot_p99_ms']:.1f} ms)")
+    return "\n".join(lines)
