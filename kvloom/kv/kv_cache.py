@@ -74,9 +74,6 @@ class FloatKVCache:
             layer.copy_blocks(src, dst)
 
 
-KV_CACHE_DTYPES = ("auto", "int8")
-
-
 def staging_capacity(max_num_seqs: int, max_num_batched_tokens: int, block_size: int) -> int:
     """Int8 staging slots counted in the budget: one open block per running request plus one step's writes."""
     return max_num_seqs + -(-max_num_batched_tokens // block_size) + 1

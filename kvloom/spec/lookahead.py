@@ -102,7 +102,7 @@ class LookaheadSpeculator:
             room = min(room, self.settings.max_tokens)
             tree = self._draft(req, st, room) if room > 0 else None
             if tree is None:
-                st.hits += _RELAX * (_PRIOR - st.acceptance)   # idle: drift back towards the prior
+                _drift_to_prior(st)
                 continue
             rid = req.request_id
             trees[rid], states[rid], reqs[rid], limit[rid] = tree, st, req, len(tree)
@@ -127,6 +127,7 @@ class LookaheadSpeculator:
         for rid, tree in trees.items():
             k = given.get(rid, 0)
             if k == 0:
+                _drift_to_prior(states[rid])   # not drafting this step: let a poor estimate recover slowly
                 continue
             # Fewer tokens than drafted: draft again with k, which keeps the k likeliest nodes.
             out[rid] = tree if k == len(tree) else self._draft(reqs[rid], states[rid], k)
@@ -163,3 +164,9 @@ class LookaheadSpeculator:
                 "acceptance_rate": self.num_accepted / self.num_proposed if self.num_proposed else 0.0,
                 "mean_accepted_length": self.num_accepted / v if v else 0.0,
                 "global_trie_nodes": self.global_trie.num_nodes}
+
+
+def _drift_to_prior(st: _RequestState) -> None:
+    """An idle request's estimate creeps back up towards the prior, so one that stopped drafting is retried."""
+    if st.acceptance < _PRIOR:
+        st.hits += _RELAX * (_PRIOR - st.acceptance) * (st.hits + st.misses)
