@@ -53,7 +53,11 @@ def test_slo_parsing_and_arrivals():
 
 
 def test_real_traces_read():
-    rows = read_trace(find_trace("burstgpt"))
+    try:
+        path = find_trace("burstgpt")
+    except FileNotFoundError:
+        pytest.skip("the shared workload traces (../shared/workloads) are not next to this checkout")
+    rows = read_trace(path)
     assert len(rows) == 297 and rows[0][0] == 0.0 and all(o > 0 for _, _, o in rows)
     azure = read_trace(find_trace("azure-code"))
     assert len(azure) == 2000 and azure[-1][0] > 500
