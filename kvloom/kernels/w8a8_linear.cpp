@@ -5,6 +5,35 @@
 #include <algorithm>
 #include <cmath>
 
+namespace {
+
+// acc[m, n] = x[m] . w[n] for a few rows: streams each weight row once, at ~24 GB/s here against
+// ~14 GB/s for oneDNN's int8 GEMM at one row (measured on 576x3072 .. 49152x576); slower from 4 rows on.
+torch::Tensor int8_gemv(const torch::Tensor& x, const torch::Tensor& w) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto out = torch::empty({M, N}, x.options().dtype(torch::kInt));
+  const int8_t* xp = x.data_ptr<int8_t>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int32_t* op = out.data_ptr<int32_t>();
+  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const int8_t* wr = wp + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xr = xp + m * K;
+        int32_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < K; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]);
+        op[m * N + n] = acc;
+      }
+    }
+  });
+  return out;
+}
+
+constexpr int64_t kGemvMaxRows = 2;
+
+}  // namespace
+
 // y = dequant(quant(x) @ w): x [M, K] float -> int8 per row (scale = absmax / 127), int8 GEMM to int32,
 // then y = acc * row_scale * col_scale (+ bias). One call for what is ten small ops in eager PyTorch.
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_scales,
@@ -31,7 +60,8 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_
       sp[i] = scale;
     }
   });
-  torch::Tensor acc = at::_int_mm(xq, w_t);
+  const torch::Tensor w = w_t.t();   // [N, K]
+  torch::Tensor acc = (M <= kGemvMaxRows && w.is_contiguous()) ? int8_gemv(xq, w) : at::_int_mm(xq, w_t);
   auto y = torch::empty({M, N}, x.options());
   const int32_t* ap = acc.data_ptr<int32_t>();
   const int64_t lda = acc.stride(0);
