@@ -11,40 +11,19 @@ throughput is output tokens over wall time. The best round of each counts.
 from __future__ import annotations
 
 import dataclasses
-import time
 
+from kvloom.bench.closed_loop import run_closed_loop
 from kvloom.bench.workloads import synthetic_workload
 from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
-from kvloom.sampling_params import SamplingParams
 
 
 def _run(engine: Engine, prompts: list[list[int]], output_len: int, concurrency: int) -> dict:
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    pending = list(prompts)
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    count: dict[str, int] = {}
-    t0 = time.perf_counter()
-    in_flight = 0
-    while pending or engine.has_unfinished():
-        while pending and in_flight < concurrency:
-            engine.add_request(pending.pop(0), params)
-            in_flight += 1
-        for out in engine.step():
-            now = time.perf_counter()
-            if out.delta_token_ids:
-                first.setdefault(out.request_id, now)
-                last[out.request_id] = now
-                count[out.request_id] = len(out.token_ids)
-            if out.finished:
-                in_flight -= 1
-    wall = time.perf_counter() - t0
-    decode_tokens = sum(n - 1 for n in count.values())
-    decode_time = sum(last[r] - first[r] for r in count)
-    return {"output_tokens": sum(count.values()), "wall_s": wall,
-            "throughput_tokens_per_s": sum(count.values()) / wall,
-            "decode_tokens_per_s_per_request": decode_tokens / decode_time if decode_time else 0.0}
+    wall, times = run_closed_loop(engine, prompts, output_len, concurrency)
+    produced = sum(t.num_tokens for t in times)
+    decode_time = sum(t.last_token - t.first_token for t in times)
+    return {"output_tokens": produced, "wall_s": wall, "throughput_tokens_per_s": produced / wall,
+            "decode_tokens_per_s_per_request": (produced - len(times)) / decode_time if decode_time else 0.0}
 
 
 def run_spec_comparison(config: EngineConfig, workload: str, num_requests: int, input_len: int,

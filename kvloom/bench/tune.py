@@ -11,34 +11,19 @@ not derived).
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 
+from kvloom.bench.closed_loop import run_closed_loop
 from kvloom.bench.prompts import prompts_of_length
 from kvloom.engine.engine import Engine
-from kvloom.sampling_params import SamplingParams
 
 
 def _burst(engine: Engine, prompts: list[list[int]], output_len: int) -> dict:
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    t0 = time.perf_counter()
-    for p in prompts:
-        engine.add_request(p, params)
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    count: dict[str, int] = {}
-    while engine.has_unfinished():
-        outs = engine.step()
-        now = time.perf_counter()
-        for o in outs:
-            first.setdefault(o.request_id, now)
-            last[o.request_id] = now
-            count[o.request_id] = len(o.token_ids)
-    wall = time.perf_counter() - t0
-    ttft = np.array([first[r] - t0 for r in count]) * 1e3
-    tpot = np.array([(last[r] - first[r]) / (count[r] - 1) for r in count if count[r] > 1]) * 1e3
-    return {"output_tokens_per_s": sum(count.values()) / wall, "wall_s": wall,
+    wall, times = run_closed_loop(engine, prompts, output_len, concurrency=len(prompts))
+    ttft = np.array([t.first_token - t.start for t in times]) * 1e3
+    tpot = np.array([(t.last_token - t.first_token) / (t.num_tokens - 1) for t in times if t.num_tokens > 1]) * 1e3
+    return {"output_tokens_per_s": sum(t.num_tokens for t in times) / wall, "wall_s": wall,
             "ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p99_ms": float(np.percentile(ttft, 99)),
             "tpot_p50_ms": float(np.percentile(tpot, 50)), "tpot_p99_ms": float(np.percentile(tpot, 99))}
 
