@@ -80,6 +80,7 @@ class Engine:
         self.pool.on_release = self.runner.kv.release
         quantize_model(self.model, config.quantization, config.quantization_group_size, self._calibration_pass,
                        native_kernels=config.native_kernels)
+        self.runner.enable_decode_stack()
         self.speculator = None
         if config.speculative == "lookahead":
             cost = StepCost.measure(self.runner, self.pool, bs, config.max_num_batched_tokens)

@@ -9,6 +9,7 @@ import torch
 from kvloom.engine.scheduler_output import SchedulerOutput
 from kvloom.kernels import kernels
 from kvloom.kv.kv_cache import allocate_kv_cache
+from kvloom.models.decode_stack import build_decode_stack
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk, head_block_rows
 from kvloom.spec.tree_attention import tree_depths, tree_mask
@@ -26,6 +27,12 @@ class ModelRunner:
                               and kernels() is not None)
         self.kv = allocate_kv_cache(kv_cache_dtype, num_blocks, block_size=block_size, shape=model.shape,
                                     dtype=dtype, device=self.device, num_staging_slots=num_staging_slots)
+        self.decode_stack = None
+
+    def enable_decode_stack(self) -> None:
+        """Run decode-only steps through the native layer stack; call once the weights are final."""
+        if self.native_decode:
+            self.decode_stack = build_decode_stack(self.model, self.kv)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput, all_logits: bool = False) -> torch.Tensor:
@@ -38,7 +45,8 @@ class ModelRunner:
         to_seal = self.kv.prepare(plan.chunks, meta)
         if all_logits:
             logits_indices = torch.arange(len(input_ids), device=self.device)
-        logits = self.model(input_ids, positions, meta, self.kv.layers, logits_indices)
+        stack = self.decode_stack if not plan.prefills and meta.decode_tables is not None else None
+        logits = self.model(input_ids, positions, meta, self.kv.layers, logits_indices, stack)
         self.kv.seal(to_seal)
         return logits
 

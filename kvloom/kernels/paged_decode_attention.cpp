@@ -9,7 +9,7 @@
 // Two pools are read: the model's float dtype, and int8 (keys with a scale per
 // block and channel, values with a scale per token; a block still filling has
 // its keys in float staging, see kvloom/kv/int8_kv_cache.py).
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #include <cmath>

@@ -142,11 +142,16 @@ class LlamaForCausalLM(nn.Module):
         if shape.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, logits_indices):
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, logits_indices, decode_stack=None):
         h = self.embed_tokens(input_ids)
         rope_cos_sin = self.rope.cos_sin(positions, h.dtype)
-        for layer, kv in zip(self.layers, kv_caches):
-            h = layer(h, rope_cos_sin, meta, kv)
+        if decode_stack is not None:   # a decode-only step: every layer in one native call (decode_stack.py)
+            cos, sin = (t.squeeze(1) for t in rope_cos_sin)
+            h = decode_stack.forward(h, cos, sin, meta.write_blocks, meta.write_offsets, meta.decode_tables,
+                                     meta.decode_lens)
+        else:
+            for layer, kv in zip(self.layers, kv_caches):
+                h = layer(h, rope_cos_sin, meta, kv)
         return self.lm_head(self.norm(h[logits_indices]))
 
     def num_parameters(self) -> int:

@@ -1,0 +1,11 @@
+// The native kernels' entry points, shared by the files that call each other and by the bindings.
+#pragma once
+#include <torch/extension.h>
+
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_scales,
+                          c10::optional<torch::Tensor> bias);
+torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
+                                   torch::Tensor lens, double scale);
+torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tensor k_scale, torch::Tensor vq,
+                                  torch::Tensor v_scale, torch::Tensor k_stage, torch::Tensor tables,
+                                  torch::Tensor slots, torch::Tensor lens, double scale);
