@@ -18,7 +18,7 @@ def _pool(num_blocks=40, kvh=2, bs=16, d=64, seed=0):
 def _reference(q, k, v, tables, lens, scale):
     """Plain attention over each sequence's blocks, gathered."""
     n, h, d = q.shape
-    kvh, bs = k.shape[1], k.shape[2]
+    kvh = k.shape[1]
     out = torch.empty_like(q)
     for i in range(n):
         L = int(lens[i])
@@ -31,12 +31,13 @@ def _reference(q, k, v, tables, lens, scale):
 
 
 @native
-def test_float_decode_attention_matches_gathered_attention():
-    k, v = _pool()
+@pytest.mark.parametrize("heads,kvh,d", [(6, 2, 64), (2, 2, 128), (8, 1, 128), (6, 2, 32)])  # last: portable loop
+def test_float_decode_attention_matches_gathered_attention(heads, kvh, d):
+    k, v = _pool(kvh=kvh, d=d)
     g = torch.Generator().manual_seed(3)
     tables = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(5)])
     lens = torch.tensor([1, 17, 50, 96, 33])
-    q = torch.randn(5, 6, 64)
+    q = torch.randn(5, heads, d)
     got = kernels().decode_attention_f32(q, k, v, tables, lens, 0.125)
     assert torch.allclose(got, _reference(q, k, v, tables, lens, 0.125), atol=1e-5)
 

@@ -97,6 +97,8 @@ torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tens
   check_common(q, tables, lens);
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == torch::kFloat, "float KV pool");
   const int64_t KVH = k.size(1), BS = k.size(2), D = k.size(3);
+  auto out = torch::empty_like(q);
+  if (decode_attention_f32_avx512(q, k, v, tables, lens, scale, out)) return out;
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   auto score = [=](const float* qr, int64_t, int64_t h, int64_t, int64_t row, int64_t blk) {
