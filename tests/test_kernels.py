@@ -43,6 +43,27 @@ def test_float_decode_attention_matches_gathered_attention(heads, kvh, d):
 
 
 @native
+@pytest.mark.parametrize("d", [64, 32])   # the AVX-512 kernel and the portable loop
+def test_masked_rows_see_only_their_visible_positions(d):
+    """A draft token's row sees the context and its ancestors: positions whose bit is clear get no weight."""
+    k, v = _pool(d=d)
+    tables = torch.arange(24).view(4, 6)
+    lens = torch.tensor([20, 70, 9, 96])
+    masks = torch.tensor([-1, -1 & ~(1 << 1) & ~(1 << 3), ~(1 << 2), ((1 << 63) - 1) & ~(1 << 5)])  # last: bit 63 clear
+    q = torch.randn(4, 6, d)
+    got = kernels().decode_attention_f32(q, k, v, tables, lens, 0.125, masks)
+    for i in range(4):
+        L = int(lens[i])
+        seen = [p for p in range(L) if p < L - 64 or (int(masks[i]) >> (L - 1 - p)) & 1]
+        kept = torch.tensor(seen)
+        kc = k[tables[i]].permute(1, 0, 2, 3).reshape(2, -1, d)[:, kept]
+        vc = v[tables[i]].permute(1, 0, 2, 3).reshape(2, -1, d)[:, kept]
+        kc, vc = kc.repeat_interleave(3, 0), vc.repeat_interleave(3, 0)
+        want = (torch.softmax(q[i][:, None] @ kc.transpose(1, 2) * 0.125, -1) @ vc)[:, 0]
+        assert torch.allclose(got[i], want, atol=1e-5), i
+
+
+@native
 def test_int8_decode_attention_reads_sealed_and_staged_blocks():
     from kvloom.kv.int8_kv_cache import quantize_rows
     k, v = _pool(seed=1)
@@ -62,10 +83,10 @@ def test_int8_decode_attention_reads_sealed_and_staged_blocks():
 
 
 @native
-@pytest.mark.parametrize("rows", [1, 2, 5, 40])   # 1-2 rows: the GEMV path; more: oneDNN
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40])   # up to 16 rows (2 without VNNI): the GEMV; more: oneDNN
 def test_fused_w8a8_linear_equals_the_pytorch_path(rows):
     torch.manual_seed(0)
-    w, b, x = torch.randn(96, 160) / 8, torch.randn(96), torch.randn(rows, 160)
+    w, b, x = torch.randn(99, 160) / 8, torch.randn(99), torch.randn(rows, 160)   # 99: not a multiple of 16
     fused, plain = W8A8Linear(w, b, native=True), W8A8Linear(w, b, native=False)
     assert torch.allclose(fused(x), plain(x), atol=1e-5, rtol=1e-5)
 

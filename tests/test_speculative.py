@@ -10,7 +10,7 @@ from kvloom.engine.request import Request
 from kvloom.spec.lookahead import LookaheadSpeculator, SpecSettings
 from kvloom.spec.ngram_trie import NGramTrie
 from kvloom.spec.step_cost import StepCost
-from kvloom.spec.tree_attention import tree_depths, tree_mask
+from kvloom.spec.tree_attention import tree_depths, tree_mask, tree_visibility_bits
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
@@ -96,6 +96,10 @@ def test_tree_mask_and_depths():
     assert m[2].tolist() == [True, True, True, False, False, False]
     assert m[4].tolist() == [False, False, False, True, True, False]
     assert m[5].tolist() == [True, False, False, False, False, True]
+    bits = tree_visibility_bits(parents)   # bit d: the slot d before the token's own
+    for i in range(len(parents)):
+        assert [bool((bits[i] >> (i - j)) & 1) for j in range(i + 1)] == m[i, :i + 1].tolist()
+        assert (bits[i] >> (i + 1)) == -1   # everything before the drafts (the context) stays visible
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -9,10 +9,10 @@ import torch
 from kvloom.engine.scheduler_output import SchedulerOutput
 from kvloom.kernels import kernels
 from kvloom.kv.kv_cache import allocate_kv_cache
-from kvloom.models.decode_stack import build_decode_stack
+from kvloom.models.decode_stack import STACK_MAX_CHUNK, build_decode_stack
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk, head_block_rows
-from kvloom.spec.tree_attention import tree_depths, tree_mask
+from kvloom.spec.tree_attention import tree_depths, tree_mask, tree_visibility_bits
 
 
 class ModelRunner:
@@ -45,7 +45,7 @@ class ModelRunner:
         to_seal = self.kv.prepare(plan.chunks, meta)
         if all_logits:
             logits_indices = torch.arange(len(input_ids), device=self.device)
-        stack = self.decode_stack if not plan.prefills and meta.decode_tables is not None else None
+        stack = self.decode_stack if meta.row_tables is not None else None
         logits = self.model(input_ids, positions, meta, self.kv.layers, logits_indices, stack)
         self.kv.seal(to_seal)
         return logits
@@ -101,6 +101,14 @@ class ModelRunner:
                 if c.sample:
                     logits_indices.append(len(ids) - 1)
 
+        row_tables = row_lens = row_masks = None
+        if self.decode_stack is not None and all(c.num_draft_tokens and len(c.token_ids) <= STACK_MAX_CHUNK
+                                                 for c in plan.prefills):
+            if plan.prefills:
+                row_tables, row_lens, row_masks = self._stack_rows(plan)
+            else:
+                row_tables, row_lens = decode_tables, decode_lens
+
         positions = torch.tensor(pos, dtype=torch.long)
         slots = [(c.block_ids[p // bs], p % bs) for c in plan.chunks
                  for p in range(c.start_pos, c.start_pos + len(c.token_ids))]
@@ -115,6 +123,31 @@ class ModelRunner:
             decode_tables=decode_tables,
             decode_lens=decode_lens,
             prefills=prefills,
+            row_tables=row_tables,
+            row_lens=row_lens,
+            row_masks=row_masks,
         )
         return (torch.tensor(ids, dtype=torch.long, device=dev), positions.to(dev), meta,
                 torch.tensor(logits_indices, dtype=torch.long, device=dev))
+
+    def _stack_rows(self, plan: SchedulerOutput):
+        """Every query row of a batch of decodes and drafted chunks as a decode: its request's blocks, the
+        context up to and including itself, and (draft tokens) which earlier drafts it sees."""
+        tables: list[list[int]] = []
+        lens: list[int] = []
+        masks: list[int] = []
+        for c in plan.decodes:
+            tables.append(c.block_ids)
+            lens.append(c.start_pos + 1)
+            masks.append(-1)
+        for c in plan.prefills:
+            committed = len(c.token_ids) - c.num_draft_tokens
+            for i in range(len(c.token_ids)):   # drafts sit in the slots after the committed tokens
+                tables.append(c.block_ids)
+                lens.append(c.start_pos + i + 1)
+            masks.extend([-1] * committed)
+            masks.extend(tree_visibility_bits(c.draft_parents) if c.num_draft_tokens else [])
+        width = max(len(t) for t in tables)
+        dev = self.device
+        return (torch.tensor([t + [0] * (width - len(t)) for t in tables]).to(dev), torch.tensor(lens).to(dev),
+                torch.tensor(masks, dtype=torch.long).to(dev))

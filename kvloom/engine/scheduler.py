@@ -159,7 +159,7 @@ class Scheduler:
         if not candidates:
             return
         base_yield = sum(c.sample for c in out.chunks)
-        trees = self.speculator.propose(candidates, out.num_tokens, base_yield, budget)
+        trees = self.speculator.propose(candidates, out.num_tokens, base_yield, budget, decode_only=not out.prefills)
         for c in list(out.decodes):
             tree = trees.get(c.request_id)
             if tree is None:

@@ -7,7 +7,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs, as PyTorch's own ops do: the server's event loop keeps going.
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("w8a8_linear", &w8a8_linear, "int8 x int8 linear with dynamic per-row activation scales", nogil);
-  m.def("decode_attention_f32", &decode_attention_f32, "paged decode attention, float pool", nogil);
+  m.def("decode_attention_f32", &decode_attention_f32, "paged decode attention, float pool", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("tables"), py::arg("lens"), py::arg("scale"), py::arg("masks") = py::none(),
+        nogil);
   m.def("decode_attention_i8", &decode_attention_i8, "paged decode attention, int8 pool", nogil);
   register_decode_stack(m);
 }

@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <limits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -58,7 +59,7 @@ inline void prefetch_row(const float* r) {
 
 template <int D, int G>
 void attend(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t len, int64_t KVH,
-            int64_t BS, int64_t h, float scale, float* scores, float* out) {
+            int64_t BS, int64_t h, float scale, const int64_t* mask, float* scores, float* out) {
   constexpr int C = D / 16;
   auto row = [&](const float* pool, int64_t pos) { return pool + ((table[pos / BS] * KVH + h) * BS + pos % BS) * D; };
   const int64_t padded = (len + 15) / 16 * 16;
@@ -82,6 +83,10 @@ void attend(const float* q, const float* kp, const float* vp, const int64_t* tab
       _mm512_storeu_ps(scores + g * padded + p0, _mm512_mul_ps(sum_each(part), _mm512_set1_ps(scale)));
     }
   }
+  if (mask)   // positions a draft token does not see score as minus infinity (exactly 0 after the softmax)
+    for (int64_t pos = std::max<int64_t>(0, len - 64); pos < len; ++pos)
+      if (!((static_cast<uint64_t>(*mask) >> (len - 1 - pos)) & 1))
+        for (int g = 0; g < G; ++g) scores[g * padded + pos] = -std::numeric_limits<float>::infinity();
   float inv_sum[G];
   for (int g = 0; g < G; ++g) {   // softmax numerators in place; the division waits for the end
     float* s = scores + g * padded;
@@ -93,7 +98,10 @@ void attend(const float* q, const float* kp, const float* vp, const int64_t* tab
     __m512 sum = _mm512_setzero_ps();
     for (int64_t p0 = 0; p0 < len; p0 += 16) {
       const __mmask16 k = p0 + 16 > len ? tail : (__mmask16)0xFFFF;
-      const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + p0), mx)));
+      const __m512 x = _mm512_loadu_ps(s + p0);
+      const __mmask16 seen = k & _mm512_cmp_ps_mask(x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                                    _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(seen, exp_nonpositive(_mm512_sub_ps(x, mx)));
       _mm512_storeu_ps(s + p0, e);
       sum = _mm512_add_ps(sum, e);
     }
@@ -120,7 +128,7 @@ void attend(const float* q, const float* kp, const float* vp, const int64_t* tab
 
 template <int D, int G>
 void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& tables,
-                const torch::Tensor& lens, float scale, torch::Tensor& out) {
+                const torch::Tensor& lens, float scale, const int64_t* masks, torch::Tensor& out) {
   const int64_t n = q.size(0), H = q.size(1), W = tables.size(1), KVH = k.size(1), BS = k.size(2);
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
@@ -131,23 +139,25 @@ void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
       const int64_t s = task / KVH, h = task % KVH, len = lp[s];
       scores.resize(G * ((len + 15) / 16 * 16));
       const int64_t first = (s * H + h * G) * D;
-      attend<D, G>(qp + first, kp, vp, tp + s * W, len, KVH, BS, h, scale, scores.data(), op + first);
+      attend<D, G>(qp + first, kp, vp, tp + s * W, len, KVH, BS, h, scale, masks ? masks + s : nullptr,
+                   scores.data(), op + first);
     }
   });
 }
 
 template <int D>
 bool attend_group(int64_t G, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                  const torch::Tensor& tables, const torch::Tensor& lens, float scale, torch::Tensor& out) {
+                  const torch::Tensor& tables, const torch::Tensor& lens, float scale, const int64_t* masks,
+                  torch::Tensor& out) {
   switch (G) {
-    case 1: attend_all<D, 1>(q, k, v, tables, lens, scale, out); return true;
-    case 2: attend_all<D, 2>(q, k, v, tables, lens, scale, out); return true;
-    case 3: attend_all<D, 3>(q, k, v, tables, lens, scale, out); return true;
-    case 4: attend_all<D, 4>(q, k, v, tables, lens, scale, out); return true;
-    case 5: attend_all<D, 5>(q, k, v, tables, lens, scale, out); return true;
-    case 6: attend_all<D, 6>(q, k, v, tables, lens, scale, out); return true;
-    case 7: attend_all<D, 7>(q, k, v, tables, lens, scale, out); return true;
-    case 8: attend_all<D, 8>(q, k, v, tables, lens, scale, out); return true;
+    case 1: attend_all<D, 1>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 2: attend_all<D, 2>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 3: attend_all<D, 3>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 4: attend_all<D, 4>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 5: attend_all<D, 5>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 6: attend_all<D, 6>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 7: attend_all<D, 7>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 8: attend_all<D, 8>(q, k, v, tables, lens, scale, masks, out); return true;
     default: return false;
   }
 }
@@ -156,17 +166,17 @@ bool attend_group(int64_t G, const torch::Tensor& q, const torch::Tensor& k, con
 
 bool decode_attention_f32_avx512(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                  const torch::Tensor& tables, const torch::Tensor& lens, double scale,
-                                 torch::Tensor& out) {
+                                 const int64_t* masks, torch::Tensor& out) {
   const int64_t G = q.size(1) / k.size(1), D = k.size(3);
-  if (D == 64) return attend_group<64>(G, q, k, v, tables, lens, static_cast<float>(scale), out);
-  if (D == 128) return attend_group<128>(G, q, k, v, tables, lens, static_cast<float>(scale), out);
+  if (D == 64) return attend_group<64>(G, q, k, v, tables, lens, static_cast<float>(scale), masks, out);
+  if (D == 128) return attend_group<128>(G, q, k, v, tables, lens, static_cast<float>(scale), masks, out);
   return false;
 }
 
 #else
 
 bool decode_attention_f32_avx512(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                 const torch::Tensor&, const torch::Tensor&, double, torch::Tensor&) {
+                                 const torch::Tensor&, const torch::Tensor&, double, const int64_t*, torch::Tensor&) {
   return false;
 }
 

@@ -71,18 +71,22 @@ class DecodeStack {
     layers_.push_back(std::move(l));
   }
 
-  // h [M, hidden] float, one row per decoding sequence, updated in place through every layer.
+  // h [M, hidden] float, one row per query token, updated in place through every layer. A row is a decode,
+  // or one token of a short chunk (a prompt's tail, a draft tree) seeing its own prefix.
   // cos, sin [M, head_dim] (llama.py's tables); write_blocks, write_offsets [M]: where each row's K/V goes;
-  // tables [M, W], lens [M]: each sequence's blocks and context length including this token.
+  // tables [M, W], lens [M]: each row's blocks and context length including itself; masks [M] (optional):
+  // which of the last 64 positions a row sees (paged_decode_attention.cpp). Every row's K/V is stored
+  // before any row attends, so a chunk's rows see each other.
   torch::Tensor forward(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, torch::Tensor write_blocks,
-                        torch::Tensor write_offsets, torch::Tensor tables, torch::Tensor lens) {
+                        torch::Tensor write_offsets, torch::Tensor tables, torch::Tensor lens,
+                        c10::optional<torch::Tensor> masks) {
     TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat && h.is_contiguous(), "h: contiguous float [M, hidden]");
     TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(-1) == D_, "cos/sin: contiguous [M, head_dim]");
     const int64_t M = h.size(0), hidden = h.size(1);
     for (const Layer& l : layers_) {
       auto x = at::rms_norm(h, {hidden}, l.input_norm, eps_);
       auto q = attention_inputs(l, l.qkv(x), cos, sin, write_blocks, write_offsets);
-      auto attn = decode_attention_f32(q, l.k_pool, l.v_pool, tables, lens, scale_);
+      auto attn = decode_attention_f32(q, l.k_pool, l.v_pool, tables, lens, scale_, masks);
       h.add_(l.o(attn.view({M, H_ * D_})));
       auto gu = l.gate_up(at::rms_norm(h, {hidden}, l.post_norm, eps_));
       auto act = at::silu(gu.narrow(1, 0, I_));

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -54,10 +55,12 @@ void check_common(const torch::Tensor& q, const torch::Tensor& tables, const tor
 // The loop both pools share. One task per (sequence, KV head): scores of its G query heads over the whole
 // context, softmax, weighted sum of values. score(qrow, s, h, col, row, blk) is q . key; add_value(o, w, h,
 // row, blk) adds w * value to o. col/row/blk: the table entry, the row in the block, the block id.
+// masks (optional, int64 per sequence): position p of a context of length len is seen when p < len - 64 or
+// bit len - 1 - p is set: a draft token sees its ancestors only (kvloom/spec/tree_attention.py).
 template <typename Score, typename AddValue>
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tables, const torch::Tensor& lens,
                                int64_t num_kv_heads, int64_t block_size, double scale, Score score,
-                               AddValue add_value) {
+                               AddValue add_value, const int64_t* masks = nullptr) {
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2), W = tables.size(1);
   const int64_t KVH = num_kv_heads, BS = block_size, G = H / KVH;
   auto out = torch::empty_like(q);
@@ -77,6 +80,10 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tabl
         for (int64_t g = 0; g < G; ++g)
           scores[g * len + pos] = score(qp + (s * H + h * G + g) * D, s, h, col, row, table[col]) * sc;
       }
+      if (masks)
+        for (int64_t pos = std::max<int64_t>(0, len - 64); pos < len; ++pos)
+          if (!((static_cast<uint64_t>(masks[s]) >> (len - 1 - pos)) & 1))
+            for (int64_t g = 0; g < G; ++g) scores[g * len + pos] = -std::numeric_limits<float>::infinity();
       for (int64_t g = 0; g < G; ++g) {
         float* p = scores.data() + g * len;
         softmax_inplace(p, len);
@@ -91,14 +98,21 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tabl
 
 }  // namespace
 
-// q [n, H, D]; k, v [NB, KVH, BS, D] float; tables [n, W] int64; lens [n] int64 -> out [n, H, D]
+// q [n, H, D]; k, v [NB, KVH, BS, D] float; tables [n, W] int64; lens [n] int64 -> out [n, H, D];
+// masks: see decode_attention.
 torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
-                                   torch::Tensor lens, double scale) {
+                                   torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks) {
   check_common(q, tables, lens);
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == torch::kFloat, "float KV pool");
   const int64_t KVH = k.size(1), BS = k.size(2), D = k.size(3);
   auto out = torch::empty_like(q);
-  if (decode_attention_f32_avx512(q, k, v, tables, lens, scale, out)) return out;
+  const int64_t* mp = nullptr;
+  if (masks.has_value()) {
+    TORCH_CHECK(masks->scalar_type() == torch::kLong && masks->is_contiguous() && masks->numel() == q.size(0),
+                "masks: contiguous int64, one per sequence");
+    mp = masks->data_ptr<int64_t>();
+  }
+  if (decode_attention_f32_avx512(q, k, v, tables, lens, scale, mp, out)) return out;
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   auto score = [=](const float* qr, int64_t, int64_t h, int64_t, int64_t row, int64_t blk) {
@@ -109,7 +123,7 @@ torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tens
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
   };
-  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value);
+  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value, mp);
 }
 
 // int8 pool: kq, vq [NB, KVH, BS, D] int8; k_scale [NB, KVH, D]; v_scale [NB, KVH, BS] (float);

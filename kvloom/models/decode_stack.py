@@ -18,6 +18,12 @@ from kvloom.kv.kv_cache import FloatKVCache
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.quant.w8a8_linear import W8A8Linear
 
+# Draft-carrying chunks up to this many tokens run in the stack with the decodes, each token as a decode
+# row over its own prefix; longer ones take the module path, whose attention reads a chunk's context once
+# for all its tokens. Prompt chunks always take the module path: how a prompt is split into chunks
+# depends on what else is scheduled, and its K/V must not depend on that.
+STACK_MAX_CHUNK = 16
+
 
 def _linear_parts(linear: nn.Module) -> list[torch.Tensor | None] | None:
     """(weight [out, in], per-channel scales or None, bias or None), or None for a kind the stack cannot run."""

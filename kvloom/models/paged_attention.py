@@ -47,6 +47,10 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None = None    # native kernel, int8 KV: staging slot per table entry, -1 sealed
     write_slots: torch.Tensor | None = None     # int8 KV: [T] staging slot each token's key goes to
     decode_staged: tuple[torch.Tensor, ...] | None = None  # int8 KV: (decode row, block index, slot)
+    # Native decode stack (kvloom/models/decode_stack.py): every query row of the batch as a decode.
+    row_tables: torch.Tensor | None = None      # [T, max_blocks] block ids (padded)
+    row_lens: torch.Tensor | None = None        # [T] context length up to and including the row
+    row_masks: torch.Tensor | None = None       # [T] int64: which of the last 64 positions the row sees
 
 
 def head_block_rows(block_ids: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvloom.engine.request import Request
+from kvloom.models.decode_stack import STACK_MAX_CHUNK
 from kvloom.spec.ngram_trie import DraftTree, NGramTrie
 from kvloom.spec.step_cost import StepCost
 
@@ -89,9 +90,10 @@ class LookaheadSpeculator:
                 or self.global_trie.draft(ctx, max_tokens, s.max_match, s.branches))
 
     def propose(self, candidates: list[tuple[Request, int]], base_tokens: int, base_yield: int,
-                budget: int) -> dict[str, DraftTree]:
+                budget: int, decode_only: bool = False) -> dict[str, DraftTree]:
         """Drafts for this step. candidates: (request, most draft tokens it may take); base_tokens: tokens
-        already in the pass; base_yield: tokens the pass produces without speculation."""
+        already in the pass; base_yield: tokens the pass produces without speculation; decode_only: the
+        pass holds nothing but plain decodes (the native decode stack's path)."""
         trees: dict[str, DraftTree] = {}
         states: dict[str, _RequestState] = {}
         reqs: dict[str, Request] = {}
@@ -111,11 +113,18 @@ class LookaheadSpeculator:
         given: dict[str, int] = {}
         tokens, produced, chunks = base_tokens, float(base_yield), 0
         cost = self.step_cost
-        rate = produced / cost(tokens)
+        # A pass of plain decodes and short draft trees runs in the native stack, where a draft token costs a
+        # row like any other; otherwise drafted decodes leave the batched decode path as chunks of their own.
+        stack = decode_only and self.settings.max_tokens < STACK_MAX_CHUNK
+
+        def pass_cost(num_tokens: int, num_chunks: int) -> float:
+            return cost.decode_only(num_tokens) if stack else cost(num_tokens) + num_chunks * cost.per_chunk
+
+        rate = produced / pass_cost(tokens, 0)
         while heap and budget > 0:
             neg_gain, order, rid = heapq.heappop(heap)
             extra_chunk = rid not in given            # its first draft token moves it out of the decode batch
-            new_rate = (produced - neg_gain) / (cost(tokens + 1) + (chunks + extra_chunk) * cost.per_chunk)
+            new_rate = (produced - neg_gain) / pass_cost(tokens + 1, chunks + extra_chunk)
             if new_rate <= rate:
                 continue   # not worth it for this request; a likelier request's token may still be
             rate, produced, tokens, budget = new_rate, produced - neg_gain, tokens + 1, budget - 1

@@ -19,22 +19,25 @@ SIZES = (1, 2, 4, 8, 16, 32, 64)
 class StepCost:
     """seconds(T tokens in one chunk), plus `per_chunk`: what each further request's chunk adds (its own
     attention call per layer). A decode that carries drafts leaves the batched decode path and becomes
-    such a chunk, so giving a request its first draft token costs per_chunk on top of the token."""
+    such a chunk, so giving a request its first draft token costs per_chunk on top of the token.
 
-    def __init__(self, sizes: list[int], seconds: list[float], per_chunk: float = 0.0):
+    decode_only(B): a step of B plain decodes and nothing else, which the native decode stack runs
+    (kvloom/models/decode_stack.py) in about half the time of the module path at batch 1; the first
+    draft token of such a step moves the whole step to the module path, and the cost model must see it."""
+
+    def __init__(self, sizes: list[int], seconds: list[float], per_chunk: float = 0.0,
+                 decode_sizes: list[int] | None = None, decode_seconds: list[float] | None = None):
         self.sizes = list(sizes)
         self.seconds = list(seconds)
         self.per_chunk = per_chunk
+        self.decode_sizes = list(decode_sizes or sizes)
+        self.decode_seconds = list(decode_seconds or seconds)
 
     def __call__(self, num_tokens: int) -> float:
-        s, t = self.sizes, self.seconds
-        if num_tokens <= s[0]:
-            return t[0]
-        if num_tokens >= s[-1]:   # beyond the last size: linear in tokens, at the last measured rate
-            return t[-1] * num_tokens / s[-1]
-        i = bisect.bisect_left(s, num_tokens)
-        frac = (num_tokens - s[i - 1]) / (s[i] - s[i - 1])
-        return t[i - 1] + frac * (t[i] - t[i - 1])
+        return _interpolate(self.sizes, self.seconds, num_tokens)
+
+    def decode_only(self, num_decodes: int) -> float:
+        return _interpolate(self.decode_sizes, self.decode_seconds, num_decodes)
 
     @classmethod
     def measure(cls, runner, pool, block_size: int, max_tokens: int, repeats: int = 2) -> "StepCost":
@@ -43,11 +46,12 @@ class StepCost:
         if blocks is None:
             return cls([1], [1.0])
         try:
-            seconds = []
-            for n in sizes:
-                plan = SchedulerOutput(prefills=[ScheduledChunk("step-cost", [0] * n, 0, blocks, sample=True)])
-                best = _best_time(runner, plan, repeats)
-                seconds.append(max(best, seconds[-1]) if seconds else best)   # noise never makes more cheaper
+            seconds = _curve(runner, sizes, repeats, lambda n: SchedulerOutput(
+                prefills=[ScheduledChunk("step-cost", [0] * n, 0, blocks, sample=True)]))
+            decode_seconds = None
+            if getattr(runner, "decode_stack", None) is not None:
+                decode_seconds = _curve(runner, sizes, repeats, lambda n: SchedulerOutput(
+                    decodes=[ScheduledChunk(f"step-cost-{i}", [0], 0, blocks[:1], sample=True) for i in range(n)]))
             # Eight 2-token chunks against one 16-token chunk: the cost of splitting a pass into chunks.
             n = min(8, len(blocks))
             split = SchedulerOutput(prefills=[ScheduledChunk("step-cost", [0, 0], 0, [b], sample=True)
@@ -57,7 +61,25 @@ class StepCost:
                 if n > 1 else 0.0
         finally:
             pool.free(blocks)
-        return cls(sizes, seconds, per_chunk)
+        return cls(sizes, seconds, per_chunk, sizes if decode_seconds else None, decode_seconds)
+
+
+def _interpolate(sizes: list[int], seconds: list[float], n: int) -> float:
+    if n <= sizes[0]:
+        return seconds[0]
+    if n >= sizes[-1]:   # beyond the last size: linear in tokens, at the last measured rate
+        return seconds[-1] * n / sizes[-1]
+    i = bisect.bisect_left(sizes, n)
+    frac = (n - sizes[i - 1]) / (sizes[i] - sizes[i - 1])
+    return seconds[i - 1] + frac * (seconds[i] - seconds[i - 1])
+
+
+def _curve(runner, sizes: list[int], repeats: int, plan_of) -> list[float]:
+    seconds: list[float] = []
+    for n in sizes:
+        best = _best_time(runner, plan_of(n), repeats)
+        seconds.append(max(best, seconds[-1]) if seconds else best)   # noise never makes more cheaper
+    return seconds
 
 
 def _best_time(runner, plan: SchedulerOutput, repeats: int) -> float:

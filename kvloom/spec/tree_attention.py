@@ -26,3 +26,18 @@ def tree_mask(parents: list[int]) -> torch.Tensor:
             mask[i] = mask[p]
         mask[i, i] = True
     return mask
+
+
+def tree_visibility_bits(parents: list[int]) -> list[int]:
+    """Per draft token, as the native kernels take it: bit d set when the slot d places before its own is
+    visible (bit 0: itself). Earlier drafts that are not its ancestors are cleared; all else stays set.
+    Returned as signed 64-bit values (trees of up to 63 tokens)."""
+    rows = tree_mask(parents)
+    bits = []
+    for i in range(len(parents)):
+        b = -1
+        for j in range(i):
+            if not rows[i, j]:
+                b &= ~(1 << (i - j))
+        bits.append(b)
+    return bits
