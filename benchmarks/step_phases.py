@@ -1,8 +1,11 @@
-"""Where a steady-state decode step's milliseconds go, by module: `python benchmarks/step_phases.py Q BATCH`.
+"""Where a steady-state decode step's milliseconds go, by module: `python benchmarks/step_phases.py Q BATCH [modules]`.
 
 Wraps the scheduler, the runner's input building, the model and each layer's
 parts with timers (sums over the 30 layers), fills a batch of 100-token
 prompts, then times 20 decode steps. The wrappers add a little to each part.
+With the native decode stack (the default), decode steps run all layers in one
+call, timed as a whole; a third argument `modules` turns the stack off (the
+native kernels stay on) to show the module path's parts.
 """
 import sys
 import time
@@ -13,8 +16,10 @@ from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
 
 
-def main(quantization: str, batch: int, steps: int = 20) -> None:
+def main(quantization: str, batch: int, steps: int = 20, stack: bool = True) -> None:
     engine = Engine(EngineConfig(quantization=quantization, num_threads=2))
+    if not stack:
+        engine.runner.decode_stack = None
     for p in prompts_of_length(engine.tokenizer, [100] * batch):
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
     while engine.scheduler.waiting or any(r.num_uncomputed > 1 for r in engine.scheduler.requests.values()):
@@ -41,14 +46,22 @@ def main(quantization: str, batch: int, steps: int = 20) -> None:
         layer.input_layernorm.forward = timed("norms", layer.input_layernorm.forward)
         layer.post_attention_layernorm.forward = timed("norms", layer.post_attention_layernorm.forward)
     engine.model.lm_head.forward = timed("lm head", engine.model.lm_head.forward)
+    if engine.runner.decode_stack is not None:   # decode-only steps run every layer in one native call
+        engine.runner.decode_stack = _TimedStack(engine.runner.decode_stack, timed)
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
     step = (time.perf_counter() - t) / steps
     print(f"{quantization} batch {batch}: {step * 1e3:.1f} ms a step")
     for name, total in totals.items():
-        print(f"  {name:18s} {total / steps * 1e3:7.2f} ms")
+        print(f"  {name:30s} {total / steps * 1e3:7.2f} ms")
+
+
+class _TimedStack:
+    def __init__(self, stack, timed):
+        self.forward = timed("decoder layers (native stack)", stack.forward)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "w8a8", int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    main(sys.argv[1] if len(sys.argv) > 1 else "w8a8", int(sys.argv[2]) if len(sys.argv) > 2 else 1,
+         stack=(sys.argv[3] if len(sys.argv) > 3 else "stack") != "modules")
