@@ -123,3 +123,18 @@ def test_native_decode_stack_is_bit_identical_to_the_module_path(tiny_model_dir,
     runner.execute = both_paths
     llm.generate(random_prompts(5, seed=71), SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     assert len(same) > 10 and all(same)
+
+
+@native
+def test_rms_norm_and_silu_mul_match_pytorch():
+    """The decode stack's small ops against PyTorch's, on 2-D rows and on per-head strided views."""
+    torch.manual_seed(5)
+    x, w = torch.randn(7, 96), torch.randn(96)
+    assert torch.allclose(kernels().rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (96,), w, 1e-5), atol=1e-6)
+    heads = torch.randn(5, 10, 32)[:, 2:6]            # [5, 4, 32] view with a row stride of 320
+    wh = torch.randn(32)
+    assert torch.allclose(kernels().rms_norm(heads, wh, 1e-6), torch.nn.functional.rms_norm(heads, (32,), wh, 1e-6),
+                          atol=1e-6)
+    gate_up = torch.cat((torch.randn(6, 40) * 30, torch.randn(6, 40)), dim=1)   # large |gate|: no overflow
+    gate, up = gate_up.split(40, dim=1)
+    assert torch.allclose(kernels().silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)

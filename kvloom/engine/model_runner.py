@@ -28,6 +28,8 @@ class ModelRunner:
         self.kv = allocate_kv_cache(kv_cache_dtype, num_blocks, block_size=block_size, shape=model.shape,
                                     dtype=dtype, device=self.device, num_staging_slots=num_staging_slots)
         self.decode_stack = None
+        if self.native_decode:
+            model.use_native_ops()
 
     def enable_decode_stack(self) -> None:
         """Run decode-only steps through the native layer stack; call once the weights are final."""

@@ -31,7 +31,8 @@ def kernels():
             from torch.utils.cpp_extension import load
             here = os.path.dirname(__file__)
             src = [os.path.join(here, f) for f in ("paged_decode_attention.cpp", "decode_attention_avx512.cpp", "w8a8_linear.cpp",
-                                                    "decode_stack.cpp", "bindings.cpp")]
+                                                    "layer_ops.cpp", "decode_stack.cpp",
+                                                    "bindings.cpp")]
             log.info("loading native kernels (compiled on the first run on this machine)")
             # -fopenmp: at::parallel_for is inline OpenMP code; without it the kernel runs on one thread.
             _module = load("kvloom_kernels", src, extra_cflags=["-O3", "-march=native", "-fopenmp"],

@@ -3,10 +3,12 @@
 // At batch 1 the int8 weights stream in ~6 ms, yet the eager step took ~15: each
 // layer ran ~20 small ops around its matmuls (norms, RoPE, the KV write, views,
 // residual adds) at ~5-10 us of Python and dispatch apiece. Here the layers run
-// from C++ with the same aten ops where one op does the job (rms_norm, silu,
-// mul, the float linear) and with the native kernels for the rest, plus one
-// loop that rotates q and k and stores k and v in the pool in a single pass.
-// Steps with prompt chunks or draft tokens keep the module path (llama.py).
+// from C++: the float linear as an aten op, the native kernels
+// for the rest (layer_ops.cpp's RMSNorm and SiLU * up, the w8a8 linear with the
+// residual add folded in, decode attention), plus one loop that rotates q and k
+// and stores k and v in the pool.
+// Steps with prompt chunks keep the module path (llama.py), which calls the same
+// native ops, so a decode row gets the same bits on either path.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -23,6 +25,12 @@ struct Linear {
   torch::Tensor operator()(const torch::Tensor& x) const {
     if (scales.defined()) return w8a8_linear(x, weight.t(), scales, bias);
     return at::linear(x, weight, bias);
+  }
+
+  // h += this(x): for w8a8 inside the linear's own output loop (one op less per call)
+  void add_into(const torch::Tensor& x, torch::Tensor& h) const {
+    if (scales.defined()) w8a8_linear(x, weight.t(), scales, bias, h);
+    else h.add_(at::linear(x, weight, bias));
   }
 };
 
@@ -82,16 +90,12 @@ class DecodeStack {
                         c10::optional<torch::Tensor> masks) {
     TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat && h.is_contiguous(), "h: contiguous float [M, hidden]");
     TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(-1) == D_, "cos/sin: contiguous [M, head_dim]");
-    const int64_t M = h.size(0), hidden = h.size(1);
+    const int64_t M = h.size(0);
     for (const Layer& l : layers_) {
-      auto x = at::rms_norm(h, {hidden}, l.input_norm, eps_);
-      auto q = attention_inputs(l, l.qkv(x), cos, sin, write_blocks, write_offsets);
+      auto q = attention_inputs(l, l.qkv(rms_norm(h, l.input_norm, eps_)), cos, sin, write_blocks, write_offsets);
       auto attn = decode_attention_f32(q, l.k_pool, l.v_pool, tables, lens, scale_, masks);
-      h.add_(l.o(attn.view({M, H_ * D_})));
-      auto gu = l.gate_up(at::rms_norm(h, {hidden}, l.post_norm, eps_));
-      auto act = at::silu(gu.narrow(1, 0, I_));
-      act.mul_(gu.narrow(1, I_, I_));
-      h.add_(l.down(act));
+      l.o.add_into(attn.view({M, H_ * D_}), h);
+      l.down.add_into(silu_mul(l.gate_up(rms_norm(h, l.post_norm, eps_))), h);
     }
     return h;
   }
@@ -114,8 +118,8 @@ class DecodeStack {
     auto heads = qkv.view({M, H + 2 * KVH, D});
     torch::Tensor q_in = heads.narrow(1, 0, H), k_in = heads.narrow(1, H, KVH);
     if (l.q_norm.defined()) {
-      q_in = at::rms_norm(q_in, {D}, l.q_norm, eps_);
-      k_in = at::rms_norm(k_in, {D}, l.k_norm, eps_);
+      q_in = rms_norm(q_in, l.q_norm, eps_);
+      k_in = rms_norm(k_in, l.k_norm, eps_);
     }
     auto q = torch::empty({M, H, D}, qkv.options());
     const int64_t BS = l.k_pool.size(2);

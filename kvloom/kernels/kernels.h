@@ -3,7 +3,7 @@
 #include <torch/extension.h>
 
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_scales,
-                          c10::optional<torch::Tensor> bias);
+                          c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual = c10::nullopt);
 torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
                                    torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks);
 torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tensor k_scale, torch::Tensor vq,
@@ -13,3 +13,5 @@ torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tens
 bool decode_attention_f32_avx512(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                  const torch::Tensor& tables, const torch::Tensor& lens, double scale,
                                  const int64_t* masks, torch::Tensor& out);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor silu_mul(torch::Tensor gate_up);

@@ -123,12 +123,34 @@ constexpr int64_t kGemvMaxRows = 16;
 constexpr int64_t kGemvMaxRows = 2;
 #endif
 
+// y = acc * row_scale * col_scale (+ bias), stored, or added to what `out` holds (a residual stream).
+// No fused multiply-adds: the product is rounded before the bias and before the residual add, exactly as
+// the module path's separate `h + linear(x)` rounds it, so the decode stack and the modules agree.
+__attribute__((optimize("fp-contract=off")))
+void dequant_row(const int32_t* a, float s, const float* cs, const float* bias, float* out, int64_t n,
+                 bool accumulate) {
+  if (bias && accumulate) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = out[j] + (static_cast<float>(a[j]) * s * cs[j] + bias[j]);
+  } else if (bias) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(a[j]) * s * cs[j] + bias[j];
+  } else if (accumulate) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = out[j] + static_cast<float>(a[j]) * s * cs[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(a[j]) * s * cs[j];
+  }
+}
+
 }  // namespace
 
 // y = dequant(quant(x) @ w): x [M, K] float -> int8 per row (scale = absmax / 127), int8 GEMM to int32,
 // then y = acc * row_scale * col_scale (+ bias). One call for what is ten small ops in eager PyTorch.
+// With `residual`, y is added into it in place (h += linear(x)) and it is returned.
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_scales,
-                          c10::optional<torch::Tensor> bias) {
+                          c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w_t.size(1);
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kChar));
@@ -153,25 +175,18 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_
   });
   const torch::Tensor w = w_t.t();   // [N, K]
   torch::Tensor acc = (M <= kGemvMaxRows && K <= kGemvMaxK && w.is_contiguous()) ? int8_gemv(xq, w) : at::_int_mm(xq, w_t);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = residual.has_value() ? *residual : torch::empty({M, N}, x.options());
+  if (residual.has_value())
+    TORCH_CHECK(y.is_contiguous() && y.scalar_type() == torch::kFloat && y.size(0) == M && y.size(1) == N,
+                "residual: contiguous float [M, N]");
   const int32_t* ap = acc.data_ptr<int32_t>();
   const int64_t lda = acc.stride(0);
   const float* cs = col_scales.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  const bool accumulate = residual.has_value();
   at::parallel_for(0, M, 4, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const float s = sp[i];
-      const int32_t* a = ap + i * lda;
-      float* o = yp + i * N;
-      if (bp) {
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) o[j] = static_cast<float>(a[j]) * s * cs[j] + bp[j];
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) o[j] = static_cast<float>(a[j]) * s * cs[j];
-      }
-    }
+    for (int64_t i = b; i < e; ++i) dequant_row(ap + i * lda, sp[i], cs, bp, yp + i * N, N, accumulate);
   });
   return y;
 }

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvloom.kernels import kernels
 from kvloom.models.paged_attention import AttentionMetadata, paged_attention
 from kvloom.models.rope import RotaryEmbedding, apply_rope
 
@@ -60,8 +61,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.native = False   # set by use_native_ops: the native decode stack's own norm, so both paths agree
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and x.dtype == torch.float32 and x.dim() in (2, 3) and x.stride(-1) == 1:
+            return kernels().rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:   # one fused op, bit-identical to the reference's arithmetic in fp32
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # The reference's order for lower precisions: normalise in fp32, scale in the input dtype.
@@ -105,9 +109,13 @@ class MLP(nn.Module):
         self.intermediate_size = shape.intermediate_size
         self.gate_up_proj = nn.Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
         self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
+        self.native = False   # set by use_native_ops, as RMSNorm's
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.native and gate_up.dtype == torch.float32 and gate_up.dim() == 2:
+            return self.down_proj(kernels().silu_mul(gate_up.contiguous()))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -153,6 +161,13 @@ class LlamaForCausalLM(nn.Module):
             for layer, kv in zip(self.layers, kv_caches):
                 h = layer(h, rope_cos_sin, meta, kv)
         return self.lm_head(self.norm(h[logits_indices]))
+
+    def use_native_ops(self) -> None:
+        """RMSNorm and SiLU * up through the native kernels (CPU, float32), as the native decode stack
+        computes them: a decode row then gets the same bits whichever path its step takes."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, MLP)):
+                m.native = True
 
     def num_parameters(self) -> int:
         """Logical parameter count (a tied head counted once), whether or not layers are quantized."""
