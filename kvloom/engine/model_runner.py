@@ -32,7 +32,8 @@ class ModelRunner:
             model.use_native_ops()
 
     def enable_decode_stack(self) -> None:
-        """Run decode-only steps through the native layer stack; call once the weights are final."""
+        """Run steps of decodes (and short draft trees) through the native layer stack; call once the weights
+        are final."""
         if self.native_decode:
             self.decode_stack = build_decode_stack(self.model, self.kv)
 

@@ -1,4 +1,5 @@
-"""The decoder layers of a decode-only step as one native call (kvloom/kernels/decode_stack.cpp).
+"""The decoder layers of a step of decodes (and short draft trees) as one native call
+(kvloom/kernels/decode_stack.cpp).
 
 A batch-1 decode step is mostly overhead in eager PyTorch: ~20 small ops per
 layer around four matrix-vector products. The native stack runs the same

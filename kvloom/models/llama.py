@@ -153,7 +153,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, logits_indices, decode_stack=None):
         h = self.embed_tokens(input_ids)
         rope_cos_sin = self.rope.cos_sin(positions, h.dtype)
-        if decode_stack is not None:   # decodes and short chunks: every layer in one native call (decode_stack.py)
+        if decode_stack is not None:   # decodes and short draft trees: every layer in one native call (decode_stack.py)
             cos, sin = (t.squeeze(1) for t in rope_cos_sin)
             h = decode_stack.forward(h, cos, sin, meta.write_blocks, meta.write_offsets, meta.row_tables,
                                      meta.row_lens, meta.row_masks)

@@ -21,9 +21,9 @@ class StepCost:
     attention call per layer). A decode that carries drafts leaves the batched decode path and becomes
     such a chunk, so giving a request its first draft token costs per_chunk on top of the token.
 
-    decode_only(B): a step of B plain decodes and nothing else, which the native decode stack runs
-    (kvloom/models/decode_stack.py) in about half the time of the module path at batch 1; the first
-    draft token of such a step moves the whole step to the module path, and the cost model must see it."""
+    decode_only(B): a step of B rows that the native decode stack runs (kvloom/models/decode_stack.py):
+    plain decodes, and the rows of short draft trees riding with them, each row costing like a decode;
+    about half the module path's time at batch 1."""
 
     def __init__(self, sizes: list[int], seconds: list[float], per_chunk: float = 0.0,
                  decode_sizes: list[int] | None = None, decode_seconds: list[float] | None = None):
