@@ -1,14 +1,13 @@
-// Every decoder layer of a decode-only step in one native call.
+// Every decoder layer of a step of decodes (and short draft trees) in one native call.
 //
-// At batch 1 the int8 weights stream in ~6 ms, yet the eager step took ~15: each
+// At batch 1 the int8 weights stream in ~5 ms, yet the eager step took ~15: each
 // layer ran ~20 small ops around its matmuls (norms, RoPE, the KV write, views,
 // residual adds) at ~5-10 us of Python and dispatch apiece. Here the layers run
-// from C++: the float linear as an aten op, the native kernels
-// for the rest (layer_ops.cpp's RMSNorm and SiLU * up, the w8a8 linear with the
-// residual add folded in, decode attention), plus one loop that rotates q and k
-// and stores k and v in the pool.
-// Steps with prompt chunks keep the module path (llama.py), which calls the same
-// native ops, so a decode row gets the same bits on either path.
+// from C++: the float linear as an aten op, the native kernels for the rest
+// (layer_ops.cpp's RMSNorm and SiLU * up, the w8a8 linear with the residual add
+// folded in, decode attention), plus one loop that rotates q and k and stores k
+// and v in the pool. Steps with prompt chunks keep the module path (llama.py),
+// which calls the same native ops, so a decode row gets the same bits on either.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>

@@ -5,12 +5,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#include <immintrin.h>
-
 // v[j] holds 16 partial sums of row j; returns the 16 totals, row j in lane j (a transpose-and-add tree:
 // 45 shuffles and adds for 16 rows, where 16 separate horizontal sums take ~160).
 inline __m512i sum_each(const __m512i* v) {
