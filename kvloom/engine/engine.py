@@ -85,8 +85,9 @@ class Engine:
         if config.speculative == "lookahead":
             cost = StepCost.measure(self.runner, self.pool, bs, config.max_num_batched_tokens)
             log.info("speculation: forward pass of %s tokens takes %s ms (plain decodes only: %s), +%.1f ms per "
-                     "extra chunk", cost.sizes, [round(t * 1e3, 1) for t in cost.seconds],
-                     [round(t * 1e3, 1) for t in cost.decode_seconds], cost.per_chunk * 1e3)
+                     "extra chunk, +%.2f us per row and context token", cost.sizes,
+                     [round(t * 1e3, 1) for t in cost.seconds], [round(t * 1e3, 1) for t in cost.decode_seconds],
+                     cost.per_chunk * 1e3, cost.per_context_token * 1e6)
             self.speculator = LookaheadSpeculator(
                 SpecSettings(max_tokens=config.spec_max_tokens, branches=config.spec_branches), cost)
             self.scheduler.speculator = self.speculator

@@ -118,21 +118,26 @@ class LookaheadSpeculator:
         # row like any other; otherwise drafted decodes leave the batched decode path as chunks of their own.
         stack = decode_only and self.settings.max_tokens < STACK_MAX_CHUNK
 
-        def pass_cost(num_tokens: int, num_chunks: int) -> float:
-            return cost.decode_only(num_tokens) if stack else cost(num_tokens) + num_chunks * cost.per_chunk
+        def pass_cost(num_tokens: int, num_chunks: int, context: int) -> float:
+            if stack:   # every row attends over its request's context
+                return cost.decode_only(num_tokens) + context * cost.per_context_token
+            return cost(num_tokens) + num_chunks * cost.per_chunk
 
         given: dict[str, int] = {}
         taken: list[str] = []
         tokens, produced, chunks = base_tokens, float(base_yield), 0
-        best_rate, best_len = produced / pass_cost(tokens, 0), 0
+        context = sum(req.num_tokens for req, _ in candidates)   # the decodes' rows (those that may draft)
+        best_rate, best_len = produced / pass_cost(tokens, 0, context), 0
         while heap and budget > 0:
             neg_gain, order, rid = heapq.heappop(heap)
             chunks += rid not in given            # its first draft token moves it out of the decode batch
             produced, tokens, budget = produced - neg_gain, tokens + 1, budget - 1
+            context += reqs[rid].num_tokens
             taken.append(rid)
             k = given[rid] = given.get(rid, 0) + 1
-            if produced / pass_cost(tokens, chunks) > best_rate:
-                best_rate, best_len = produced / pass_cost(tokens, chunks), len(taken)
+            rate = produced / pass_cost(tokens, chunks, context)
+            if rate > best_rate:
+                best_rate, best_len = rate, len(taken)
             if k < limit[rid]:
                 heapq.heappush(heap, (neg_gain * states[rid].acceptance, order, rid))
         given = {}

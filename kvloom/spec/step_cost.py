@@ -14,6 +14,7 @@ import time
 from kvloom.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
+CONTEXT = 512   # context length of the rows that measure attention's share (at most half the model's)
 
 
 class StepCost:
@@ -26,12 +27,17 @@ class StepCost:
     about half the module path's time at batch 1."""
 
     def __init__(self, sizes: list[int], seconds: list[float], per_chunk: float = 0.0,
-                 decode_sizes: list[int] | None = None, decode_seconds: list[float] | None = None):
+                 decode_sizes: list[int] | None = None, decode_seconds: list[float] | None = None,
+                 per_context_token: float = 0.0):
         self.sizes = list(sizes)
         self.seconds = list(seconds)
         self.per_chunk = per_chunk
         self.decode_sizes = list(decode_sizes or sizes)
         self.decode_seconds = list(decode_seconds or seconds)
+        # Attention of one stack row per token of its context: a draft row reads its request's whole
+        # context again (~0.4 ms a row at 200 tokens here), which the curves above, measured over
+        # one-block contexts, do not contain.
+        self.per_context_token = per_context_token
 
     def __call__(self, num_tokens: int) -> float:
         return _interpolate(self.sizes, self.seconds, num_tokens)
@@ -42,16 +48,24 @@ class StepCost:
     @classmethod
     def measure(cls, runner, pool, block_size: int, max_tokens: int, repeats: int = 2) -> "StepCost":
         sizes = [n for n in SIZES if n <= max_tokens] or [1]
-        blocks = pool.allocate(-(-sizes[-1] // block_size))
+        needed = -(-sizes[-1] // block_size)
+        context = min(CONTEXT, runner.model.shape.max_position_embeddings // 2)
+        blocks = pool.allocate(max(needed, -(-context // block_size))) or pool.allocate(needed)
         if blocks is None:
             return cls([1], [1.0])
         try:
             seconds = _curve(runner, sizes, repeats, lambda n: SchedulerOutput(
                 prefills=[ScheduledChunk("step-cost", [0] * n, 0, blocks, sample=True)]))
-            decode_seconds = None
+            decode_seconds, per_context_token = None, 0.0
             if getattr(runner, "decode_stack", None) is not None:
                 decode_seconds = _curve(runner, sizes, repeats, lambda n: SchedulerOutput(
                     decodes=[ScheduledChunk(f"step-cost-{i}", [0], 0, blocks[:1], sample=True) for i in range(n)]))
+                if len(blocks) * block_size >= context:   # 8 rows over `context` tokens each against 8 over one
+                    def rows(start: int) -> SchedulerOutput:
+                        return SchedulerOutput(decodes=[ScheduledChunk(f"step-cost-{i}", [0], start, blocks,
+                                                                       sample=True) for i in range(8)])
+                    extra = _best_time(runner, rows(context - 1), repeats) - _best_time(runner, rows(0), repeats)
+                    per_context_token = max(0.0, extra / (8 * (context - 1)))
             # Eight 2-token chunks against one 16-token chunk: the cost of splitting a pass into chunks.
             n = min(8, len(blocks))
             split = SchedulerOutput(prefills=[ScheduledChunk("step-cost", [0, 0], 0, [b], sample=True)
@@ -61,7 +75,7 @@ class StepCost:
                 if n > 1 else 0.0
         finally:
             pool.free(blocks)
-        return cls(sizes, seconds, per_chunk, sizes if decode_seconds else None, decode_seconds)
+        return cls(sizes, seconds, per_chunk, sizes if decode_seconds else None, decode_seconds, per_context_token)
 
 
 def _interpolate(sizes: list[int], seconds: list[float], n: int) -> float:
