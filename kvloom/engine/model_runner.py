@@ -65,12 +65,17 @@ class ModelRunner:
             pos.append(c.start_pos)
             logits_indices.append(len(ids) - 1)
 
+        # Decodes, with short draft trees riding along, run in the native stack: its rows replace the
+        # per-chunk metadata of the module path, which is then not built.
+        use_stack = self.decode_stack is not None and all(c.num_draft_tokens and len(c.token_ids) <= STACK_MAX_CHUNK
+                                                          for c in plan.prefills)
         decode_rows = decode_bias = decode_tables = decode_lens = None
-        if plan.decodes and self.native_decode:
+        # (with drafted chunks in the stack, _stack_rows lays out the decodes' rows along with theirs)
+        if plan.decodes and self.native_decode and not (use_stack and plan.prefills):
             width = max(len(c.block_ids) for c in plan.decodes)
             decode_tables = torch.tensor([c.block_ids + [0] * (width - len(c.block_ids)) for c in plan.decodes]).to(dev)
             decode_lens = torch.tensor([c.start_pos + 1 for c in plan.decodes]).to(dev)
-        elif plan.decodes:
+        elif plan.decodes and not use_stack:
             width = max(len(c.block_ids) for c in plan.decodes)
             tables = torch.tensor([c.block_ids + [0] * (width - len(c.block_ids)) for c in plan.decodes])
             decode_rows = head_block_rows(tables, kvh).to(dev)
@@ -84,14 +89,15 @@ class ModelRunner:
         for c in plan.prefills:
             n, start, k = len(c.token_ids), c.start_pos, c.num_draft_tokens
             ctx_len = start + n
-            mask = None
-            if start > 0 or k:  # earlier KV exists, or a draft tree: causal with an offset, tree for drafts
-                mask = torch.arange(ctx_len)[None, :] <= (start + torch.arange(n))[:, None]
-                if k:
-                    mask[n - k:, ctx_len - k:] = tree_mask(c.draft_parents)
-                mask = mask.to(dev)
-            table = torch.tensor(c.block_ids[:-(-ctx_len // bs)])
-            prefills.append(PrefillChunk(len(ids), n, ctx_len, head_block_rows(table, kvh).to(dev), mask))
+            if not use_stack:
+                mask = None
+                if start > 0 or k:  # earlier KV exists, or a draft tree: causal with an offset, tree for drafts
+                    mask = torch.arange(ctx_len)[None, :] <= (start + torch.arange(n))[:, None]
+                    if k:
+                        mask[n - k:, ctx_len - k:] = tree_mask(c.draft_parents)
+                    mask = mask.to(dev)
+                table = torch.tensor(c.block_ids[:-(-ctx_len // bs)])
+                prefills.append(PrefillChunk(len(ids), n, ctx_len, head_block_rows(table, kvh).to(dev), mask))
             ids.extend(c.token_ids)
             if k:
                 committed = n - k
@@ -105,12 +111,10 @@ class ModelRunner:
                     logits_indices.append(len(ids) - 1)
 
         row_tables = row_lens = row_masks = None
-        if self.decode_stack is not None and all(c.num_draft_tokens and len(c.token_ids) <= STACK_MAX_CHUNK
-                                                 for c in plan.prefills):
-            if plan.prefills:
-                row_tables, row_lens, row_masks = self._stack_rows(plan)
-            else:
-                row_tables, row_lens = decode_tables, decode_lens
+        if use_stack and plan.prefills:
+            row_tables, row_lens, row_masks = self._stack_rows(plan)
+        elif use_stack:
+            row_tables, row_lens = decode_tables, decode_lens
 
         positions = torch.tensor(pos, dtype=torch.long)
         slots = [(c.block_ids[p // bs], p % bs) for c in plan.chunks

@@ -60,10 +60,9 @@ void check_common(const torch::Tensor& q, const torch::Tensor& tables, const tor
 template <typename Score, typename AddValue>
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tables, const torch::Tensor& lens,
                                int64_t num_kv_heads, int64_t block_size, double scale, Score score,
-                               AddValue add_value, const int64_t* masks = nullptr) {
+                               AddValue add_value, torch::Tensor out, const int64_t* masks = nullptr) {
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2), W = tables.size(1);
   const int64_t KVH = num_kv_heads, BS = block_size, G = H / KVH;
-  auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
@@ -123,7 +122,7 @@ torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tens
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
   };
-  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value, mp);
+  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value, out, mp);
 }
 
 // int8 pool: kq, vq [NB, KVH, BS, D] int8; k_scale [NB, KVH, D]; v_scale [NB, KVH, BS] (float);
@@ -154,5 +153,5 @@ torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tens
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) o[d] += wv * static_cast<float>(vr[d]);
   };
-  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value);
+  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value, torch::empty_like(q));
 }
