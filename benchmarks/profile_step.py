@@ -9,7 +9,7 @@ import time
 from torch.profiler import ProfilerActivity, profile
 
 from kvloom import SamplingParams
-from kvloom.bench.prompts import prompts_of_length
+from kvloom.corpus import prompts_of_length
 from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
 

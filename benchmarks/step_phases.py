@@ -11,7 +11,7 @@ import sys
 import time
 
 from kvloom import SamplingParams
-from kvloom.bench.prompts import prompts_of_length
+from kvloom.corpus import prompts_of_length
 from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
 

@@ -48,7 +48,7 @@ def test_next_token_logits_agree(llm, reference):
     engine = llm.engine
     blocks = engine.pool.allocate(-(-len(ids) // engine.config.block_size))
     try:
-        plan = SchedulerOutput(prefills=[ScheduledChunk("probe", ids, 0, blocks, sample=True)])
+        plan = SchedulerOutput(spans=[ScheduledChunk("probe", ids, 0, blocks, sample=True)])
         ours = engine.runner.execute(plan)[0]
     finally:
         engine.pool.free(blocks)

@@ -111,7 +111,7 @@ def test_native_decode_stack_is_bit_identical_to_the_module_path(tiny_model_dir,
     execute, same = runner.execute, []
 
     def both_paths(plan, all_logits=False):
-        if plan.prefills or all_logits:
+        if plan.spans or all_logits:
             return execute(plan, all_logits)
         stack, runner.decode_stack = runner.decode_stack, None
         module_logits = execute(plan)   # writes the same K/V to the same slots as the native run after it

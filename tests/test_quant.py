@@ -68,7 +68,7 @@ def test_default_model_perplexity_deltas():
 def test_smoothing_leaves_the_float_model_unchanged(tiny_model_dir):
     llm = LLM(tiny_model_dir("qwen2"))
     ids = random_prompts(1, [40], seed=31)[0]
-    from kvloom.eval.perplexity import window_logits
+    from kvloom.engine.window_logits import window_logits
     before = window_logits(llm.engine, ids)
     smooth(llm.engine.model, activation_absmax(llm.engine.model, lambda: window_logits(llm.engine, ids)))
     after = window_logits(llm.engine, ids)

@@ -32,11 +32,11 @@ def test_budget_and_decodes_first():
     s.add(_req("a", 3))
     s.add(_req("b", 25))
     plan = s.schedule()
-    assert [len(c.token_ids) for c in plan.prefills] == [3, 7]  # b's prompt is split
+    assert [len(c.token_ids) for c in plan.spans] == [3, 7]  # b's prompt is split
     s.update(plan, {"a": 7})
     plan = s.schedule()
     assert [c.request_id for c in plan.decodes] == ["a"]           # the decode goes first
-    assert [len(c.token_ids) for c in plan.prefills] == [9]        # b gets the rest of the budget
+    assert [len(c.token_ids) for c in plan.spans] == [9]        # b gets the rest of the budget
     assert plan.num_tokens <= 10
     plans = _drive(s, max_tokens=4)
     assert all(p.num_tokens <= 10 for p in plans)
@@ -49,7 +49,7 @@ def test_max_num_seqs_caps_running():
     for i in range(5):
         s.add(_req(str(i), 3))
     plan = s.schedule()
-    assert len(plan.prefills) == 2 and len(s.waiting) == 3
+    assert len(plan.spans) == 2 and len(s.waiting) == 3
     _drive(s, max_tokens=3)
     assert pool.num_free == 100
 

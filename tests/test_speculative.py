@@ -7,10 +7,10 @@ from scipy.stats import chi2_contingency
 from conftest import hf_greedy, random_prompts
 from kvloom import LLM, SamplingParams
 from kvloom.engine.request import Request
-from kvloom.spec.lookahead import LookaheadSpeculator, SpecSettings
-from kvloom.spec.ngram_trie import NGramTrie
-from kvloom.spec.step_cost import StepCost
-from kvloom.spec.tree_attention import tree_depths, tree_mask, tree_visibility_bits
+from kvloom.speculation.lookahead import LookaheadSpeculator, SpecSettings
+from kvloom.speculation.ngram_trie import NGramTrie
+from kvloom.speculation.step_cost import StepCost
+from kvloom.speculation.tree_attention import tree_depths, tree_mask, tree_visibility_bits
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 

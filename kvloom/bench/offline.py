@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from kvloom.bench.prompts import prompts_of_length
+from kvloom.corpus import prompts_of_length
 from kvloom.engine.engine import Engine
 from kvloom.kv.kv_cache import kv_bytes_per_token
 from kvloom.sampling_params import SamplingParams

@@ -11,7 +11,7 @@ import time
 import torch
 
 from kvloom.bench.offline import run_latency, run_throughput
-from kvloom.bench.prompts import prompts_of_length
+from kvloom.corpus import prompts_of_length
 from kvloom.engine.engine import Engine
 
 

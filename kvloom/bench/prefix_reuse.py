@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from kvloom.bench.prompts import corpus_token_ids
+from kvloom.corpus import corpus_token_ids
 from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
 from kvloom.sampling_params import SamplingParams

@@ -15,7 +15,7 @@ import itertools
 import numpy as np
 
 from kvloom.bench.closed_loop import run_closed_loop
-from kvloom.bench.prompts import prompts_of_length
+from kvloom.corpus import prompts_of_length
 from kvloom.engine.engine import Engine
 
 

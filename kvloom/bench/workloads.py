@@ -14,7 +14,7 @@ from datetime import datetime
 
 import numpy as np
 
-from kvloom.bench.prompts import corpus_text, corpus_token_ids
+from kvloom.corpus import corpus_text, corpus_token_ids
 from kvloom.tokenizer import Tokenizer
 
 TRACE_FILES = {"burstgpt": "burstgpt_sample.csv", "azure-conv": "azure_conv_sample.csv",

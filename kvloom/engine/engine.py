@@ -31,11 +31,12 @@ from kvloom.kv.session_store import SessionStore
 from kvloom.models.loader import load_model
 from kvloom.models.model_source import resolve_model
 from kvloom.quant import quantize_model
+from kvloom.quant.calibration import calibration_pass
 from kvloom.sampling_params import SamplingParams
-from kvloom.spec.lookahead import LookaheadSpeculator, SpecSettings
-from kvloom.spec.ngram_trie import DraftTree
-from kvloom.spec.step_cost import StepCost
-from kvloom.spec.verify import verify
+from kvloom.speculation.lookahead import LookaheadSpeculator, SpecSettings
+from kvloom.speculation.ngram_trie import DraftTree
+from kvloom.speculation.step_cost import StepCost
+from kvloom.speculation.verify import verify
 from kvloom.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class Engine:
         self.runner = ModelRunner(self.model, num_blocks, bs, self.dtype, kv_cache_dtype=config.kv_cache_dtype,
                                   num_staging_slots=staging, use_kernels=config.native_kernels)
         self.pool.on_release = self.runner.kv.release
-        quantize_model(self.model, config.quantization, config.quantization_group_size, self._calibration_pass,
+        quantize_model(self.model, config.quantization, config.quantization_group_size, lambda: calibration_pass(self),
                        native_kernels=config.native_kernels)
         self.runner.enable_decode_stack()
         self.speculator = None
@@ -95,16 +96,6 @@ class Engine:
         self._pending_forks: dict[str, list[Request]] = {}   # parent id -> samples 1..n-1, made at its first token
         self._family: dict[str, list[str]] = {}              # parent id -> ids of all its samples
         self._seeds = random.Random(config.seed)
-
-    def _calibration_pass(self) -> None:
-        """One window of corpus text through the model (activation ranges for w8a8 smoothing).
-
-        Taken from far into the corpus, away from the text `kvloom eval perplexity` scores.
-        """
-        from kvloom.bench.prompts import corpus_token_ids
-        from kvloom.eval.perplexity import window_logits
-        n = min(512, self.max_model_len)
-        window_logits(self, corpus_token_ids(self.tokenizer, 20_000 + n)[-n:])
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -12,7 +12,7 @@ from kvloom.kv.kv_cache import allocate_kv_cache
 from kvloom.models.decode_stack import STACK_MAX_CHUNK, build_decode_stack
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk, head_block_rows
-from kvloom.spec.tree_attention import tree_depths, tree_mask, tree_visibility_bits
+from kvloom.speculation.tree_attention import tree_depths, tree_mask, tree_visibility_bits
 
 
 class ModelRunner:
@@ -68,10 +68,10 @@ class ModelRunner:
         # Decodes, with short draft trees riding along, run in the native stack: its rows replace the
         # per-chunk metadata of the module path, which is then not built.
         use_stack = self.decode_stack is not None and all(c.num_draft_tokens and len(c.token_ids) <= STACK_MAX_CHUNK
-                                                          for c in plan.prefills)
+                                                          for c in plan.spans)
         decode_rows = decode_bias = decode_tables = decode_lens = None
         # (with drafted chunks in the stack, _stack_rows lays out the decodes' rows along with theirs)
-        if plan.decodes and self.native_decode and not (use_stack and plan.prefills):
+        if plan.decodes and self.native_decode and not (use_stack and plan.spans):
             width = max(len(c.block_ids) for c in plan.decodes)
             decode_tables = torch.tensor([c.block_ids + [0] * (width - len(c.block_ids)) for c in plan.decodes]).to(dev)
             decode_lens = torch.tensor([c.start_pos + 1 for c in plan.decodes]).to(dev)
@@ -86,7 +86,7 @@ class ModelRunner:
             decode_bias = decode_bias.to(dev)
 
         prefills: list[PrefillChunk] = []
-        for c in plan.prefills:
+        for c in plan.spans:
             n, start, k = len(c.token_ids), c.start_pos, c.num_draft_tokens
             ctx_len = start + n
             if not use_stack:
@@ -111,7 +111,7 @@ class ModelRunner:
                     logits_indices.append(len(ids) - 1)
 
         row_tables = row_lens = row_masks = None
-        if use_stack and plan.prefills:
+        if use_stack and plan.spans:
             row_tables, row_lens, row_masks = self._stack_rows(plan)
         elif use_stack:
             row_tables, row_lens = decode_tables, decode_lens
@@ -147,7 +147,7 @@ class ModelRunner:
             tables.append(c.block_ids)
             lens.append(c.start_pos + 1)
             masks.append(-1)
-        for c in plan.prefills:
+        for c in plan.spans:
             committed = len(c.token_ids) - c.num_draft_tokens
             for i in range(len(c.token_ids)):   # drafts sit in the slots after the committed tokens
                 tables.append(c.block_ids)

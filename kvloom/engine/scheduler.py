@@ -120,7 +120,7 @@ class Scheduler:
             n = min(req.num_uncomputed, budget)
             n = self._grow(req, n, scheduled, out, can_shrink=True)
             if n:
-                out.prefills.append(self._chunk(req, n))
+                out.spans.append(self._chunk(req, n))
                 scheduled.add(req.request_id)
                 budget -= n
 
@@ -142,7 +142,7 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.time()
             bisect.insort(self.running, req, key=lambda r: r.arrival_order)
-            out.prefills.append(self._chunk(req, n))
+            out.spans.append(self._chunk(req, n))
             scheduled.add(req.request_id)
             budget -= n
         if self.speculator is not None and out.decodes and budget > 0:
@@ -159,7 +159,7 @@ class Scheduler:
         if not candidates:
             return
         base_yield = sum(c.sample for c in out.chunks)
-        trees = self.speculator.propose(candidates, out.num_tokens, base_yield, budget, decode_only=not out.prefills)
+        trees = self.speculator.propose(candidates, out.num_tokens, base_yield, budget, decode_only=not out.spans)
         for c in list(out.decodes):
             tree = trees.get(c.request_id)
             if tree is None:
@@ -174,7 +174,7 @@ class Scheduler:
             c.num_draft_tokens, c.draft_parents = len(tree), tree.parents
             c.block_ids = list(req.block_ids)
             out.decodes.remove(c)
-            out.prefills.insert(0, c)
+            out.spans.insert(0, c)
 
     def update(self, plan: SchedulerOutput, sampled: dict[str, int | list[int]],
                kept_drafts: dict[str, int] | None = None) -> None:

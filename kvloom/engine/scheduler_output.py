@@ -20,18 +20,20 @@ class ScheduledChunk:
 @dataclass
 class SchedulerOutput:
     decodes: list[ScheduledChunk] = field(default_factory=list)   # one token each, batched first
-    prefills: list[ScheduledChunk] = field(default_factory=list)  # prompt chunks, after the decodes
+    # Chunks that each get their own attention call, after the decodes: prompt chunks, and decodes
+    # carrying draft tokens (a short chunk with a tree mask).
+    spans: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)            # request ids sent back to waiting
     copies: list[tuple[int, int]] = field(default_factory=list)   # (src, dst) blocks to copy before the pass
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
-        return self.decodes + self.prefills
+        return self.decodes + self.spans
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(len(c.token_ids) for c in self.prefills)
+        return len(self.decodes) + sum(len(c.token_ids) for c in self.spans)
 
     @property
     def is_empty(self) -> bool:
-        return not self.decodes and not self.prefills
+        return not self.decodes and not self.spans

@@ -14,28 +14,9 @@ import math
 
 import torch
 
-from kvloom.bench.prompts import corpus_token_ids
+from kvloom.corpus import corpus_token_ids
 from kvloom.engine.engine import Engine
-from kvloom.engine.scheduler_output import ScheduledChunk, SchedulerOutput
-
-
-def window_logits(engine: Engine, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
-    """Logits at every position of one window, computed as one prompt in the paged KV pool,
-    `chunk` tokens per forward pass (default: all at once)."""
-    bs = engine.config.block_size
-    chunk = chunk or len(token_ids)
-    blocks = engine.pool.allocate(-(-len(token_ids) // bs))
-    if blocks is None:
-        raise ValueError("the KV pool is too small for one evaluation window; lower --window")
-    try:
-        logits = []
-        for start in range(0, len(token_ids), chunk):
-            ids = token_ids[start:start + chunk]
-            plan = SchedulerOutput(prefills=[ScheduledChunk("eval", ids, start, blocks, sample=True)])
-            logits.append(engine.runner.execute(plan, all_logits=True))
-        return torch.cat(logits)
-    finally:
-        engine.pool.free(blocks)
+from kvloom.engine.window_logits import window_logits
 
 
 def perplexity(engine: Engine, num_tokens: int = 4096, window: int = 512, chunk: int | None = None) -> dict:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 from kvloom.engine.request import Request
 from kvloom.models.decode_stack import STACK_MAX_CHUNK
-from kvloom.spec.ngram_trie import DraftTree, NGramTrie
-from kvloom.spec.step_cost import StepCost
+from kvloom.speculation.ngram_trie import DraftTree, NGramTrie
+from kvloom.speculation.step_cost import StepCost
 
 _DECAY = 0.8          # weight of the past in the acceptance estimate
 _PRIOR = 0.5          # acceptance assumed for a request that has not speculated yet

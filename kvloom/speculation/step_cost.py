@@ -55,7 +55,7 @@ class StepCost:
             return cls([1], [1.0])
         try:
             seconds = _curve(runner, sizes, repeats, lambda n: SchedulerOutput(
-                prefills=[ScheduledChunk("step-cost", [0] * n, 0, blocks, sample=True)]))
+                spans=[ScheduledChunk("step-cost", [0] * n, 0, blocks, sample=True)]))
             decode_seconds, per_context_token = None, 0.0
             if getattr(runner, "decode_stack", None) is not None:
                 decode_seconds = _curve(runner, sizes, repeats, lambda n: SchedulerOutput(
@@ -68,9 +68,9 @@ class StepCost:
                     per_context_token = max(0.0, extra / (8 * (context - 1)))
             # Eight 2-token chunks against one 16-token chunk: the cost of splitting a pass into chunks.
             n = min(8, len(blocks))
-            split = SchedulerOutput(prefills=[ScheduledChunk("step-cost", [0, 0], 0, [b], sample=True)
+            split = SchedulerOutput(spans=[ScheduledChunk("step-cost", [0, 0], 0, [b], sample=True)
                                               for b in blocks[:n]])
-            whole = SchedulerOutput(prefills=[ScheduledChunk("step-cost", [0] * 2 * n, 0, blocks, sample=True)])
+            whole = SchedulerOutput(spans=[ScheduledChunk("step-cost", [0] * 2 * n, 0, blocks, sample=True)])
             per_chunk = max(0.0, (_best_time(runner, split, repeats) - _best_time(runner, whole, repeats)) / (n - 1)) \
                 if n > 1 else 0.0
         finally:

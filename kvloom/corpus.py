@@ -1,4 +1,4 @@
-"""Benchmark prompts of exact token lengths, cut from English text that ships with Python."""
+"""Text that ships with Python (pydoc_data.topics): w8a8 calibration, perplexity and benchmark prompts."""
 from __future__ import annotations
 
 from functools import lru_cache

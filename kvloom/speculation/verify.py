@@ -23,7 +23,7 @@ import torch
 
 from kvloom.engine.request import Request
 from kvloom.engine.sampler import target_probs
-from kvloom.spec.ngram_trie import DraftTree
+from kvloom.speculation.ngram_trie import DraftTree
 
 
 def verify(logits: torch.Tensor, tree: DraftTree, req: Request) -> tuple[list[int], list[int]]:
