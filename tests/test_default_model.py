@@ -49,7 +49,7 @@ def test_next_token_logits_agree(llm, reference):
     blocks = engine.pool.allocate(-(-len(ids) // engine.config.block_size))
     try:
         plan = SchedulerOutput(spans=[ScheduledChunk("probe", ids, 0, blocks, sample=True)])
-        ours = engine.runner.execute(plan)[0]
+        ours = engine.runner.logits(plan)[0]
     finally:
         engine.pool.free(blocks)
     with torch.inference_mode():

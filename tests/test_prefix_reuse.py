@@ -162,9 +162,50 @@ def test_prefix_cache_keys_chain_exactly():
     pool = BlockPool(8)
     cache = PrefixCache(pool, block_size=2)
     blocks = pool.allocate(3)
-    keys: list[int] = []
-    cache.register([1, 2, 3, 4, 5, 6, 7], blocks, keys, num_computed=6)
+    keys: list[bytes] = []
+    cache.register([1, 2, 3, 4, 5, 6, 7], blocks, keys, num_computed=6, salt=b"")
     assert len(keys) == 3
-    assert cache.match([1, 2, 3, 4, 5, 6, 7])[0] == blocks       # (7 - 1) // 2 = 3 blocks
-    assert cache.match([1, 2, 3, 4, 5, 6])[0] == blocks[:2]      # the last token is always computed
-    assert cache.match([9, 2, 3, 4])[0] == []                     # same block contents, other parent
+    assert cache.match([1, 2, 3, 4, 5, 6, 7], b"")[0] == blocks       # (7 - 1) // 2 = 3 blocks
+    assert cache.match([1, 2, 3, 4, 5, 6], b"")[0] == blocks[:2]      # the last token is always computed
+    assert cache.match([9, 2, 3, 4], b"")[0] == []                     # same block contents, other parent
+    assert cache.match([1, 2, 3, 4, 5, 6, 7], b"tenant-b")[0] == []     # another salt never hits
+
+
+def test_two_engines_give_a_prompt_the_same_block_keys(tiny_model_dir):
+    """Content keys, not process-local ids: instances can compare which prefixes they hold."""
+    prompt = random_prompts(1, [50], seed=21)[0]
+    keys = []
+    for _ in range(2):
+        llm = LLM(tiny_model_dir("llama"))
+        llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4))
+        keys.append(set(llm.engine.pool.cached_keys()))
+        cache = llm.engine.prefix_cache
+        assert set(cache.keys(prompt, cache.salt_for(None))) <= keys[-1]
+    assert len(keys[0]) == 3 and keys[0] == keys[1]
+
+
+def test_a_forced_hash_collision_is_detected_not_served(tiny_model_dir, monkeypatch):
+    import kvloom.kv.prefix_cache as pc
+    monkeypatch.setattr(pc, "block_key", lambda parent, salt, tokens: b"every block collides")
+    llm = LLM(tiny_model_dir("llama"))
+    first, second = random_prompts(2, [40, 40], seed=22)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    llm.generate([first], params)
+    out = llm.generate([second], params)[0]
+    assert out.num_cached_tokens == 0 and llm.engine.pool.num_collisions > 0
+    monkeypatch.undo()
+    assert out.token_ids == LLM(tiny_model_dir("llama"), enable_prefix_caching=False).generate([second], params)[0].token_ids
+
+
+def test_cache_salt_keeps_tenants_apart(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"))
+    engine = llm.engine
+    prompt = random_prompts(1, [40], seed=23)[0]
+    done = {}
+    for rid, salt in (("t1", "tenant-1"), ("t2", "tenant-2"), ("t1-again", "tenant-1")):
+        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=2), request_id=rid, cache_salt=salt)
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.finished:
+                    done[rid] = o.num_cached_tokens
+    assert done == {"t1": 0, "t2": 0, "t1-again": 32}

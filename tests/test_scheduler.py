@@ -88,3 +88,24 @@ def test_block_pool_refuses_overdraw_and_double_free():
         raise AssertionError("double free went unnoticed")
     except RuntimeError:
         pass
+
+
+def test_forks_never_push_the_running_set_past_max_num_seqs(tiny_model_dir):
+    """n=4 with room for 2: the other samples wait (sharing the prompt's blocks) and give the same tokens."""
+    from conftest import random_prompts
+    from kvloom import LLM, SamplingParams
+    prompt = random_prompts(1, [37], seed=31)[0]
+    params = SamplingParams(n=4, temperature=0.9, seed=5, max_tokens=12, ignore_eos=True)
+    roomy = LLM(tiny_model_dir("llama")).generate([prompt], params)[0]
+    tight = LLM(tiny_model_dir("llama"), max_num_seqs=2)
+    engine = tight.engine
+    engine.add_request(prompt, params, request_id="f")
+    outs, most = {}, 0
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                outs[o.index] = o.token_ids
+        most = max(most, len(engine.scheduler.running))
+    assert most == 2
+    assert [outs[i] for i in range(4)] == [o.token_ids for o in roomy.outputs]
+    assert engine.pool.num_free == engine.pool.num_blocks

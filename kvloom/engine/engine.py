@@ -1,10 +1,16 @@
 """The synchronous engine: add requests, call step(), read incremental outputs.
 
-    step():  Scheduler.schedule() -> ModelRunner.execute(plan) -> sample()
+    step():  Scheduler.schedule() -> ModelRunner.execute(plan) (forward pass and sampling)
              -> Scheduler.update() -> OutputState (text, stops) -> RequestOutput list
 
 It owns no threads; the offline LLM, the server's async engine and cluster
-actors all drive it by calling step().
+actors all drive it by calling step(). Requests can leave and join between
+steps (export_request / import_request): see engine/snapshot.py.
+
+Built in explicit phases, each reading only what the earlier ones made:
+load -> quantize (calibration included) -> size and allocate the KV pool ->
+attention backends (the native decode stack over the final weights) -> measure
+(speculation's step-cost model). The config stays frozen throughout.
 """
 from __future__ import annotations
 
@@ -21,12 +27,12 @@ from kvloom.engine.model_runner import ModelRunner
 from kvloom.engine.output_processor import OutputState
 from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.request import Request, RequestStatus
-from kvloom.engine.sampler import sample
 from kvloom.engine.scheduler import Scheduler
+from kvloom.engine.snapshot import KVBlocks, RequestSnapshot, SampleSnapshot
 from kvloom.errors import InvalidRequestError, PromptTooLongError
 from kvloom.kv.block_pool import BlockPool
 from kvloom.kv.kv_cache import kv_bytes_per_token, num_blocks_for, staging_capacity
-from kvloom.kv.prefix_cache import PrefixCache
+from kvloom.kv.prefix_cache import PrefixCache, salt_bytes
 from kvloom.kv.session_store import SessionStore
 from kvloom.models.loader import load_model
 from kvloom.models.model_source import resolve_model
@@ -36,7 +42,6 @@ from kvloom.sampling_params import SamplingParams
 from kvloom.speculation.lookahead import LookaheadSpeculator, SpecSettings
 from kvloom.speculation.ngram_trie import DraftTree
 from kvloom.speculation.step_cost import StepCost
-from kvloom.speculation.verify import verify
 from kvloom.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,20 +54,39 @@ class Engine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.source = resolve_model(config.model)
-        self.dtype = _DTYPES[config.dtype]
-        self.model, self.hf_config = load_model(self.source, self.dtype, config.max_model_len)
-        self.tokenizer = Tokenizer.load(self.source, self.hf_config, config.tokenizer)
-        shape = self.model.shape
-        bs = config.block_size
-        staging = (staging_capacity(config.max_num_seqs, config.max_num_batched_tokens, bs)
-                   if config.kv_cache_dtype == "int8" else 0)
-        num_blocks = num_blocks_for(config.kv_cache_memory, shape, bs, self.dtype, config.kv_cache_dtype, staging)
+        self._load()
+        self._size_kv_pool()
+        self._build_scheduler_and_runner()
+        quantize_model(self.model, config.quantization, config.quantization_group_size,
+                       lambda: calibration_pass(self), native_kernels=config.native_kernels)
+        self.runner.enable_decode_stack()      # backends that read the weights are built over the final ones
+        self.speculator = self._measure_speculation() if config.speculative == "lookahead" else None
+        self.scheduler.speculator = self.speculator
+        self._states: dict[str, OutputState] = {}
+        self._pending_forks: dict[str, list[Request]] = {}   # parent id -> samples 1..n-1, made at its first token
+        self._family: dict[str, list[str]] = {}              # parent id -> ids of all its samples
+        self._tenant_salt: dict[str, str | None] = {}        # parent id -> its cache_salt as given
+        self._seeds = random.Random(config.seed)
+
+    # ---- build phases ---------------------------------------------------------------------
+
+    def _load(self) -> None:
+        self.source = resolve_model(self.config.model)
+        self.dtype = _DTYPES[self.config.dtype]
+        self.model, self.hf_config = load_model(self.source, self.dtype, self.config.max_model_len)
+        self.tokenizer = Tokenizer.load(self.source, self.hf_config, self.config.tokenizer)
+
+    def _size_kv_pool(self) -> None:
+        config, shape, bs = self.config, self.model.shape, self.config.block_size
+        self.num_staging_slots = (staging_capacity(config.max_num_seqs, config.max_num_batched_tokens, bs)
+                                  if config.kv_cache_dtype == "int8" else 0)
+        num_blocks = num_blocks_for(config.kv_cache_memory, shape, bs, self.dtype, config.kv_cache_dtype,
+                                    self.num_staging_slots)
         if num_blocks < 1:
             raise InvalidRequestError(
                 f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of {bs} tokens "
                 f"({kv_bytes_per_token(shape, self.dtype, config.kv_cache_dtype, bs) * bs:.0f} bytes"
-                f"{' plus int8 staging' if staging else ''}); raise it", field="kv_cache_memory")
+                f"{' plus int8 staging' if self.num_staging_slots else ''}); raise it", field="kv_cache_memory")
         limit = min(config.max_model_len or shape.max_position_embeddings, shape.max_position_embeddings)
         if num_blocks * bs < limit:
             log.warning("KV pool holds %d tokens, less than the context of %d: max_model_len capped",
@@ -70,32 +94,28 @@ class Engine:
         # A request that fits max_model_len can always finish alone in the pool.
         self.max_model_len = min(limit, num_blocks * bs)
         self.num_blocks = num_blocks
-        self.pool = BlockPool(num_blocks)
+
+    def _build_scheduler_and_runner(self) -> None:
+        config, bs = self.config, self.config.block_size
+        self.pool = BlockPool(self.num_blocks)
         salt = (config.dtype, config.quantization, config.kv_cache_dtype)
         self.prefix_cache = PrefixCache(self.pool, bs, salt=salt) if config.enable_prefix_caching else None
+        self.engine_salt = salt
         self.sessions = SessionStore(self.pool, bs, config.session_kv_fraction, config.session_ttl)
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.prefix_cache, self.sessions)
-        self.runner = ModelRunner(self.model, num_blocks, bs, self.dtype, kv_cache_dtype=config.kv_cache_dtype,
-                                  num_staging_slots=staging, use_kernels=config.native_kernels)
+        self.runner = ModelRunner(self.model, self.num_blocks, bs, self.dtype, kv_cache_dtype=config.kv_cache_dtype,
+                                  num_staging_slots=self.num_staging_slots, use_kernels=config.native_kernels)
         self.pool.on_release = self.runner.kv.release
-        quantize_model(self.model, config.quantization, config.quantization_group_size, lambda: calibration_pass(self),
-                       native_kernels=config.native_kernels)
-        self.runner.enable_decode_stack()
-        self.speculator = None
-        if config.speculative == "lookahead":
-            cost = StepCost.measure(self.runner, self.pool, bs, config.max_num_batched_tokens)
-            log.info("speculation: forward pass of %s tokens takes %s ms (plain decodes only: %s), +%.1f ms per "
-                     "extra chunk, +%.2f us per row and context token", cost.sizes,
-                     [round(t * 1e3, 1) for t in cost.seconds], [round(t * 1e3, 1) for t in cost.decode_seconds],
-                     cost.per_chunk * 1e3, cost.per_context_token * 1e6)
-            self.speculator = LookaheadSpeculator(
-                SpecSettings(max_tokens=config.spec_max_tokens, branches=config.spec_branches), cost)
-            self.scheduler.speculator = self.speculator
-        self._states: dict[str, OutputState] = {}
-        self._pending_forks: dict[str, list[Request]] = {}   # parent id -> samples 1..n-1, made at its first token
-        self._family: dict[str, list[str]] = {}              # parent id -> ids of all its samples
-        self._seeds = random.Random(config.seed)
+
+    def _measure_speculation(self) -> LookaheadSpeculator:
+        config = self.config
+        cost = StepCost.measure(self.runner, self.pool, config.block_size, config.max_num_batched_tokens)
+        log.info("speculation: forward pass of %s tokens takes %s ms (plain decodes only: %s), +%.1f ms per "
+                 "extra chunk, +%.2f us per row and context token", cost.sizes,
+                 [round(t * 1e3, 1) for t in cost.seconds], [round(t * 1e3, 1) for t in cost.decode_seconds],
+                 cost.per_chunk * 1e3, cost.per_context_token * 1e6)
+        return LookaheadSpeculator(SpecSettings(max_tokens=config.spec_max_tokens, branches=config.spec_branches), cost)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -105,16 +125,16 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None,
-                    session_id: str | None = None) -> str:
+                    session_id: str | None = None, cache_salt: str | None = None, priority: int = 0) -> str:
         """Queue a request; returns its id. Bad input raises a typed error and changes nothing.
 
         With params.n > 1 the n samples share the prompt's KV; their outputs carry this id as
-        parent_id and their own index.
+        parent_id and their own index. cache_salt (a tenant's) keeps its prefix-cache blocks apart
+        from everyone with another salt.
         """
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self._family:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use", field="request_id")
+        self._check_new_id(request_id)
         prompt_ids = self._prompt_ids(prompt)
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
@@ -123,25 +143,34 @@ class Engine:
                 f"tokens including at least one generated token")
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         arrival = arrival_time or time.time()
-        samples = [self._new_request(request_id if k == 0 else f"{request_id}#{k}", prompt_ids,
-                                     _nth_sample(params, k), max_tokens, arrival, request_id, k, session_id)
-                   for k in range(params.n)]
-        self._family[request_id] = [r.request_id for r in samples]
+        salt = salt_bytes(self.engine_salt, cache_salt)
+        samples = []
+        for k in range(params.n):
+            req = Request(request_id if k == 0 else f"{request_id}#{k}", prompt_ids, _nth_sample(params, k),
+                          max_tokens, arrival, None, request_id, k, session_id, salt, priority)
+            req.generator = self._generator(req.params)
+            self._states[req.request_id] = OutputState(req, self.tokenizer)
+            samples.append(req)
+        self._register_family(request_id, samples, cache_salt)
         if len(samples) > 1:
             # Samples 1..n-1 fork from sample 0 once its prompt is computed: the prompt's KV is shared.
             self._pending_forks[request_id] = samples[1:]
         self.scheduler.add(samples[0])
         return request_id
 
-    def _new_request(self, rid: str, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-                     arrival: float, parent_id: str, index: int, session_id: str | None) -> Request:
-        generator = None
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)
-        req = Request(rid, prompt_ids, params, max_tokens, arrival, generator, parent_id, index, session_id)
-        self._states[rid] = OutputState(req, self.tokenizer)
-        return req
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self._family:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", field="request_id")
+
+    def _register_family(self, request_id: str, samples: list[Request], cache_salt: str | None) -> None:
+        self._family[request_id] = [r.request_id for r in samples]
+        self._tenant_salt[request_id] = cache_salt
+
+    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        if params.greedy:
+            return None
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        return torch.Generator().manual_seed(seed)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -166,6 +195,7 @@ class Engine:
         family = self._family.pop(request_id, None)
         if family is None:
             return False
+        self._tenant_salt.pop(request_id, None)
         self._pending_forks.pop(request_id, None)
         for rid in family:
             self._states.pop(rid, None)
@@ -176,29 +206,130 @@ class Engine:
         """Release an agent session's retained KV now. False when the session holds nothing."""
         return self.sessions.release(session_id)
 
+    # ---- moving requests (engine/snapshot.py) -------------------------------------------------
+
+    def export_request(self, request_id: str, with_kv: bool = True) -> RequestSnapshot:
+        """Take a request, with every unfinished sample of its family, out of this engine as a snapshot that
+        another engine continues with import_request. With with_kv, the computed KV blocks go along."""
+        family = self._family.get(request_id)
+        if family is None:
+            raise InvalidRequestError(f"no unfinished request {request_id!r} here", field="request_id")
+        pending = {r.request_id: r for r in self._pending_forks.get(request_id, ())}
+        members = [self.scheduler.requests.get(rid) or pending[rid] for rid in family if rid in self._states]
+        bs = self.config.block_size
+        index: dict[int, int] = {}      # block id -> position in the snapshot's blocks (forks share blocks)
+        tables = []
+        for req in members:
+            blocks = req.block_ids[:-(-req.num_computed_tokens // bs)] if with_kv else []
+            tables.append([index.setdefault(b, len(index)) for b in blocks])
+        kv = None
+        if index:
+            kv = KVBlocks(dict(self.runner.kv.layout), self.runner.kv.read_blocks(list(index)), len(index))
+        samples = [SampleSnapshot(
+            request_id=req.request_id, index=req.index, params=req.params, max_tokens=req.max_tokens,
+            output_token_ids=list(req.output_token_ids),
+            num_computed_tokens=req.num_computed_tokens if table else 0,
+            generator_state=None if req.generator is None else req.generator.get_state(),
+            output_state=self._states[req.request_id].export(), block_table=table,
+            num_cached_tokens=req.num_cached_tokens, num_preemptions=req.num_preemptions,
+            first_scheduled_time=req.first_scheduled_time, forked=req.request_id not in pending,
+            speculation=None if self.speculator is None else self.speculator.export_state(req))
+            for req, table in zip(members, tables)]
+        first = members[0]
+        snap = RequestSnapshot(request_id, first.prompt_token_ids, first.arrival_time, samples, first.session_id,
+                               first.priority, self._tenant_salt.get(request_id), kv)
+        for req in members:
+            if req.request_id not in pending:
+                self.scheduler.detach(req.request_id)
+            del self._states[req.request_id]
+        del self._family[request_id]
+        self._tenant_salt.pop(request_id, None)
+        self._pending_forks.pop(request_id, None)
+        return snap
+
+    def import_request(self, snap: RequestSnapshot) -> str:
+        """Continue a request exported from another engine (or this one). Its samples wait at the head of the
+        queue; with KV they resume where they stood, without it they recompute their tokens first.
+
+        Raises InvalidRequestError (and changes nothing) when the id is taken, the KV's layout differs from
+        this engine's, or the pool has too few free blocks for the KV (import snap.without_kv() then)."""
+        self._check_new_id(snap.request_id)
+        prompt_ids = self._prompt_ids(snap.prompt_token_ids)
+        for s in snap.samples:
+            if len(prompt_ids) + s.max_tokens > self.max_model_len:
+                raise PromptTooLongError(f"request {snap.request_id!r} needs {len(prompt_ids) + s.max_tokens} "
+                                         f"tokens of context; this engine serves {self.max_model_len}")
+        blocks = self._import_kv(snap.kv) if snap.kv is not None else []
+        salt = salt_bytes(self.engine_salt, snap.cache_salt)
+        used = [False] * len(blocks)
+        samples: list[Request] = []
+        for s in snap.samples:
+            req = Request(s.request_id, prompt_ids, s.params, s.max_tokens, snap.arrival_time, None,
+                          snap.request_id, s.index, snap.session_id, salt, snap.priority)
+            if s.generator_state is not None:
+                req.generator = torch.Generator()
+                req.generator.set_state(s.generator_state)
+            for t in s.output_token_ids:
+                req.append_output(t)
+            req.num_cached_tokens, req.num_preemptions = s.num_cached_tokens, s.num_preemptions
+            req.first_scheduled_time = s.first_scheduled_time
+            for i in s.block_table:
+                if used[i]:
+                    self.pool.share(blocks[i])
+                used[i] = True
+            req.block_ids = [blocks[i] for i in s.block_table]
+            req.num_computed_tokens = s.num_computed_tokens if s.block_table else 0
+            state = self._states[req.request_id] = OutputState(req, self.tokenizer)
+            state.restore(s.output_state)
+            if self.speculator is not None:
+                self.speculator.import_state(req, s.speculation)
+            samples.append(req)
+        self.pool.free([b for b, u in zip(blocks, used) if not u])
+        self._register_family(snap.request_id, samples, snap.cache_salt)
+        waiting = [r for r, s in zip(samples, snap.samples) if not s.forked]
+        if waiting:
+            self._pending_forks[snap.request_id] = waiting
+        for req in reversed([r for r, s in zip(samples, snap.samples) if s.forked]):
+            self.scheduler.add(req, front=True)   # it ran before: it goes ahead of requests that never did
+        return snap.request_id
+
+    def _import_kv(self, kv: KVBlocks) -> list[int]:
+        if kv.layout != self.runner.kv.layout:
+            raise InvalidRequestError(f"the snapshot's KV ({kv.layout}) does not fit this engine's KV pool "
+                                      f"({self.runner.kv.layout}); import it without KV", field="kv")
+        while self.pool.num_free < kv.num_blocks and self.sessions.release_oldest():
+            pass
+        blocks = self.pool.allocate(kv.num_blocks)
+        if blocks is None:
+            raise InvalidRequestError(f"the snapshot's {kv.num_blocks} KV blocks do not fit the {self.pool.num_free} "
+                                      "free ones; import it without KV", field="kv")
+        self.runner.kv.write_blocks(blocks, kv.tensors)
+        return blocks
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- the step loop ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """schedule -> execute (the runner samples) -> update (tokens, forks, text, stops)."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        logits = self.runner.execute(plan)
-        new_tokens, new_logprobs, kept_drafts, first_rows = self._sample(plan, logits)
-        self.scheduler.update(plan, new_tokens, kept_drafts)
-        requests = [self.scheduler.requests[rid] for rid in new_tokens]
-        produced = [(req, new_tokens[req.request_id], new_logprobs[req.request_id]) for req in requests]
-        for req in requests:
-            for child in self._pending_forks.pop(req.request_id, ()):
-                row = first_rows[req.request_id]
-                produced.append(self._fork(req, child, logits[row:row + 1]))
+        samplers, forks = self._samplers(plan)
+        result = self.runner.execute(plan, samplers)
+        self._observe_drafts(plan, result)
+        self.scheduler.update(plan, result.token_ids, result.kept_drafts)
+        for parent, child, now_running in forks:
+            self.scheduler.fork(parent, child, running=now_running)
+            if now_running:
+                child.append_output(result.token_ids[child.request_id][0])
         now = time.time()
         outputs = []
-        for req, tokens, logprobs in produced:
-            state = self._states[req.request_id]
-            for used, (token, lp) in enumerate(zip(tokens, logprobs), 1):
+        for rid, tokens in result.token_ids.items():
+            req = self.scheduler.requests[rid]
+            state = self._states[rid]
+            for used, (token, lp) in enumerate(zip(tokens, result.logprobs[rid]), 1):
                 state.add_token(token, lp)
                 if state.finish_reason is not None:
                     req.truncate_output(len(req.output_token_ids) - (len(tokens) - used))
@@ -206,48 +337,35 @@ class Engine:
             outputs.append(self._output(req, state, now))
         return outputs
 
-    def _sample(self, plan, logits: torch.Tensor):
-        """Next tokens per sampled request: one drawn by the sampler, or those a draft verification accepted."""
-        new_tokens: dict[str, list[int]] = {}
-        new_logprobs: dict[str, list] = {}
-        kept_drafts: dict[str, int] = {}
-        first_rows: dict[str, int] = {}
-        plain_rows: list[int] = []
-        plain_reqs: list[Request] = []
-        row = 0
+    def _samplers(self, plan) -> tuple[dict[str, list[Request]], list[tuple[Request, Request, bool]]]:
+        """Who draws from each sampled chunk's last row: its request, and the samples that fork from it now.
+
+        Samples 1..n-1 fork when sample 0's prompt is computed, as far as max_num_seqs allows; the rest wait
+        at the head of the queue sharing the prompt's blocks (they draw their first token when admitted)."""
+        samplers: dict[str, list[Request]] = {}
+        forks: list[tuple[Request, Request, bool]] = []   # (parent, child, joins the running batch now)
+        room = self.scheduler.max_num_seqs - len(self.scheduler.running)
         for c in plan.chunks:
             if not c.sample:
                 continue
             req = self.scheduler.requests[c.request_id]
-            first_rows[req.request_id] = row
-            new_tokens[req.request_id] = []       # keeps plan order
-            k = c.num_draft_tokens
-            if k:
-                tree = DraftTree(c.token_ids[-k:], c.draft_parents)
-                tokens, path = verify(logits[row:row + 1 + k], tree, req)
-                self.speculator.observe(req, tree, path)
-                new_tokens[req.request_id] = tokens
-                new_logprobs[req.request_id] = [None] * len(tokens)
-                # Accepted drafts along the first branch were written to the slots of their positions.
-                kept_drafts[req.request_id] = next((j for j, i in enumerate(path) if i != j), len(path))
-            else:
-                plain_rows.append(row)
-                plain_reqs.append(req)
-            row += 1 + k
-        if plain_reqs:
-            rows = logits if len(plain_rows) == row else logits[torch.tensor(plain_rows)]
-            result = sample(rows, plain_reqs)
-            for req, token, lp in zip(plain_reqs, result.token_ids, result.logprobs):
-                new_tokens[req.request_id] = [token]
-                new_logprobs[req.request_id] = [lp]
-        return new_tokens, new_logprobs, kept_drafts, first_rows
+            samplers[c.request_id] = [req]
+            pending = self._pending_forks.pop(c.request_id, None)
+            if pending:
+                fit = max(0, min(room, len(pending)))
+                room -= fit
+                samplers[c.request_id] += pending[:fit]
+                forks += [(req, child, k < fit) for k, child in enumerate(pending)]
+        return samplers, forks
 
-    def _fork(self, parent: Request, child: Request, logits: torch.Tensor):
-        """Start sample `child` from its parent's prompt KV, drawing its first token from the same logits."""
-        self.scheduler.fork(parent, child)
-        result = sample(logits, [child])
-        child.append_output(result.token_ids[0])
-        return child, result.token_ids, result.logprobs
+    def _observe_drafts(self, plan, result) -> None:
+        if not result.draft_paths:
+            return
+        for c in plan.spans:
+            path = result.draft_paths.get(c.request_id)
+            if path is not None:
+                tree = DraftTree(c.token_ids[-c.num_draft_tokens:], c.draft_parents)
+                self.speculator.observe(self.scheduler.requests[c.request_id], tree, path)
 
     def _output(self, req: Request, state: OutputState, now: float) -> RequestOutput:
         delta_text, delta_ids, delta_lps = state.take_delta()
@@ -260,6 +378,7 @@ class Engine:
             family = self._family.get(req.parent_id)
             if family is not None and all(rid not in self._states for rid in family):
                 del self._family[req.parent_id]
+                del self._tenant_salt[req.parent_id]
         return RequestOutput(
             request_id=req.request_id,
             parent_id=req.parent_id,

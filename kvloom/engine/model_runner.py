@@ -1,18 +1,24 @@
-"""Executes a SchedulerOutput: builds the flat batch, runs the model, returns logits.
+"""Executes a SchedulerOutput: builds the flat batch, runs the model, samples, returns tokens.
 
-Owns the model and the physical KV tensors. Knows block ids, never requests.
+Owns the model and the physical KV tensors. The forward pass knows block ids, never
+requests; sampling reads the requests' settings and generators (`samplers`).
 """
 from __future__ import annotations
 
 import torch
 
+from kvloom.engine.request import Request
+from kvloom.engine.runner_output import ModelRunnerOutput
+from kvloom.engine.sampler import sample
 from kvloom.engine.scheduler_output import SchedulerOutput
 from kvloom.kernels import kernels
 from kvloom.kv.kv_cache import allocate_kv_cache
 from kvloom.models.decode_stack import STACK_MAX_CHUNK, build_decode_stack
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk, head_block_rows
+from kvloom.speculation.ngram_trie import DraftTree
 from kvloom.speculation.tree_attention import tree_depths, tree_mask, tree_visibility_bits
+from kvloom.speculation.verify import verify
 
 
 class ModelRunner:
@@ -38,7 +44,14 @@ class ModelRunner:
             self.decode_stack = build_decode_stack(self.model, self.kv)
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput, all_logits: bool = False) -> torch.Tensor:
+    def execute(self, plan: SchedulerOutput, samplers: dict[str, list[Request]]) -> ModelRunnerOutput:
+        """Run the step and sample. samplers: for each chunk with sample=True, the requests that draw from its
+        last row: its own, then any samples forked from it this step (they share the prompt's logits)."""
+        logits = self.logits(plan)
+        return self.sample(plan, logits, samplers)
+
+    @torch.inference_mode()
+    def logits(self, plan: SchedulerOutput, all_logits: bool = False) -> torch.Tensor:
         """Logits of the chunks with sample=True, in plan.chunks order: one row each, or 1 + num_draft_tokens
         rows for a chunk carrying drafts (its last committed token, then each draft token).
         With all_logits: one row for every token of the batch, for evaluation."""
@@ -52,6 +65,39 @@ class ModelRunner:
         logits = self.model(input_ids, positions, meta, self.kv.layers, logits_indices, stack)
         self.kv.seal(to_seal)
         return logits
+
+    def sample(self, plan: SchedulerOutput, logits: torch.Tensor,
+               samplers: dict[str, list[Request]]) -> ModelRunnerOutput:
+        """Next tokens: drawn by the sampler (one batched call for the plain rows), or accepted by verifying a
+        chunk's draft tree."""
+        out = ModelRunnerOutput()
+        rows: list[int] = []
+        reqs: list[Request] = []
+        row = 0
+        for c in plan.chunks:
+            if not c.sample:
+                continue
+            owner, *forks = samplers[c.request_id]
+            out.token_ids[c.request_id] = []    # keeps plan order
+            k = c.num_draft_tokens
+            if k:
+                tokens, path = verify(logits[row:row + 1 + k], DraftTree(c.token_ids[-k:], c.draft_parents), owner)
+                out.token_ids[c.request_id] = tokens
+                out.logprobs[c.request_id] = [None] * len(tokens)
+                out.draft_paths[c.request_id] = path
+                out.kept_drafts[c.request_id] = next((j for j, i in enumerate(path) if i != j), len(path))
+            else:
+                rows.extend([row] * (1 + len(forks)))
+                reqs.append(owner)
+                reqs.extend(forks)
+            row += 1 + k
+        if reqs:
+            picked = logits if rows == list(range(row)) else logits[torch.tensor(rows)]
+            result = sample(picked, reqs)
+            for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
+                out.token_ids[req.request_id] = [token]
+                out.logprobs[req.request_id] = [lp]
+        return out
 
     def _prepare(self, plan: SchedulerOutput):
         bs = self.block_size

@@ -65,3 +65,20 @@ class OutputState:
         lps = None if self.logprobs is None else self.logprobs[self.emitted_tokens:]
         self.emitted_tokens = len(self.req.output_token_ids)
         return delta_text, toks, lps
+
+    # ---- portability (engine/snapshot.py) -----------------------------------------------
+
+    _EXPORTED = ("text", "emitted_chars", "emitted_tokens", "logprobs", "num_tokens")
+
+    def export(self) -> dict:
+        d = self.detok
+        return {**{k: getattr(self, k) for k in self._EXPORTED},
+                "detok_ids": list(d.ids), "detok_prefix_offset": d.prefix_offset, "detok_read_offset": d.read_offset}
+
+    def restore(self, state: dict) -> None:
+        """Continue from an exported state (the request's tokens are restored by the caller)."""
+        for k in self._EXPORTED:
+            setattr(self, k, state[k] if k != "logprobs" or state[k] is None else list(state[k]))
+        self.detok.ids = list(state["detok_ids"])
+        self.detok.prefix_offset = state["detok_prefix_offset"]
+        self.detok.read_offset = state["detok_read_offset"]

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import enum
-import itertools
 
 import torch
 
 from kvloom.sampling_params import SamplingParams
-
-_arrival_counter = itertools.count()
 
 
 class RequestStatus(enum.Enum):
@@ -29,7 +26,8 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  max_tokens: int, arrival_time: float, generator: torch.Generator | None,
-                 parent_id: str | None = None, index: int = 0, session_id: str | None = None):
+                 parent_id: str | None = None, index: int = 0, session_id: str | None = None,
+                 cache_salt: bytes = b"", priority: int = 0):
         self.request_id = request_id
         self.parent_id = parent_id or request_id   # the caller's id; n samples share it
         self.index = index                         # which of the n samples this is
@@ -38,13 +36,17 @@ class Request:
         self.params = params
         self.max_tokens = max_tokens          # resolved: never runs past the model's context
         self.arrival_time = arrival_time
-        self.arrival_order = next(_arrival_counter)
+        # Scheduling order, older first: (arrival time, the scheduler's admission count). Set by
+        # Scheduler.add; portable, since a moved request keeps its arrival time.
+        self.order: tuple[float, int] = (arrival_time, 0)
+        self.priority = priority              # carried for the global scheduler; lower is more urgent
+        self.cache_salt = cache_salt          # part of every block key: tenants' caches never mix
         self.generator = generator            # per-request RNG: batch-independent sampling
         self.all_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
-        self.key_ids: list[int] = []              # prefix-cache key chain of the full computed blocks
+        self.block_keys: list[bytes] = []     # content keys of the full computed blocks (prefix cache)
         self.num_cached_tokens = 0                # prompt tokens found in the prefix cache at admission
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0

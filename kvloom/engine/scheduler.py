@@ -49,29 +49,32 @@ class Scheduler:
         self.running: list[Request] = []          # sorted by arrival order
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._num_added = 0        # tie-break of equal arrival times (keeps the order total)
 
     # ---- queue management -------------------------------------------------------------
 
-    def add(self, req: Request) -> None:
+    def add(self, req: Request, front: bool = False) -> None:
+        """Queue a request; `front`: one that already ran elsewhere (imported) waits at the head."""
+        self._num_added += 1
+        req.order = (req.arrival_time, self._num_added)
         self.requests[req.request_id] = req
-        self.waiting.append(req)
+        if front:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
     def finish(self, request_id: str, status: RequestStatus) -> Request | None:
         """Ends a request (stopped, length or aborted) and frees its blocks. Unknown ids are ignored."""
-        req = self.requests.pop(request_id, None)
+        req = self._remove(request_id)
         if req is None:
             return None
-        if req.status == RequestStatus.RUNNING:
-            self.running.remove(req)
-        else:
-            self.waiting.remove(req)
         if self.sessions is not None and req.session_id and status != RequestStatus.FINISHED_ABORTED:
             # The program's next call continues from here: keep the KV of every computed token.
             rest = self.sessions.retain(req.session_id, req.all_token_ids[:req.num_computed_tokens],
-                                        req.block_ids, req.key_ids)
+                                        req.block_ids, req.block_keys)
             req.block_ids = rest
         self._release_blocks(req)
         req.status = status
@@ -79,18 +82,44 @@ class Scheduler:
             self.speculator.finish(req)
         return req
 
-    def fork(self, parent: Request, child: Request) -> None:
-        """Start `child` where `parent` stands now, sharing every block (no KV is copied yet)."""
-        for b in parent.block_ids:
-            self.pool.share(b)
-        child.block_ids = list(parent.block_ids)
-        child.key_ids = list(parent.key_ids)
-        child.num_computed_tokens = parent.num_computed_tokens
+    def detach(self, request_id: str) -> Request:
+        """Take a request out (it moves to another engine): its blocks are freed, nothing learns from it."""
+        req = self._remove(request_id)
+        self._release_blocks(req)
+        if self.speculator is not None:
+            self.speculator.drop(req)
+        return req
+
+    def _remove(self, request_id: str) -> Request | None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            (self.running if req.status == RequestStatus.RUNNING else self.waiting).remove(req)
+        return req
+
+    def fork(self, parent: Request, child: Request, running: bool) -> None:
+        """Start `child` where `parent` stands now, sharing every block (no KV is copied yet).
+
+        running: the child joins the running batch now (its first token was drawn from the parent's
+        logits). Otherwise max_num_seqs is reached: it waits at the head of the queue sharing the prompt's
+        blocks, and computes the prompt's last token itself once admitted (its logits give the first token).
+        """
+        self._num_added += 1
+        child.order = (child.arrival_time, self._num_added)
         child.num_cached_tokens = parent.num_cached_tokens
-        child.first_scheduled_time = parent.first_scheduled_time
-        child.status = RequestStatus.RUNNING
         self.requests[child.request_id] = child
-        bisect.insort(self.running, child, key=lambda r: r.arrival_order)
+        computed = parent.num_computed_tokens if running else child.num_prompt_tokens - 1
+        blocks = parent.block_ids[:-(-computed // self.block_size)]
+        for b in blocks:
+            self.pool.share(b)
+        child.block_ids = list(blocks)
+        child.block_keys = parent.block_keys[:computed // self.block_size]
+        child.num_computed_tokens = computed
+        if running:
+            child.first_scheduled_time = parent.first_scheduled_time
+            child.status = RequestStatus.RUNNING
+            bisect.insort(self.running, child, key=_order)
+        else:
+            self.waiting.appendleft(child)
 
     # ---- one step ---------------------------------------------------------------------
 
@@ -135,14 +164,16 @@ class Scheduler:
                 self._release_blocks(req)  # first come, first served: nobody jumps the queue
                 break
             self.waiting.popleft()
-            if self.prefix_cache is not None:
+            if self.prefix_cache is not None and req.first_scheduled_time is None:
                 self.prefix_cache.record(req.num_tokens, req.num_computed_tokens)
             self._allocate(req, n, out)
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.time()
-            bisect.insort(self.running, req, key=lambda r: r.arrival_order)
-            out.spans.append(self._chunk(req, n))
+            bisect.insort(self.running, req, key=_order)
+            # One token left of one that ran before (moved here, or a fork that waited): a plain decode.
+            batched = n == req.num_uncomputed == 1 and req.output_token_ids
+            (out.decodes if batched else out.spans).append(self._chunk(req, n))
             scheduled.add(req.request_id)
             budget -= n
         if self.speculator is not None and out.decodes and budget > 0:
@@ -195,9 +226,8 @@ class Scheduler:
                 for t in new if isinstance(new, list) else (new,):
                     req.append_output(t)
             if self.prefix_cache is not None:
-                self.prefix_cache.register(req.all_token_ids, req.block_ids, req.key_ids, req.num_computed_tokens)
-        if self.prefix_cache is not None:
-            self.prefix_cache.forget_unused_keys()
+                self.prefix_cache.register(req.all_token_ids, req.block_ids, req.block_keys, req.num_computed_tokens,
+                                           req.cache_salt)
 
     # ---- helpers ----------------------------------------------------------------------
 
@@ -212,13 +242,13 @@ class Scheduler:
             return
         session = self.sessions.adopt(req.session_id, req.all_token_ids) if self.sessions is not None else None
         if session is not None:
-            req.block_ids, req.key_ids = session.block_ids, session.key_ids
+            req.block_ids, req.block_keys = session.block_ids, session.block_keys
             req.num_computed_tokens = len(session.tokens)
         elif self.prefix_cache is not None:
-            blocks, key_ids = self.prefix_cache.match(req.all_token_ids)
+            blocks, block_keys = self.prefix_cache.match(req.all_token_ids, req.cache_salt)
             for b in blocks:
                 self.pool.share(b)
-            req.block_ids, req.key_ids = blocks, key_ids
+            req.block_ids, req.block_keys = blocks, block_keys
             req.num_computed_tokens = len(blocks) * self.block_size
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
@@ -277,7 +307,7 @@ class Scheduler:
 
     def _newest_unscheduled(self, scheduled: set[str], newer_than: Request) -> Request | None:
         for r in reversed(self.running):
-            if r.arrival_order <= newer_than.arrival_order:
+            if r.order <= newer_than.order:
                 return None
             if r.request_id not in scheduled:
                 return r
@@ -295,5 +325,9 @@ class Scheduler:
     def _release_blocks(self, req: Request) -> None:
         self.pool.free(req.block_ids)
         req.block_ids = []
-        req.key_ids = []
+        req.block_keys = []
         req.num_computed_tokens = 0
+
+
+def _order(req: Request) -> tuple[float, int]:
+    return req.order

@@ -23,7 +23,7 @@ def window_logits(engine, token_ids: list[int], chunk: int | None = None) -> tor
         for start in range(0, len(token_ids), chunk):
             ids = token_ids[start:start + chunk]
             plan = SchedulerOutput(spans=[ScheduledChunk("eval", ids, start, blocks, sample=True)])
-            logits.append(engine.runner.execute(plan, all_logits=True))
+            logits.append(engine.runner.logits(plan, all_logits=True))
         return torch.cat(logits)
     finally:
         engine.pool.free(blocks)

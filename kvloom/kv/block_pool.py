@@ -11,6 +11,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from typing import NamedTuple
+
+
+class BlockContent(NamedTuple):
+    """What a keyed block holds, kept to check a key hit against (hash keys can collide)."""
+    parent: bytes
+    tokens: tuple[int, ...]
 
 
 class BlockPool:
@@ -22,7 +29,9 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evicted first
         self._key_of: list[Hashable | None] = [None] * num_blocks
         self._by_key: dict[Hashable, int] = {}
+        self._content: list[BlockContent | None] = [None] * num_blocks
         self.num_evictions = 0
+        self.num_collisions = 0     # key hits whose stored content differed: served as misses
         # Told when a block leaves its last sequence, and whether it holds full, keyed content
         # (the int8 KV pool seals or drops the block's float staging then).
         self.on_release: Callable[[int, bool], None] | None = None
@@ -76,22 +85,38 @@ class BlockPool:
 
     # ---- content keys (prefix caching) ----------------------------------------------------
 
-    def lookup(self, key: Hashable) -> int | None:
-        return self._by_key.get(key)
+    def lookup(self, key: Hashable, content: BlockContent | None = None) -> int | None:
+        """The block holding `key`; with `content`, only if it holds exactly that (else a counted collision)."""
+        block = self._by_key.get(key)
+        if block is not None and content is not None and self._content[block] != content:
+            self.num_collisions += 1
+            return None
+        return block
 
-    def set_key(self, block: int, key: Hashable) -> int:
+    def key_of(self, block: int) -> Hashable | None:
+        return self._key_of[block]
+
+    def set_key(self, block: int, key: Hashable, content: BlockContent | None = None) -> int:
         """Record that a full block holds the content `key`. Returns the block that now answers for the key
-        (an earlier block with the same content keeps that role)."""
+        (an earlier block with the same key keeps that role, even when a collision gave it other content)."""
         holder = self._by_key.get(key)
         if holder is not None:
+            if content is not None and self._content[holder] != content:
+                self.num_collisions += 1
             return holder
         self._by_key[key] = block
         self._key_of[block] = key
+        self._content[block] = content
         return block
+
+    def cached_keys(self) -> list[Hashable]:
+        """Every content key the pool holds (an instance's prefix summary for a global scheduler)."""
+        return list(self._by_key)
 
     def _forget(self, block: int) -> None:
         key = self._key_of[block]
         if key is not None:
             del self._by_key[key]
             self._key_of[block] = None
+            self._content[block] = None
             self.num_evictions += 1

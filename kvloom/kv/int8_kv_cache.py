@@ -120,6 +120,37 @@ class Int8KVCache:
         self.num_slots = staging_capacity
         self._slot_of: dict[int, int] = {}
         self._free_slots = list(range(staging_capacity - 1, -1, -1))
+        self.layout = {"kind": "int8", "dtype": str(dtype), "block_size": block_size,
+                       "num_layers": shape.num_layers, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim}
+
+    # ---- block I/O (moving requests between engines) --------------------------------------
+
+    _BLOCK_TENSORS = ("k", "k_scale", "v", "v_scale")
+
+    def read_blocks(self, blocks: list[int]) -> dict[str, torch.Tensor]:
+        """Copies of the blocks' int8 K/V and scales, every layer stacked first; for blocks still open, their
+        float-staged keys ("k_stage", with "staged": the positions in `blocks` they belong to)."""
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        out = {name: torch.stack([getattr(layer, name)[idx] for layer in self.layers]).cpu()
+               for name in self._BLOCK_TENSORS}
+        staged = [i for i, b in enumerate(blocks) if b in self._slot_of]
+        out["staged"] = torch.tensor(staged, dtype=torch.long)
+        if staged:
+            slots = torch.tensor([self._slot_of[blocks[i]] for i in staged], device=self.device)
+            out["k_stage"] = torch.stack([layer.k_stage[slots] for layer in self.layers]).cpu()
+        return out
+
+    def write_blocks(self, blocks: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        """Store blocks read by read_blocks into these (freshly allocated) blocks; open ones get a staging slot."""
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        for i, layer in enumerate(self.layers):
+            for name in self._BLOCK_TENSORS:
+                getattr(layer, name).index_copy_(0, idx, tensors[name][i].to(self.device))
+        staged = tensors["staged"].tolist()
+        if staged:
+            slots = torch.tensor([self._ensure_slot(blocks[i]) for i in staged], device=self.device)
+            for i, layer in enumerate(self.layers):
+                layer.k_stage.index_copy_(0, slots, tensors["k_stage"][i].to(self.device))
 
     @property
     def num_staged(self) -> int:

@@ -57,6 +57,23 @@ class FloatKVCache:
                  device: torch.device):
         self.device = device
         self.layers = [FloatLayerKV(num_blocks, shape, block_size, dtype, device) for _ in range(shape.num_layers)]
+        self.layout = {"kind": "float", "dtype": str(dtype), "block_size": block_size,
+                       "num_layers": shape.num_layers, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim}
+
+    # ---- block I/O (moving requests between engines) --------------------------------------
+
+    def read_blocks(self, blocks: list[int]) -> dict[str, torch.Tensor]:
+        """Copies of the blocks' K and V, every layer: [num_layers, len(blocks), kv_heads, block_size, head_dim]."""
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        return {"k": torch.stack([layer.k[idx] for layer in self.layers]).cpu(),
+                "v": torch.stack([layer.v[idx] for layer in self.layers]).cpu()}
+
+    def write_blocks(self, blocks: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        """Store blocks read by read_blocks (of a cache with the same layout) into these blocks."""
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        for i, layer in enumerate(self.layers):
+            layer.k.index_copy_(0, idx, tensors["k"][i].to(self.device))
+            layer.v.index_copy_(0, idx, tensors["v"][i].to(self.device))
 
     def prepare(self, chunks, meta: AttentionMetadata) -> list[int]:
         return []

@@ -20,7 +20,7 @@ from kvloom.kv.block_pool import BlockPool
 class Session:
     tokens: list[int] = field(default_factory=list)     # tokens whose KV the blocks hold
     block_ids: list[int] = field(default_factory=list)  # one reference each, owned by the session
-    key_ids: list[int] = field(default_factory=list)    # prefix-cache chain of the full blocks
+    block_keys: list[int] = field(default_factory=list)    # prefix-cache chain of the full blocks
     idle_since: float = 0.0
 
 
@@ -39,13 +39,13 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def retain(self, session_id: str, tokens: list[int], block_ids: list[int], key_ids: list[int]) -> list[int]:
+    def retain(self, session_id: str, tokens: list[int], block_ids: list[int], block_keys: list[int]) -> list[int]:
         """Keep a finished call's KV for its session. Returns the blocks not kept (the caller frees them)."""
         self.release(session_id)
         keep = -(-len(tokens) // self.block_size)
         if keep > self.max_blocks:
             return block_ids
-        self._sessions[session_id] = Session(list(tokens), block_ids[:keep], list(key_ids), time.time())
+        self._sessions[session_id] = Session(list(tokens), block_ids[:keep], list(block_keys), time.time())
         while self.num_blocks_held > self.max_blocks:
             self.release(next(iter(self._sessions)))
         return block_ids[keep:]
@@ -67,7 +67,7 @@ class SessionStore:
             n = (len(token_ids) - 1) // self.block_size * self.block_size
             keep = n // self.block_size
             self.pool.free(s.block_ids[keep:])
-            s.block_ids, s.key_ids, s.tokens = s.block_ids[:keep], s.key_ids[:keep], s.tokens[:n]
+            s.block_ids, s.block_keys, s.tokens = s.block_ids[:keep], s.block_keys[:keep], s.tokens[:n]
         return s
 
     def release(self, session_id: str) -> bool:

@@ -167,6 +167,20 @@ class LookaheadSpeculator:
         st.hits = _DECAY * st.hits + len(path)
         st.misses = _DECAY * st.misses + (0 if reached_leaf else 1)
 
+    def export_state(self, req: Request) -> dict | None:
+        """What a moved request takes along: its acceptance estimate (its trie is rebuilt from its tokens)."""
+        st = self._states.get(req.request_id)
+        return None if st is None else {"hits": st.hits, "misses": st.misses}
+
+    def import_state(self, req: Request, state: dict | None) -> None:
+        if state is not None:
+            st = self._states[req.request_id] = _RequestState(self._max_len)
+            st.hits, st.misses = state["hits"], state["misses"]
+
+    def drop(self, req: Request) -> None:
+        """The request left this engine (moved elsewhere): forget it without learning from its output."""
+        self._states.pop(req.request_id, None)
+
     def finish(self, req: Request) -> None:
         """The request is done: its output joins the global trie; its own trie goes."""
         self._states.pop(req.request_id, None)
