@@ -36,7 +36,7 @@ def main(quantization: str, batch: int, steps: int = 20, stack: bool = True) -> 
 
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     engine.runner._prepare = timed("build inputs", engine.runner._prepare)
-    engine._sample = timed("sample", engine._sample)
+    engine.runner.sample = timed("sample", engine.runner.sample)
     for layer in engine.model.layers:
         attn = layer.self_attn
         attn.forward = timed("attention block", attn.forward)
@@ -47,7 +47,7 @@ def main(quantization: str, batch: int, steps: int = 20, stack: bool = True) -> 
         layer.post_attention_layernorm.forward = timed("norms", layer.post_attention_layernorm.forward)
     engine.model.lm_head.forward = timed("lm head", engine.model.lm_head.forward)
     if engine.runner.decode_stack is not None:   # decode-only steps run every layer in one native call
-        engine.runner.decode_stack = _TimedStack(engine.runner.decode_stack, timed)
+        engine.runner.decode_stack.stack = _TimedStack(engine.runner.decode_stack.stack, timed)
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()

@@ -154,7 +154,8 @@ def cmd_bench(args) -> None:
         from kvloom.bench.serve import cmd_bench_serve, cmd_bench_sweep
         (cmd_bench_serve if args.bench == "serve" else cmd_bench_sweep)(args)
         return
-    from kvloom.bench.hardware import engine_description, measure_bandwidth_gbs, measure_matmul_gflops
+    from kvloom.bench.hardware import measure_bandwidth_gbs, measure_matmul_gflops
+    from kvloom.system_info import engine_description
     from kvloom.bench.offline import run_latency, run_throughput
     from kvloom.bench.peers import format_peers, run_peers
     from kvloom.engine.engine import Engine

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import httpx
 
 from kvloom.bench.client import fetch_model, run_requests, warm_up
-from kvloom.bench.hardware import stack_description
+from kvloom.system_info import stack_description
 from kvloom.bench.metrics import parse_slo, summarize
 from kvloom.bench.plots import latency_throughput_curve, request_timeline
 from kvloom.bench.workloads import TRACE_FILES, Workload, find_trace, synthetic_workload, trace_workload

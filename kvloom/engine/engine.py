@@ -42,6 +42,7 @@ from kvloom.sampling_params import SamplingParams
 from kvloom.speculation.lookahead import LookaheadSpeculator, SpecSettings
 from kvloom.speculation.ngram_trie import DraftTree
 from kvloom.speculation.step_cost import StepCost
+from kvloom.system_info import inference_paths
 from kvloom.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,12 @@ class Engine:
         self._family: dict[str, list[str]] = {}              # parent id -> ids of all its samples
         self._tenant_salt: dict[str, str | None] = {}        # parent id -> its cache_salt as given
         self._seeds = random.Random(config.seed)
+        paths = inference_paths(self)
+        log.info("inference paths: kernels %s (%s), attention %s%s, linear %s",
+                 "on" if paths["kernels"]["native_kernels"] else "off", paths["kernels"].get("isa")
+                 or paths["kernels"].get("reason"), paths["attention_backends"],
+                 "".join(f"; {name} off: {why}" for name, why in paths["inactive_backends"].items()),
+                 paths["linear_kernels"])
 
     # ---- build phases ---------------------------------------------------------------------
 

@@ -13,11 +13,11 @@ from kvloom.engine.sampler import sample
 from kvloom.engine.scheduler_output import SchedulerOutput
 from kvloom.kernels import kernels
 from kvloom.kv.kv_cache import allocate_kv_cache
-from kvloom.models.decode_stack import STACK_MAX_CHUNK, build_decode_stack
+from kvloom.attention.backend import DecodeStackAttention, NativeAttention, TorchAttention
+from kvloom.models.decode_stack import build_decode_stack
 from kvloom.models.llama import LlamaForCausalLM
-from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk, head_block_rows
 from kvloom.speculation.ngram_trie import DraftTree
-from kvloom.speculation.tree_attention import tree_depths, tree_mask, tree_visibility_bits
+from kvloom.speculation.tree_attention import tree_depths
 from kvloom.speculation.verify import verify
 
 
@@ -33,15 +33,34 @@ class ModelRunner:
                               and kernels() is not None)
         self.kv = allocate_kv_cache(kv_cache_dtype, num_blocks, block_size=block_size, shape=model.shape,
                                     dtype=dtype, device=self.device, num_staging_slots=num_staging_slots)
-        self.decode_stack = None
+        # Attention backends (kvloom/attention/backend.py): the decode stack first where it applies, else the
+        # per-layer one. Why one is missing is kept for /server_info.
+        per_layer = NativeAttention if self.native_decode else TorchAttention
+        self.per_layer = per_layer(block_size, model.shape.num_kv_heads, dtype, self.device)
+        self.decode_stack: DecodeStackAttention | None = None
+        self.why_not = {}
+        if not self.native_decode:
+            self.why_not["native"] = ("turned off (--no-native-kernels)" if not use_kernels
+                                      else f"the native kernels read float32 pools on the CPU ({dtype}, {self.device})")
         if self.native_decode:
             model.use_native_ops()
 
     def enable_decode_stack(self) -> None:
         """Run steps of decodes (and short draft trees) through the native layer stack; call once the weights
         are final."""
-        if self.native_decode:
-            self.decode_stack = build_decode_stack(self.model, self.kv)
+        if not self.native_decode:
+            self.why_not["decode-stack"] = "needs the native kernels"
+            return
+        stack, why = build_decode_stack(self.model, self.kv)
+        if stack is None:
+            self.why_not["decode-stack"] = why
+        else:
+            self.decode_stack = DecodeStackAttention(stack, self.block_size, self.device)
+
+    def describe_backends(self) -> dict:
+        """Which attention backends run steps here, and for each that does not, why."""
+        active = ([self.decode_stack.name] if self.decode_stack is not None else []) + [self.per_layer.name]
+        return {"attention_backends": active, "inactive_backends": dict(self.why_not)}
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput, samplers: dict[str, list[Request]]) -> ModelRunnerOutput:
@@ -61,8 +80,7 @@ class ModelRunner:
         to_seal = self.kv.prepare(plan.chunks, meta)
         if all_logits:
             logits_indices = torch.arange(len(input_ids), device=self.device)
-        stack = self.decode_stack if meta.row_tables is not None else None
-        logits = self.model(input_ids, positions, meta, self.kv.layers, logits_indices, stack)
+        logits = self.model(input_ids, positions, meta, self.kv.layers, logits_indices)
         self.kv.seal(to_seal)
         return logits
 
@@ -100,9 +118,8 @@ class ModelRunner:
         return out
 
     def _prepare(self, plan: SchedulerOutput):
-        bs = self.block_size
-        kvh = self.model.shape.num_kv_heads
-        dev = self.device
+        """The flat batch (decodes first, then spans), positions, the rows to take logits of, and the step's
+        attention metadata from the first backend that supports the step."""
         ids: list[int] = []
         pos: list[int] = []
         logits_indices: list[int] = []
@@ -110,40 +127,8 @@ class ModelRunner:
             ids.append(c.token_ids[0])
             pos.append(c.start_pos)
             logits_indices.append(len(ids) - 1)
-
-        # Decodes, with short draft trees riding along, run in the native stack: its rows replace the
-        # per-chunk metadata of the module path, which is then not built.
-        use_stack = self.decode_stack is not None and all(c.num_draft_tokens and len(c.token_ids) <= STACK_MAX_CHUNK
-                                                          for c in plan.spans)
-        decode_rows = decode_bias = decode_tables = decode_lens = None
-        # (with drafted chunks in the stack, _stack_rows lays out the decodes' rows along with theirs)
-        if plan.decodes and self.native_decode and not (use_stack and plan.spans):
-            width = max(len(c.block_ids) for c in plan.decodes)
-            decode_tables = torch.tensor([c.block_ids + [0] * (width - len(c.block_ids)) for c in plan.decodes]).to(dev)
-            decode_lens = torch.tensor([c.start_pos + 1 for c in plan.decodes]).to(dev)
-        elif plan.decodes and not use_stack:
-            width = max(len(c.block_ids) for c in plan.decodes)
-            tables = torch.tensor([c.block_ids + [0] * (width - len(c.block_ids)) for c in plan.decodes])
-            decode_rows = head_block_rows(tables, kvh).to(dev)
-            ctx = torch.tensor([c.start_pos + 1 for c in plan.decodes])
-            valid = torch.arange(width * bs)[None, :] < ctx[:, None]
-            dtype = self.model.embed_tokens.weight.dtype
-            decode_bias = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))[:, None, None, :]
-            decode_bias = decode_bias.to(dev)
-
-        prefills: list[PrefillChunk] = []
         for c in plan.spans:
             n, start, k = len(c.token_ids), c.start_pos, c.num_draft_tokens
-            ctx_len = start + n
-            if not use_stack:
-                mask = None
-                if start > 0 or k:  # earlier KV exists, or a draft tree: causal with an offset, tree for drafts
-                    mask = torch.arange(ctx_len)[None, :] <= (start + torch.arange(n))[:, None]
-                    if k:
-                        mask[n - k:, ctx_len - k:] = tree_mask(c.draft_parents)
-                    mask = mask.to(dev)
-                table = torch.tensor(c.block_ids[:-(-ctx_len // bs)])
-                prefills.append(PrefillChunk(len(ids), n, ctx_len, head_block_rows(table, kvh).to(dev), mask))
             ids.extend(c.token_ids)
             if k:
                 committed = n - k
@@ -152,55 +137,11 @@ class ModelRunner:
                 if c.sample:   # the last committed token's row, then every draft token's
                     logits_indices.extend(range(len(ids) - k - 1, len(ids)))
             else:
-                pos.extend(range(start, ctx_len))
+                pos.extend(range(start, start + n))
                 if c.sample:
                     logits_indices.append(len(ids) - 1)
-
-        row_tables = row_lens = row_masks = None
-        if use_stack and plan.spans:
-            row_tables, row_lens, row_masks = self._stack_rows(plan)
-        elif use_stack:
-            row_tables, row_lens = decode_tables, decode_lens
-
-        positions = torch.tensor(pos, dtype=torch.long)
-        slots = [(c.block_ids[p // bs], p % bs) for c in plan.chunks
-                 for p in range(c.start_pos, c.start_pos + len(c.token_ids))]
-        write_blocks = torch.tensor([b for b, _ in slots], dtype=torch.long)
-        write_offsets = torch.tensor([o for _, o in slots], dtype=torch.long)
-        meta = AttentionMetadata(
-            write_blocks=write_blocks.to(dev),
-            write_offsets=write_offsets.to(dev),
-            num_decodes=len(plan.decodes),
-            decode_head_blocks=decode_rows,
-            decode_bias=decode_bias,
-            decode_tables=decode_tables,
-            decode_lens=decode_lens,
-            prefills=prefills,
-            row_tables=row_tables,
-            row_lens=row_lens,
-            row_masks=row_masks,
-        )
-        return (torch.tensor(ids, dtype=torch.long, device=dev), positions.to(dev), meta,
-                torch.tensor(logits_indices, dtype=torch.long, device=dev))
-
-    def _stack_rows(self, plan: SchedulerOutput):
-        """Every query row of a batch of decodes and drafted chunks as a decode: its request's blocks, the
-        context up to and including itself, and (draft tokens) which earlier drafts it sees."""
-        tables: list[list[int]] = []
-        lens: list[int] = []
-        masks: list[int] = []
-        for c in plan.decodes:
-            tables.append(c.block_ids)
-            lens.append(c.start_pos + 1)
-            masks.append(-1)
-        for c in plan.spans:
-            committed = len(c.token_ids) - c.num_draft_tokens
-            for i in range(len(c.token_ids)):   # drafts sit in the slots after the committed tokens
-                tables.append(c.block_ids)
-                lens.append(c.start_pos + i + 1)
-            masks.extend([-1] * committed)
-            masks.extend(tree_visibility_bits(c.draft_parents) if c.num_draft_tokens else [])
-        width = max(len(t) for t in tables)
+        backend = self.decode_stack if self.decode_stack is not None and self.decode_stack.supports(plan) \
+            else self.per_layer
         dev = self.device
-        return (torch.tensor([t + [0] * (width - len(t)) for t in tables]).to(dev), torch.tensor(lens).to(dev),
-                torch.tensor(masks, dtype=torch.long).to(dev))
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
+                backend.build(plan), torch.tensor(logits_indices, dtype=torch.long, device=dev))

@@ -22,7 +22,7 @@ import torch
 
 from kvloom.kernels import kernels
 from kvloom.models.llama import LlamaShape
-from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk
+from kvloom.attention.metadata import AttentionMetadata, NativeDecodes, SpanAttention, TorchDecodes
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +75,19 @@ class Int8LayerKV:
         v = self.v.view(-1, bs, d)[rows].to(self.dtype).mul_(self.v_scale.view(-1, bs)[rows].unsqueeze(-1))
         return k, v
 
-    def decode_context(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self._dequantized(meta.decode_head_blocks)
-        if meta.decode_staged is not None:
-            req, col, slot = meta.decode_staged
+    def decode_context(self, decodes: TorchDecodes) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._dequantized(decodes.head_blocks)
+        if decodes.staged is not None:
+            req, col, slot = decodes.staged
             k[req, :, col] = self.k_stage[slot]
         nd, kvh = k.shape[:2]
         return k.view(nd, kvh, -1, self.head_dim), v.view(nd, kvh, -1, self.head_dim)
 
-    def decode_attention(self, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def decode_attention(self, q: torch.Tensor, decodes: NativeDecodes, scale: float) -> torch.Tensor:
         return kernels().decode_attention_i8(q.contiguous(), self.k, self.k_scale, self.v, self.v_scale, self.k_stage,
-                                             meta.decode_tables, meta.decode_slots, meta.decode_lens, scale)
+                                             decodes.tables, decodes.slots, decodes.lens, scale)
 
-    def chunk_context(self, chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:
+    def chunk_context(self, chunk: SpanAttention) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self._dequantized(chunk.head_blocks)
         if chunk.staged is not None:
             col, slot = chunk.staged
@@ -183,7 +183,7 @@ class Int8KVCache:
         write_slots: list[int] = []
         staged_decode: list[tuple[int, int, int]] = []
         to_seal: dict[int, None] = {}
-        prefill_index = 0
+        span_index = 0
         for i, c in enumerate(chunks):
             start, end = c.start_pos, c.start_pos + len(c.token_ids)
             for p in range(start, end):
@@ -194,18 +194,13 @@ class Int8KVCache:
             if i < meta.num_decodes:
                 staged_decode.extend((i, j, s) for j, s in staged)
             else:
-                chunk = meta.prefills[prefill_index]
-                prefill_index += 1
+                chunk = meta.spans[span_index]
+                span_index += 1
                 if staged:
                     chunk.staged = tuple(torch.tensor(x, device=self.device) for x in zip(*staged))
         meta.write_slots = torch.tensor(write_slots, dtype=torch.long, device=self.device)
-        if meta.decode_tables is not None:
-            slots = torch.full(meta.decode_tables.shape, -1, dtype=torch.long)
-            for i, j, slot in staged_decode:
-                slots[i, j] = slot
-            meta.decode_slots = slots.to(self.device)
-        elif staged_decode:
-            meta.decode_staged = tuple(torch.tensor(x, device=self.device) for x in zip(*staged_decode))
+        if meta.decodes is not None:
+            meta.decodes.add_staging(staged_decode, self.device)
         return list(to_seal)
 
     def seal(self, blocks: list[int]) -> None:

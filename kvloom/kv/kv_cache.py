@@ -12,7 +12,7 @@ import torch
 from kvloom.kernels import kernels
 from kvloom.kv.int8_kv_cache import Int8KVCache, int8_kv_bytes_per_token, staging_bytes_per_slot
 from kvloom.models.llama import LlamaShape
-from kvloom.models.paged_attention import AttentionMetadata, PrefillChunk
+from kvloom.attention.metadata import AttentionMetadata, NativeDecodes, SpanAttention, TorchDecodes
 
 
 class FloatLayerKV:
@@ -30,17 +30,17 @@ class FloatLayerKV:
         self.k[meta.write_blocks, :, meta.write_offsets] = k
         self.v[meta.write_blocks, :, meta.write_offsets] = v
 
-    def decode_context(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_context(self, decodes: TorchDecodes) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of every decode's blocks: [num_decodes, kv_heads, max_blocks * block_size, head_dim]."""
-        nd, kvh = meta.decode_head_blocks.shape[:2]
+        nd, kvh = decodes.head_blocks.shape[:2]
         d = self.k.shape[-1]
-        return (self._rows_k[meta.decode_head_blocks].view(nd, kvh, -1, d),
-                self._rows_v[meta.decode_head_blocks].view(nd, kvh, -1, d))
+        return (self._rows_k[decodes.head_blocks].view(nd, kvh, -1, d),
+                self._rows_v[decodes.head_blocks].view(nd, kvh, -1, d))
 
-    def decode_attention(self, q: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return kernels().decode_attention_f32(q.contiguous(), self.k, self.v, meta.decode_tables, meta.decode_lens, scale)
+    def decode_attention(self, q: torch.Tensor, decodes: NativeDecodes, scale: float) -> torch.Tensor:
+        return kernels().decode_attention_f32(q.contiguous(), self.k, self.v, decodes.tables, decodes.lens, scale)
 
-    def chunk_context(self, chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:
+    def chunk_context(self, chunk: SpanAttention) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a prompt chunk's blocks: [kv_heads, blocks * block_size, head_dim]."""
         kvh, d = chunk.head_blocks.shape[0], self.k.shape[-1]
         return (self._rows_k[chunk.head_blocks].view(kvh, -1, d), self._rows_v[chunk.head_blocks].view(kvh, -1, d))

@@ -19,13 +19,6 @@ from kvloom.kv.kv_cache import FloatKVCache
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.quant.w8a8_linear import W8A8Linear
 
-# Draft-carrying chunks up to this many tokens run in the stack with the decodes, each token as a decode
-# row over its own prefix; longer ones take the module path, whose attention reads a chunk's context once
-# for all its tokens. Prompt chunks always take the module path: how a prompt is split into chunks
-# depends on what else is scheduled, and its K/V must not depend on that.
-STACK_MAX_CHUNK = 16
-
-
 def _linear_parts(linear: nn.Module) -> list[torch.Tensor | None] | None:
     """(weight [out, in], per-channel scales or None, bias or None), or None for a kind the stack cannot run."""
     if isinstance(linear, W8A8Linear) and linear.native:
@@ -35,11 +28,16 @@ def _linear_parts(linear: nn.Module) -> list[torch.Tensor | None] | None:
     return None
 
 
-def build_decode_stack(model: LlamaForCausalLM, kv) -> object | None:
+def build_decode_stack(model: LlamaForCausalLM, kv) -> tuple[object | None, str | None]:
+    """(the stack, None), or (None, why it does not apply)."""
     native = kernels()
     weight = model.embed_tokens.weight
-    if native is None or not isinstance(kv, FloatKVCache) or weight.dtype != torch.float32 or weight.device.type != "cpu":
-        return None
+    if native is None:
+        return None, "native kernels are off"
+    if not isinstance(kv, FloatKVCache):
+        return None, "the stack reads float KV pools only (--kv-cache-dtype int8 takes the module path)"
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return None, f"the stack runs float32 on the CPU ({weight.dtype}, {weight.device})"
     s = model.shape
     stack = native.DecodeStack(s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size, s.rms_norm_eps,
                                s.head_dim ** -0.5)
@@ -47,8 +45,8 @@ def build_decode_stack(model: LlamaForCausalLM, kv) -> object | None:
         attn, mlp = layer.self_attn, layer.mlp
         linears = [_linear_parts(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         if any(parts is None for parts in linears):
-            return None
+            return None, "the stack runs float and w8a8 linear layers (not int8/int4 weight-only)"
         norms = (attn.q_norm.weight.detach(), attn.k_norm.weight.detach()) if s.qk_norm else (None, None)
         stack.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                         *norms, *linears, layer_kv.k, layer_kv.v)
-    return stack
+    return stack, None

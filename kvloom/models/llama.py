@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvloom.kernels import kernels
-from kvloom.models.paged_attention import AttentionMetadata, paged_attention
+from kvloom.attention.backend import paged_attention
+from kvloom.attention.metadata import AttentionMetadata
 from kvloom.models.rope import RotaryEmbedding, apply_rope
 
 
@@ -150,13 +151,12 @@ class LlamaForCausalLM(nn.Module):
         if shape.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, logits_indices, decode_stack=None):
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, logits_indices):
         h = self.embed_tokens(input_ids)
         rope_cos_sin = self.rope.cos_sin(positions, h.dtype)
-        if decode_stack is not None:   # decodes and short draft trees: every layer in one native call (decode_stack.py)
+        if meta.rows is not None:   # the decode-stack backend: every layer in one native call
             cos, sin = (t.squeeze(1) for t in rope_cos_sin)
-            h = decode_stack.forward(h, cos, sin, meta.write_blocks, meta.write_offsets, meta.row_tables,
-                                     meta.row_lens, meta.row_masks)
+            h = meta.backend.run_layers(h, cos, sin, meta)
         else:
             for layer, kv in zip(self.layers, kv_caches):
                 h = layer(h, rope_cos_sin, meta, kv)

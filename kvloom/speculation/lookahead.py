@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvloom.engine.request import Request
-from kvloom.models.decode_stack import STACK_MAX_CHUNK
+from kvloom.attention.backend import STACK_MAX_CHUNK
 from kvloom.speculation.ngram_trie import DraftTree, NGramTrie
 from kvloom.speculation.step_cost import StepCost
 

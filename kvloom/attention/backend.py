@@ -1,0 +1,182 @@
+"""The attention backends: each says which steps it can run and builds its own metadata.
+
+    class AttentionBackend(Protocol):
+        name: str
+        def supports(self, plan) -> bool
+        def build(self, plan) -> AttentionMetadata        # the step's metadata, nothing it does not read
+        def decode(self, q, layer_kv, meta, scale)         # decode rows of one layer (module path)
+
+The runner tries them in order (decode stack, native, torch) and the first that
+supports a step runs it; which backends exist, and why one is missing, is
+reported in /server_info.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from kvloom.attention.metadata import (AttentionMetadata, NativeDecodes, SpanAttention, StackRows, TorchDecodes,
+                                       head_block_rows)
+from kvloom.engine.scheduler_output import SchedulerOutput
+from kvloom.speculation.tree_attention import tree_mask, tree_visibility_bits
+
+# Draft-carrying chunks up to this many tokens run in the stack with the decodes, each token as a decode
+# row over its own prefix; longer ones take the module path, whose attention reads a chunk's context once
+# for all its tokens. Prompt chunks always take the module path: how a prompt is split into chunks
+# depends on what else is scheduled, and its K/V must not depend on that.
+STACK_MAX_CHUNK = 16
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def supports(self, plan: SchedulerOutput) -> bool: ...
+
+    def build(self, plan: SchedulerOutput) -> AttentionMetadata: ...
+
+    def decode(self, q: torch.Tensor, layer_kv, meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
+
+
+class _Layout:
+    def __init__(self, block_size: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device):
+        self.block_size, self.num_kv_heads, self.dtype, self.device = block_size, num_kv_heads, dtype, device
+
+
+def _writes(plan: SchedulerOutput, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    slots = [(c.block_ids[p // block_size], p % block_size) for c in plan.chunks
+             for p in range(c.start_pos, c.start_pos + len(c.token_ids))]
+    return (torch.tensor([b for b, _ in slots], dtype=torch.long).to(device),
+            torch.tensor([o for _, o in slots], dtype=torch.long).to(device))
+
+
+def _padded_tables(tables: list[list[int]]) -> torch.Tensor:
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables])
+
+
+class TorchAttention:
+    """Decode rows gathered from the pool and batched (padded, masked); spans through SDPA."""
+
+    name = "torch"
+
+    def __init__(self, block_size: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device):
+        self.layout = _Layout(block_size, num_kv_heads, dtype, device)
+
+    def supports(self, plan: SchedulerOutput) -> bool:
+        return True
+
+    def build(self, plan: SchedulerOutput) -> AttentionMetadata:
+        lay = self.layout
+        blocks, offsets = _writes(plan, lay.block_size, lay.device)
+        meta = AttentionMetadata(self, blocks, offsets, len(plan.decodes))
+        if plan.decodes:
+            meta.decodes = self._decodes(plan)
+        start = len(plan.decodes)
+        for c in plan.spans:
+            meta.spans.append(self._span(c, start))
+            start += len(c.token_ids)
+        return meta
+
+    def _decodes(self, plan: SchedulerOutput):
+        lay = self.layout
+        tables = _padded_tables([c.block_ids for c in plan.decodes])
+        ctx = torch.tensor([c.start_pos + 1 for c in plan.decodes])
+        valid = torch.arange(tables.shape[1] * lay.block_size)[None, :] < ctx[:, None]
+        bias = torch.zeros(valid.shape, dtype=lay.dtype).masked_fill_(~valid, float("-inf"))[:, None, None, :]
+        return TorchDecodes(head_block_rows(tables, lay.num_kv_heads).to(lay.device), bias.to(lay.device))
+
+    def _span(self, c, start: int) -> SpanAttention:
+        lay = self.layout
+        n, k = len(c.token_ids), c.num_draft_tokens
+        ctx_len = c.start_pos + n
+        mask = None
+        if c.start_pos > 0 or k:  # earlier KV exists, or a draft tree: causal with an offset, tree for drafts
+            mask = torch.arange(ctx_len)[None, :] <= (c.start_pos + torch.arange(n))[:, None]
+            if k:
+                mask[n - k:, ctx_len - k:] = tree_mask(c.draft_parents)
+            mask = mask.to(lay.device)
+        table = torch.tensor(c.block_ids[:-(-ctx_len // lay.block_size)])
+        return SpanAttention(start, n, ctx_len, head_block_rows(table, lay.num_kv_heads).to(lay.device), mask)
+
+    def decode(self, q: torch.Tensor, layer_kv, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        nd, num_heads, head_dim = q.shape
+        ctx_k, ctx_v = layer_kv.decode_context(meta.decodes)                              # [nd, kvh, L, D]
+        kvh = ctx_k.shape[1]
+        qd = q.view(nd, kvh, num_heads // kvh, head_dim)
+        scores = torch.matmul(qd, ctx_k.transpose(-1, -2)).mul_(scale).add_(meta.decodes.bias)  # [nd, kvh, G, L]
+        return torch.matmul(torch.softmax(scores, dim=-1), ctx_v).view(nd, num_heads, head_dim)
+
+
+class NativeAttention(TorchAttention):
+    """Decode rows through the native paged-attention kernel, reading the blocks in place; spans as torch's."""
+
+    name = "native"
+
+    def _decodes(self, plan: SchedulerOutput):
+        tables = _padded_tables([c.block_ids for c in plan.decodes]).to(self.layout.device)
+        return NativeDecodes(tables, torch.tensor([c.start_pos + 1 for c in plan.decodes]).to(self.layout.device))
+
+    def decode(self, q: torch.Tensor, layer_kv, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return layer_kv.decode_attention(q, meta.decodes, scale)
+
+
+class DecodeStackAttention:
+    """Steps of decodes and short draft trees: every decoder layer in one native call (models/decode_stack.py).
+    Each query row is a decode over its own prefix; a draft row carries a mask of the drafts it sees."""
+
+    name = "decode-stack"
+
+    def __init__(self, stack, block_size: int, device: torch.device):
+        self.stack = stack
+        self.block_size, self.device = block_size, device
+
+    def supports(self, plan: SchedulerOutput) -> bool:
+        return all(c.num_draft_tokens and len(c.token_ids) <= STACK_MAX_CHUNK for c in plan.spans)
+
+    def build(self, plan: SchedulerOutput) -> AttentionMetadata:
+        blocks, offsets = _writes(plan, self.block_size, self.device)
+        tables: list[list[int]] = []
+        lens: list[int] = []
+        masks: list[int] = []
+        for c in plan.decodes:
+            tables.append(c.block_ids)
+            lens.append(c.start_pos + 1)
+            masks.append(-1)
+        for c in plan.spans:
+            committed = len(c.token_ids) - c.num_draft_tokens
+            for i in range(len(c.token_ids)):   # drafts sit in the slots after the committed tokens
+                tables.append(c.block_ids)
+                lens.append(c.start_pos + i + 1)
+            masks.extend([-1] * committed)
+            masks.extend(tree_visibility_bits(c.draft_parents))
+        # Plain decodes see their whole context: no masks to read.
+        row_masks = torch.tensor(masks, dtype=torch.long).to(self.device) if plan.spans else None
+        rows = StackRows(_padded_tables(tables).to(self.device), torch.tensor(lens).to(self.device), row_masks)
+        return AttentionMetadata(self, blocks, offsets, len(plan.decodes), rows=rows)
+
+    def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
+        r = meta.rows
+        return self.stack.forward(h, cos, sin, meta.write_blocks, meta.write_offsets, r.tables, r.lens, r.masks)
+
+    def decode(self, q, layer_kv, meta, scale):
+        raise RuntimeError("the decode stack runs whole steps; it has no per-layer decode")
+
+
+def paged_attention(q: torch.Tensor, kv, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One layer's attention on the module path. q: [T, heads, head_dim]; kv: the layer's cache."""
+    num_heads = q.shape[1]
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        out[:nd] = meta.backend.decode(q[:nd], kv, meta, scale)
+    for span in meta.spans:
+        s, n, L = span.start, span.length, span.context_len
+        kc, vc = kv.chunk_context(span)                                                  # [kvh, blocks*bs, D]
+        qc = q[s:s + n].transpose(0, 1).unsqueeze(0)                                     # [1, H, n, D]
+        o = F.scaled_dot_product_attention(qc, kc[:, :L].unsqueeze(0), vc[:, :L].unsqueeze(0),
+                                           attn_mask=span.causal_mask, is_causal=span.causal_mask is None,
+                                           scale=scale, enable_gqa=kc.shape[0] != num_heads)
+        out[s:s + n] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,55 @@
+"""What a result or a running server says about itself: versions, CPU, and the engine's active paths."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+import kvloom
+from kvloom.kernels import kernels_status
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def stack_description() -> dict:
+    """The client side of a result: enough to reproduce it."""
+    return {"kvloom_version": kvloom.__version__, "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def engine_description(engine) -> dict:
+    """The server side: model, precision, every scheduler and cache setting."""
+    shape = engine.model.shape
+    return {
+        **stack_description(),
+        "inference_paths": inference_paths(engine),
+        "model": engine.source.name,
+        "parameters": engine.model.num_parameters(),
+        "dtype": engine.config.dtype,
+        "quantization": engine.config.quantization,
+        "kv_cache_dtype": engine.config.kv_cache_dtype,
+        "engine_config": {k: v for k, v in vars(engine.config).items()},
+        "max_model_len": engine.max_model_len,
+        "kv_cache_blocks": engine.num_blocks,
+        "kv_cache_tokens": engine.kv_capacity_tokens,
+        "num_layers": shape.num_layers,
+    }
+
+
+def inference_paths(engine) -> dict:
+    """Which native paths run (kernels, ISA class, attention backends, linear kernels) and, for each off, why."""
+    kernels = kernels_status(native_kernels=engine.config.native_kernels)
+    linears = sorted({getattr(m, "kernel_path", "torch float linear") for m in engine.model.modules()
+                      if hasattr(m, "kernel_path") or type(m) is torch.nn.Linear})
+    return {"kernels": kernels, **engine.runner.describe_backends(), "linear_kernels": linears}
