@@ -45,7 +45,7 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
                    help="draft tokens per request per step at most")
     p.add_argument("--spec-branches", type=int, default=d.spec_branches, help="children per draft-tree node at most")
     p.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
-                   help="run decode attention in plain PyTorch instead of the compiled C++ kernel")
+                   help="run attention and linear layers in plain PyTorch instead of the compiled C++ kernels")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -205,12 +205,9 @@ def _rates(text: str) -> list[float]:
 
 def cmd_tune(args) -> None:
     from kvloom.bench.tune import format_tune, tune
-    from kvloom.engine.engine import Engine
     seqs = [int(x) for x in args.max_num_seqs_grid.split(",")]
     budgets = [int(x) for x in args.budget_grid.split(",")]
-    # Room for the largest setting; each run then sets the scheduler's limits itself.
-    engine = Engine(engine_config(args))
-    result = tune(engine, args.num_requests, args.input_len, args.output_len, seqs, budgets, args.max_tpot_ms)
+    result = tune(engine_config(args), args.num_requests, args.input_len, args.output_len, seqs, budgets, args.max_tpot_ms)
     print(format_tune(result))
     if args.out:
         with open(args.out, "w") as f:

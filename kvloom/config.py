@@ -45,7 +45,7 @@ class EngineConfig:
     speculative: str = "none"             # none | lookahead (draft tokens from n-gram tries, verified in one pass)
     spec_max_tokens: int = 8              # draft tokens per request per step at most
     spec_branches: int = 2                # children per draft-tree node at most
-    native_kernels: bool = True           # C++ decode attention over the paged pool (compiled on first use)
+    native_kernels: bool = True           # the C++ kernels (compiled at install; False: plain PyTorch paths)
     seed: int = 0                         # seeds requests that bring no seed of their own
     num_threads: int | None = None        # torch intra-op threads (None: torch's default)
 

@@ -2,20 +2,23 @@
 
 Each setting of max_num_seqs x max_num_batched_tokens serves the same burst
 of requests (all arriving at once, as `bench serve --request-rate inf` sends
-them) through one engine whose scheduler limits are changed between runs,
-so the model is loaded once. Reported per setting: output tokens/s, TTFT and
+them) through an engine built for that setting (the config stays frozen; what
+depends on the limits, such as int8 staging and the step-cost model, is sized
+for them). Reported per setting: output tokens/s, TTFT and
 TPOT percentiles. The best is the highest throughput whose TPOT p99 meets
 `--max-tpot-ms` (throughput landscapes are irregular, so this is measured,
 not derived).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 
 from kvloom.bench.closed_loop import run_closed_loop
 from kvloom.corpus import prompts_of_length
+from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
 
 
@@ -28,18 +31,17 @@ def _burst(engine: Engine, prompts: list[list[int]], output_len: int) -> dict:
             "tpot_p50_ms": float(np.percentile(tpot, 50)), "tpot_p99_ms": float(np.percentile(tpot, 99))}
 
 
-def tune(engine: Engine, num_requests: int, input_len: int, output_len: int, seqs: list[int],
+def tune(config: EngineConfig, num_requests: int, input_len: int, output_len: int, seqs: list[int],
          budgets: list[int], max_tpot_ms: float | None) -> dict:
     grid = list(itertools.product(seqs, budgets))
-    # Fresh prompts for every run: repeating them would turn later runs' prefills into prefix-cache hits.
-    prompts = prompts_of_length(engine.tokenizer, [input_len] * num_requests * (len(grid) + 1))
-    _burst(engine, prompts[-2:], 4)    # warm-up
-    sched = engine.scheduler
     rows = []
-    for k, (max_seqs, budget) in enumerate(grid):
-        sched.max_num_seqs, sched.max_num_batched_tokens = max_seqs, budget
+    for max_seqs, budget in grid:
+        engine = Engine(dataclasses.replace(config, max_num_seqs=max_seqs, max_num_batched_tokens=budget))
+        prompts = prompts_of_length(engine.tokenizer, [input_len] * (num_requests + 2))
+        _burst(engine, prompts[-2:], 4)    # warm-up
         rows.append({"max_num_seqs": max_seqs, "max_num_batched_tokens": budget,
-                     **_burst(engine, prompts[k * num_requests:(k + 1) * num_requests], output_len)})
+                     **_burst(engine, prompts[:num_requests], output_len)})
+        del engine
     ok = [r for r in rows if max_tpot_ms is None or r["tpot_p99_ms"] <= max_tpot_ms]
     best = max(ok, key=lambda r: r["output_tokens_per_s"]) if ok else None
     return {"num_requests": num_requests, "input_len": input_len, "output_len": output_len,
