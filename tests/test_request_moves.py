@@ -54,16 +54,17 @@ def run_alone(engine: Engine, prompt, params, rid: str) -> dict:
     return results
 
 
-def run_moved(src: Engine, dst: Engine, prompt, params, rid: str, steps: int, with_kv: bool = True,
+def run_moved(src: Engine, dst: Engine, prompt, params, rid: str, after_tokens: int, with_kv: bool = True,
               through=None) -> dict:
-    """Run `steps` steps in src, move the request, finish it in dst."""
+    """Run the request in src until it has `after_tokens` output tokens (0: still waiting), move it, finish it
+    in dst."""
     results: dict = {}
     src.add_request(prompt, params, request_id=rid)
-    for _ in range(steps):
+    while len(src.scheduler.requests[rid].output_token_ids) < after_tokens:
         collect(src.step(), results)
     assert src.has_unfinished(), "the request finished before it could move"
     snap = src.export_request(rid, with_kv=with_kv)
-    assert (snap.kv is not None) == with_kv
+    assert (snap.kv is not None) == (with_kv and after_tokens > 0)   # a waiting request has no KV yet
     if through is not None:
         snap = through(snap)
     dst.import_request(snap)
@@ -104,8 +105,8 @@ def test_moved_request_gives_the_same_tokens(tiny_model_dir, case, with_kv):
     # A repetitive prompt, so lookahead has drafts to verify (and the move carries a trie's worth of state).
     prompt = (random_prompts(1, [9], seed=5)[0] * 4)[:35]
     alone = run_alone(a, prompt, params, "r")
-    for steps in (3, 9):   # mid-block and across a block boundary (block_size 16, 35-token prompt)
-        moved = run_moved(a, b, prompt, params, "r", steps, with_kv)
+    for after in (0, 3, 9):   # still waiting; mid-block; across a block boundary (block_size 16, 35-token prompt)
+        moved = run_moved(a, b, prompt, params, "r", after, with_kv)
         assert_same(moved, alone)
     assert_all_blocks_free(a, b)
 
@@ -118,9 +119,9 @@ def test_family_of_three_moves_together(tiny_model_dir, params):
                                "seed": 77})
     alone = run_alone(a, prompt, family, "fam")
     assert set(alone) == {"fam", "fam#1", "fam#2"}
-    for steps in (1, 4):   # before the forks (pending), and after them (sharing the prompt's blocks)
-        assert_same(run_moved(a, b, prompt, family, "fam", steps), alone)
-        assert_same(run_moved(a, b, prompt, family, "fam", steps, with_kv=False), alone)
+    for after in (0, 4):   # before the forks (pending), and after them (sharing the prompt's blocks)
+        assert_same(run_moved(a, b, prompt, family, "fam", after), alone)
+        assert_same(run_moved(a, b, prompt, family, "fam", after, with_kv=False), alone)
     assert_all_blocks_free(a, b)
 
 

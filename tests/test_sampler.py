@@ -29,3 +29,42 @@ def test_greedy_is_argmax_and_repetition_penalty_applies():
     r = _req(temperature=0.0, repetition_penalty=2.0)
     r.all_token_ids = [1]
     assert sample(logits, [r]).token_ids == [2]  # 3/2 < 2
+
+
+def _reference_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_p, order = probs.sort(descending=True)
+    sorted_p[sorted_p.cumsum(0) - sorted_p >= top_p] = 0.0
+    return torch.zeros_like(probs).scatter_(0, order, sorted_p)
+
+
+def test_batched_filters_equal_a_row_by_row_reference():
+    """Peaked and flat rows (nucleus inside the first 256 candidates, inside 4096, and wider), mixed settings."""
+    from kvloom.engine.sampler import batched_target_probs
+    g = torch.Generator().manual_seed(0)
+    vocab = 20_000
+    logits = torch.randn(6, vocab, generator=g) * torch.tensor([8.0, 8.0, 2.0, 2.0, 0.3, 0.3])[:, None]
+    params = [SamplingParams(temperature=t, top_p=p, top_k=k, min_p=m)
+              for t, p, k, m in [(0.7, 0.9, 0, 0.0), (1.0, 0.95, 50, 0.0), (0.8, 0.95, 0, 0.01),
+                                 (1.0, 0.99, 0, 0.0), (1.0, 0.9, 0, 0.0), (1.3, 0.5, 7000, 0.0)]]
+    got = batched_target_probs(logits, params)
+    for i, p in enumerate(params):
+        x = logits[i] / p.temperature
+        if p.top_k:
+            x = x.masked_fill(x < x.topk(p.top_k).values[-1], float("-inf"))
+        probs = torch.softmax(x, -1)
+        if p.min_p:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        want = _reference_top_p(probs, p.top_p)
+        assert torch.equal(got[i] > 0, want > 0), i
+        torch.testing.assert_close(got[i], want)
+
+
+def test_a_row_draws_the_same_token_alone_or_batched():
+    from kvloom.engine.sampler import sample as draw
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(12, 5000, generator=g) * 3
+    settings = [dict(temperature=0.0), dict(temperature=0.7, top_p=0.95), dict(temperature=1.0, top_k=20),
+                dict(temperature=0.9, min_p=0.05)] * 3
+    batched = draw(logits, [_req(seed=i, **kw) for i, kw in enumerate(settings)]).token_ids
+    alone = [draw(logits[i:i + 1], [_req(seed=i, **kw)]).token_ids[0] for i, kw in enumerate(settings)]
+    assert batched == alone
