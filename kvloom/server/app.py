@@ -8,17 +8,18 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from kvloom.bench.hardware import engine_description
+from kvloom.system_info import engine_description
 from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError
 from kvloom.server.async_engine import AsyncEngine, EngineDeadError
 from kvloom.server.metrics import ServerMetrics
 from kvloom.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                     error_body)
 from kvloom.server.serving import OpenAIServing, message_dicts
+from kvloom.server.web import PUBLIC_WEB_PATHS, web_router
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,51 @@ class ServerSettings:
     max_waiting_requests: int = 256
 
 
-class _Unauthorized(Exception):
-    pass
+# Routes anyone may call when an API key is set (probes and scrapers carry no key).
+PUBLIC_PATHS = frozenset({"/health", "/metrics"}) | PUBLIC_WEB_PATHS  # web pages: kvloom/server/web.py
+
+
+class _RequireApiKey:
+    """Pure ASGI middleware: every HTTP route but PUBLIC_PATHS needs `Authorization: Bearer <key>`.
+
+    Middleware rather than a per-router dependency, so no route (tokenize, server_info, the
+    OpenAPI docs, ones added later) can be left open by forgetting it; pure ASGI rather than
+    BaseHTTPMiddleware, which would hide client disconnects from the handlers.
+    """
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = _error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that, however it ends (finished, client gone, cancelled), closes its generators
+    at once, which cancels and aborts their engine requests.
+
+    Starlette only stops iterating the body when the client goes away; a generator left suspended
+    (never started, or parked at a yield while a send was cut short) would hold its engine requests,
+    their KV blocks and a batch slot until the garbage collector happened to finalize it.
+    """
+
+    def __init__(self, body, stream):
+        super().__init__(body, media_type="text/event-stream")
+        self._stream = stream
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            await self._stream.aclose()
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
@@ -55,16 +99,8 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     # ---- cross-cutting -----------------------------------------------------------------
 
-    # A dependency, not middleware: Starlette's BaseHTTPMiddleware hides client disconnects from handlers.
-    async def authenticate(request: Request):
-        if settings.api_key:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                raise _Unauthorized()
-
-    @app.exception_handler(_Unauthorized)
-    async def on_unauthorized(request: Request, exc: _Unauthorized):
-        return _error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
+    if settings.api_key:
+        app.add_middleware(_RequireApiKey, api_key=settings.api_key)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -81,8 +117,13 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         if isinstance(exc, InvalidRequestError):
             return _error(400, str(exc), "invalid_request_error", exc.field)
         if isinstance(exc, EngineDeadError):
-            return _error(500, str(exc), "server_error")
+            return _error(503, str(exc), "server_error", code="engine_dead")
         return _error(400, str(exc), "invalid_request_error")
+
+    def check_supported(body) -> None:
+        if (name := body.unsupported_field()) is not None:
+            raise InvalidRequestError(f"{name} is not supported by this server yet; remove it from the request",
+                                      field=name)
 
     def check_model(name: str | None) -> JSONResponse | None:
         if name is not None and name != settings.model_name:
@@ -123,28 +164,29 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     # ---- OpenAI endpoints --------------------------------------------------------------
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_supported(body)
         if (err := check_model(body.model) or overloaded()) is not None:
             return err
         subs = serving.chat_subrequests(body)
         first, stream = await start(subs)
         if body.stream:
-            return StreamingResponse(serving.chat_stream(subs, first, stream, body.include_usage),
-                                     media_type="text/event-stream")
+            return _EventStream(serving.chat_stream(subs, first, stream, body.include_usage), stream)
         return await until_disconnect(request, serving.chat_response(subs, first, stream))
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
+        check_supported(body)
         if (err := check_model(body.model) or overloaded()) is not None:
             return err
         subs = serving.completion_subrequests(body)
         first, stream = await start(subs)
         if body.stream:
-            return StreamingResponse(serving.completion_stream(subs, first, stream, body.include_usage, body.echo),
-                                     media_type="text/event-stream")
+            return _EventStream(serving.completion_stream(subs, first, stream, body.include_usage, body.echo),
+                                stream)
         return await until_disconnect(request, serving.completion_response(subs, first, stream, body.echo))
 
     @v1.delete("/sessions/{session_id}")
@@ -165,7 +207,8 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
     async def health():
         if async_engine.is_alive:
             return Response(status_code=200)
-        return _error(503, "the engine loop is not running", "server_error")
+        reason = f" ({async_engine._dead!r}); restart the server" if async_engine._dead is not None else ""
+        return _error(503, f"the engine loop is not running{reason}", "server_error", code="engine_dead")
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -197,5 +240,10 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         if any(not 0 <= t < vocab for t in body.tokens):
             raise InvalidRequestError(f"token ids must be in [0, {vocab})", field="tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    # ---- web pages: chat at /, dashboard at /dashboard (kvloom/server/web.py) ----------
+
+    metrics.set_model_name(settings.model_name)  # label model_name of the vllm:* series
+    app.include_router(web_router(settings, metrics))
 
     return app

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 from kvloom.engine.engine import Engine
@@ -62,6 +62,10 @@ class AsyncEngine:
         self._on_step = on_step            # called in the loop thread after each step (metrics)
         self._stop = threading.Event()
         self._dead: BaseException | None = None
+        # Held to submit a command and to declare the loop stopped: no command slips in after the
+        # final drain, so every command gets an answer.
+        self._submit_lock = threading.Lock()
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="kvloom-engine", daemon=True)
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -72,25 +76,48 @@ class AsyncEngine:
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._commands.put(None)  # wake the loop
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._fail_everything(EngineDeadError("the engine has shut down"))
 
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._dead is None
+
+    def _dead_error(self) -> EngineDeadError:
+        if self._dead is not None:
+            return EngineDeadError(f"the engine loop has stopped on an internal error ({self._dead!r}); "
+                                   "restart the server")
+        return EngineDeadError("the engine has shut down")
+
+    def _submit(self, cmd) -> None:
+        """Queue a command for the loop thread; once the loop has stopped, fail it at once instead."""
+        with self._submit_lock:
+            if not self._stopped:
+                self._commands.put(cmd)
+                return
+        _reject(cmd, self._dead_error())
 
     # ---- requests ------------------------------------------------------------------------
 
     async def generate(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
                        session_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the outputs of the request's n samples until all finish; aborts it if the consumer stops early."""
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
+        if self._stopped:
+            raise self._dead_error()
         request_id = request_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue = asyncio.Queue()
         accepted: Future = Future()
-        self._commands.put(_Add(request_id, prompt, params, time.time(), sink, loop, accepted, session_id))
-        await asyncio.wrap_future(accepted)  # raises the engine's validation error, if any
+        self._submit(_Add(request_id, prompt, params, time.time(), sink, loop, accepted, session_id))
+        try:
+            await asyncio.wrap_future(accepted)  # raises the engine's validation error, if any
+        except asyncio.CancelledError:
+            # The caller left while the add was on its way: the loop either skips the add (its future
+            # is cancelled) or has applied it, and then this abort, queued after it, removes it.
+            self.abort(request_id)
+            raise
         remaining = params.n
         try:
             while remaining:
@@ -104,11 +131,13 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+        self._submit(_Abort(request_id))
 
     async def close_session(self, session_id: str) -> bool:
+        if self._stopped:
+            raise self._dead_error()
         done: Future = Future()
-        self._commands.put(_CloseSession(session_id, done))
+        self._submit(_CloseSession(session_id, done))
         return await asyncio.wrap_future(done)
 
     # ---- the loop thread -----------------------------------------------------------------
@@ -118,8 +147,11 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 block = not engine.has_unfinished()
-                self._apply_commands(block)
+                changed = self._apply_commands(block)
                 if not engine.has_unfinished():
+                    if changed and self._on_step is not None:
+                        # Aborts emptied the engine between steps: no step follows to refresh the gauges.
+                        self._on_step(engine, [])
                     continue
                 outputs = engine.step()
                 self._deliver_outputs(outputs)
@@ -128,35 +160,64 @@ class AsyncEngine:
         except BaseException as e:  # anything here is a bug: fail every request loudly, never hang them
             log.exception("engine loop died")
             self._dead = e
-            for rid in list(self._sinks):
-                self._deliver(rid, EngineDeadError(f"the engine loop has stopped: {e}"), done=True)
+        self._fail_everything(self._dead_error())
 
-    def _apply_commands(self, block: bool) -> None:
-        try:
-            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return
-        while cmd is not None:
-            if isinstance(cmd, _Add):
-                try:
-                    self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id, cmd.arrival_time,
-                                            cmd.session_id)
-                except Exception as e:
-                    cmd.accepted.set_exception(e)
-                else:
-                    self._sinks[cmd.request_id] = (cmd.loop, cmd.sink)
-                    self._unfinished[cmd.request_id] = cmd.params.n
-                    cmd.accepted.set_result(True)
-            elif isinstance(cmd, _CloseSession):
-                cmd.done.set_result(self.engine.close_session(cmd.session_id))
-            elif isinstance(cmd, _Abort):
-                if self.engine.abort_request(cmd.request_id):
-                    self._sinks.pop(cmd.request_id, None)
-                    self._unfinished.pop(cmd.request_id, None)
+    def _fail_everything(self, error: EngineDeadError) -> None:
+        """The loop has stopped: fail the requests it was running and every command still queued;
+        commands submitted from now on fail in _submit."""
+        with self._submit_lock:
+            self._stopped = True
+        for rid in list(self._sinks):
+            entry = self._sinks.pop(rid)
+            try:
+                entry[0].call_soon_threadsafe(entry[1].put_nowait, error)
+            except RuntimeError:  # the client's event loop is closed: nobody is listening
+                pass
+        self._unfinished.clear()
+        while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
+            _reject(cmd, error)
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply queued commands; True if one changed the engine's state."""
+        changed = False
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return changed
+        while cmd is not None:
+            if isinstance(cmd, _Add):
+                # A cancelled future: its caller is gone, so the request is not added at all.
+                if cmd.accepted.set_running_or_notify_cancel():
+                    try:
+                        self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id, cmd.arrival_time,
+                                                cmd.session_id)
+                    except Exception as e:
+                        cmd.accepted.set_exception(e)
+                    else:
+                        self._sinks[cmd.request_id] = (cmd.loop, cmd.sink)
+                        self._unfinished[cmd.request_id] = cmd.params.n
+                        cmd.accepted.set_result(True)
+                        changed = True
+            elif isinstance(cmd, _CloseSession):
+                released = self.engine.close_session(cmd.session_id)
+                changed = changed or released
+                _resolve(cmd.done, released)
+            elif isinstance(cmd, _Abort):
+                # After the engine is done with a request (finished, or never added) this is a no-op;
+                # any of its outputs still on their way find no sink and are dropped.
+                if self.engine.abort_request(cmd.request_id):
+                    changed = True
+                self._sinks.pop(cmd.request_id, None)
+                self._unfinished.pop(cmd.request_id, None)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return changed
+        return changed
 
     def _deliver_outputs(self, outputs) -> None:
         """Hand a step's outputs to their queues with one wake-up per event loop, not one per request:
@@ -179,16 +240,26 @@ class AsyncEngine:
             except RuntimeError:  # the clients' event loop is closed: nobody is listening
                 for _, out in items:
                     self.engine.abort_request(out.parent_id)
+                    self._sinks.pop(out.parent_id, None)
+                    self._unfinished.pop(out.parent_id, None)
 
-    def _deliver(self, request_id: str, item, done: bool) -> None:
-        entry = self._sinks.pop(request_id, None) if done else self._sinks.get(request_id)
-        if entry is None:
-            return
-        loop, sink = entry
-        try:
-            loop.call_soon_threadsafe(sink.put_nowait, item)
-        except RuntimeError:  # the client's event loop is closed: nobody is listening
-            self.engine.abort_request(request_id)
+
+def _resolve(fut: Future, result=None, error: BaseException | None = None) -> None:
+    """Answer a command's future unless its caller has cancelled it (which must not kill the loop)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def _reject(cmd, error: BaseException) -> None:
+    if isinstance(cmd, _Add):
+        _resolve(cmd.accepted, error=error)
+    elif isinstance(cmd, _CloseSession):
+        _resolve(cmd.done, error=error)
 
 
 def _put_all(items: list) -> None:

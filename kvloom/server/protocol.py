@@ -1,13 +1,68 @@
 """OpenAI request schemas (pydantic). Responses are built as plain dicts in serving.py."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def _unset(v) -> bool:
+    return v is None or v is False or v == [] or v == {} or v == ""
+
+
+def _no_tools(req) -> bool:
+    return _unset(req.extra("tools")) and _unset(req.extra("functions"))
+
+
+# Fields of OpenAI's (and vLLM's) API that kvloom does not implement, each with the values that
+# mean "not used" and so are harmless. Any other value is refused with a 400 naming the field,
+# never silently ignored: a client relying on it would get an answer that looks right but is not.
+_NOT_IMPLEMENTED = {
+    "response_format": lambda v, r: v is None or (isinstance(v, dict) and v.get("type", "text") == "text"
+                                                  and set(v) <= {"type"}),
+    "tools": lambda v, r: _unset(v),
+    "tool_choice": lambda v, r: v is None or (v in ("none", "auto") and _no_tools(r)),
+    "functions": lambda v, r: _unset(v),
+    "function_call": lambda v, r: v is None or (v in ("none", "auto") and _no_tools(r)),
+    "parallel_tool_calls": lambda v, r: v is None or v is True,
+    "logit_bias": lambda v, r: v is None or v == {},
+    "best_of": lambda v, r: v is None or v == r.n,
+    "prediction": lambda v, r: v is None,
+    "audio": lambda v, r: v is None,
+    "modalities": lambda v, r: v is None or v == ["text"],
+    "web_search_options": lambda v, r: v is None,
+    "use_beam_search": lambda v, r: _unset(v),
+    "guided_json": lambda v, r: v is None,
+    "guided_regex": lambda v, r: v is None,
+    "guided_choice": lambda v, r: v is None,
+    "guided_grammar": lambda v, r: v is None,
+    "structured_outputs": lambda v, r: v is None,
+    "min_tokens": lambda v, r: v is None or v == 0,
+    "prompt_logprobs": lambda v, r: v is None,
+    "allowed_token_ids": lambda v, r: v is None,
+    "bad_words": lambda v, r: _unset(v),
+    "include_stop_str_in_output": lambda v, r: _unset(v),
+    "length_penalty": lambda v, r: v is None or v == 1,
+    "truncate_prompt_tokens": lambda v, r: v is None,
+    "logits_processors": lambda v, r: _unset(v),
+}
+_NOT_IMPLEMENTED_CHAT = {
+    "chat_template": lambda v, r: v is None,
+    "chat_template_kwargs": lambda v, r: _unset(v),
+    "documents": lambda v, r: _unset(v),
+    "continue_final_message": lambda v, r: _unset(v),
+    "echo": lambda v, r: _unset(v),
+}
+_NOT_IMPLEMENTED_COMPLETION = {
+    "suffix": lambda v, r: v is None or v == "",
+}
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted and ignored
+    # Unknown fields are accepted (user, metadata, store, service_tier... change nothing here),
+    # except those of _NOT_IMPLEMENTED, refused by unsupported_field().
+    model_config = ConfigDict(extra="allow")
+    _not_implemented: ClassVar[dict] = {}   # per endpoint, on top of _NOT_IMPLEMENTED
 
     model: str | None = None
     max_tokens: int | None = None
@@ -34,6 +89,17 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
+    def extra(self, name: str):
+        """An undeclared field's value (None when absent)."""
+        return (self.model_extra or {}).get(name)
+
+    def unsupported_field(self) -> str | None:
+        """The first field set to a value kvloom would otherwise ignore, or None."""
+        for name, harmless in {**_NOT_IMPLEMENTED, **self._not_implemented}.items():
+            if name in (self.model_extra or {}) and not harmless(self.extra(name), self):
+                return name
+        return None
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -42,6 +108,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Request):
+    _not_implemented: ClassVar[dict] = _NOT_IMPLEMENTED_CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -50,6 +117,7 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
+    _not_implemented: ClassVar[dict] = _NOT_IMPLEMENTED_COMPLETION
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None

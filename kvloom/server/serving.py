@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from kvloom.engine.outputs import RequestOutput
-from kvloom.errors import InvalidRequestError
+from kvloom.errors import InvalidRequestError, KvloomError
 from kvloom.sampling_params import SamplingParams
 from kvloom.server.metrics import ServerMetrics
 from kvloom.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -239,14 +239,20 @@ class OpenAIServing:
                 yield chunk([{"index": s.first_choice + k, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
         finals: dict[int, RequestOutput] = {}
-        async for choice, out in _chain(first, stream):
-            if out.delta_text or out.finished or out.delta_logprobs:
-                delta = {"content": out.delta_text} if out.delta_text else {}
-                yield chunk([{"index": choice, "delta": delta,
-                              "logprobs": self._chat_logprobs(out.delta_logprobs) if out.delta_logprobs else None,
-                              "finish_reason": out.finish_reason}])
-            if out.finished:
-                finals[choice] = out
+        try:
+            async for choice, out in _chain(first, stream):
+                if out.delta_text or out.finished or out.delta_logprobs:
+                    delta = {"content": out.delta_text} if out.delta_text else {}
+                    yield chunk([{"index": choice, "delta": delta,
+                                  "logprobs": self._chat_logprobs(out.delta_logprobs) if out.delta_logprobs
+                                  else None, "finish_reason": out.finish_reason}])
+                if out.finished:
+                    finals[choice] = out
+        except KvloomError as e:  # after the 200 is sent: the error goes in the stream
+            yield _sse_error(e)
+            return
+        finally:
+            await stream.aclose()
         if include_usage:
             yield chunk([], self._usage(subs, finals))
         yield "data: [DONE]\n\n"
@@ -261,15 +267,21 @@ class OpenAIServing:
                                   "finish_reason": None}])
         finals: dict[int, RequestOutput] = {}
         offsets: dict[int, int] = {}
-        async for choice, out in _chain(first, stream):
-            if out.delta_text or out.finished or out.delta_logprobs:
-                off = offsets.get(choice, 0)
-                offsets[choice] = off + len(out.delta_text)
-                yield chunk([{"index": choice, "text": out.delta_text, "finish_reason": out.finish_reason,
-                              "logprobs": self._completion_logprobs(out.delta_logprobs, off)
-                              if out.delta_logprobs else None}])
-            if out.finished:
-                finals[choice] = out
+        try:
+            async for choice, out in _chain(first, stream):
+                if out.delta_text or out.finished or out.delta_logprobs:
+                    off = offsets.get(choice, 0)
+                    offsets[choice] = off + len(out.delta_text)
+                    yield chunk([{"index": choice, "text": out.delta_text, "finish_reason": out.finish_reason,
+                                  "logprobs": self._completion_logprobs(out.delta_logprobs, off)
+                                  if out.delta_logprobs else None}])
+                if out.finished:
+                    finals[choice] = out
+        except KvloomError as e:  # after the 200 is sent: the error goes in the stream
+            yield _sse_error(e)
+            return
+        finally:
+            await stream.aclose()
         if include_usage:
             yield chunk([], self._usage(subs, finals))
         yield "data: [DONE]\n\n"
@@ -287,6 +299,13 @@ class _SSE:
         if self.include_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
+
+
+def _sse_error(e: KvloomError) -> str:
+    from kvloom.server.async_engine import EngineDeadError
+    kind = "server_error" if isinstance(e, EngineDeadError) else "invalid_request_error"
+    body = {"error": {"message": str(e), "type": kind, "param": getattr(e, "field", None), "code": None}}
+    return f"data: {json.dumps(body)}\n\n"
 
 
 async def _chain(first, stream):
