@@ -1,18 +1,29 @@
-"""The native kernels alone: `python benchmarks/kernel_speeds.py`.
+"""The native kernels alone: `python benchmarks/kernel_speeds.py [--isa avx2] [--only gemm]`.
+
+--isa     the class to build and time (native, avx2, avx512, avx512_vnni, baseline; default native: the
+          engine's build); --only attention|linears|gemm runs one section.
 
 decode attention  KV read speed over the float pool for a few (sequences, context) shapes, each call
                   over one of four layers' pools (41 MB each, so the KV comes from memory, not cache);
                   blocks scattered at random as a long-running pool leaves them.
+int8 products     GOP/s of the int32 product alone on SmolLM2-135M's shapes (576 -> 960 q/k/v, 576 -> 576 o,
+                  576 -> 3072 gate/up, 1536 -> 576 down, 576 -> 49152 head) at 1, 4, 16 rows (decode GEMV)
+                  and 128, 512 (prefill GEMM): the build's own loop (`native`: its loop at any row count;
+                  `auto`: what w8a8 uses), oneDNN's torch._int_mm, and fp32 torch.matmul for scale.
 w8a8 linear       SmolLM2-135M's 121 linears (30 layers x 4, and the LM head) at 1-16 rows: the
                   native call (VNNI GEMV up to 16 rows) against the PyTorch path (quantize, oneDNN's
                   `_int_mm`, rescale).
 """
+import argparse
 import time
 
 import torch
 
-from kvloom.kernels import kernels
+from kvloom.kernels import build, kernels
 from kvloom.quant.w8a8_linear import W8A8Linear
+
+SHAPES = {"qkv 576->960": (960, 576), "o 576->576": (576, 576), "gate_up 576->3072": (3072, 576),
+          "down 1536->576": (576, 1536), "head 576->49152": (49152, 576)}
 
 
 def best_of(fn, repeats: int) -> float:
@@ -24,8 +35,7 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
-def attention() -> None:
-    native = kernels()
+def attention(native) -> None:
     num_blocks, kvh, bs, d, heads = 4096, 3, 16, 64, 9
     pools = [(torch.randn(num_blocks, kvh, bs, d), torch.randn(num_blocks, kvh, bs, d)) for _ in range(4)]
     for n, ctx in ((1, 200), (32, 200), (64, 200), (32, 1000)):
@@ -41,7 +51,34 @@ def attention() -> None:
         print(f"attention  {n:3d} x {ctx:4d} tokens: {per_layer * 1e3:6.3f} ms a layer, {read / per_layer / 1e9:5.1f} GB/s")
 
 
-def linears() -> None:
+def gemm(native) -> None:
+    """GOP/s (2 * M * N * K / s) of the int8 product by each loop, and fp32 matmul, per shape and row count."""
+    torch.manual_seed(0)
+    print(f"int8 products, build {native.isa()}: auto = {native.int8_gemm_path()}")
+    print(f"{'shape':18s} {'rows':>4s} {'native':>8s} {'auto':>8s} {'_int_mm':>8s} {'fp32':>8s}   GOP/s (GFLOP/s)")
+    for name, (n, k) in SHAPES.items():
+        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        wf = torch.randn(n, k)
+        for rows in (1, 4, 16, 128, 512):
+            if name.startswith("head") and rows > 128:
+                continue
+            x8, xf = torch.randint(-127, 128, (rows, k), dtype=torch.int8), torch.randn(rows, k)
+            ops = 2 * rows * n * k
+            reps = max(3, min(50, int(2e9 / ops)))
+            runs = {"native": lambda: native.int8_matmul(x8, w8.t(), "native"),
+                    "auto": lambda: native.int8_matmul(x8, w8.t(), "auto"),
+                    # oneDNN wants more than 16 rows; below, pad to 17 (counted as the rows asked for)
+                    "_int_mm": (lambda: torch._int_mm(x8, w8.t())) if rows > 16 else
+                    (lambda x17=torch.cat((x8, x8.new_zeros(17 - rows, k))): torch._int_mm(x17, w8.t())),
+                    "fp32": lambda: torch.matmul(xf, wf.t())}
+            cells = []
+            for fn in runs.values():
+                fn()
+                cells.append(f"{ops / best_of(fn, reps) / 1e9:8.1f}")
+            print(f"{name:18s} {rows:4d} {' '.join(cells)}")
+
+
+def linears(native) -> None:
     torch.manual_seed(0)
     shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
     fused = [W8A8Linear(torch.randn(o, i) / 8, None, native=True) for o, i in shapes]
@@ -51,12 +88,25 @@ def linears() -> None:
     weight_bytes = sum(lin.weight.numel() for lin in fused)
     for rows in (1, 2, 4, 8, 16):
         xs = {k: torch.randn(rows, k) for k in (576, 1536)}
-        times = [best_of(lambda: [lin(xs[lin.in_features]) for lin in layers], 5) for layers in (fused, plain)]
+        times = [best_of(lambda: [native.w8a8_linear(xs[lin.in_features], lin.weight.t(), lin.scales, None)
+                                  for lin in fused], 5),
+                 best_of(lambda: [lin(xs[lin.in_features]) for lin in plain], 5)]
         print(f"w8a8 linears, {rows:2d} rows: native {times[0] * 1e3:6.2f} ms ({weight_bytes / times[0] / 1e9:4.1f} GB/s), "
               f"PyTorch path {times[1] * 1e3:6.2f} ms")
 
 
+def module_for(isa: str):
+    return kernels() if isa == "native" else build.load(build.make_plan(isa))
+
+
 if __name__ == "__main__":
-    torch.set_num_threads(2)
-    attention()
-    linears()
+    p = argparse.ArgumentParser()
+    p.add_argument("--isa", default="native", help="native | avx512_vnni | avx512 | avx2 | baseline")
+    p.add_argument("--only", choices=["attention", "gemm", "linears"], default=None)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    module = module_for(args.isa)
+    for section in (attention, gemm, linears):
+        if args.only in (None, section.__name__):
+            section(module)

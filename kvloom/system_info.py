@@ -50,6 +50,20 @@ def engine_description(engine) -> dict:
 def inference_paths(engine) -> dict:
     """Which native paths run (kernels, ISA class, attention backends, linear kernels) and, for each off, why."""
     kernels = kernels_status(native_kernels=engine.config.native_kernels)
-    linears = sorted({getattr(m, "kernel_path", "torch float linear") for m in engine.model.modules()
-                      if hasattr(m, "kernel_path") or type(m) is torch.nn.Linear})
+    linears = sorted({_linear_path(m) for m in engine.model.modules() if _linear_path(m) is not None})
     return {"kernels": kernels, **engine.runner.describe_backends(), "linear_kernels": linears}
+
+
+def _linear_path(module) -> str | None:
+    from kvloom.quant.int4_linear import Int4Linear
+    from kvloom.quant.int8_linear import Int8Linear
+    from kvloom.quant.w8a8_linear import W8A8Linear
+    if isinstance(module, W8A8Linear):
+        return f"w8a8: {module.gemm_path}"
+    if isinstance(module, Int8Linear):
+        return "int8 weight-only: torch _weight_int8pack_mm"
+    if isinstance(module, Int4Linear):
+        return "int4 weight-only: torch _weight_int4pack_mm_for_cpu"
+    if type(module) is torch.nn.Linear:
+        return f"{str(module.weight.dtype).removeprefix('torch.')}: torch linear"
+    return None

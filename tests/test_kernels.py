@@ -1,13 +1,69 @@
-"""The native CPU kernels against the PyTorch code they replace, and the engine with them off."""
+"""The native CPU kernels against the PyTorch code they replace, and the engine with them off.
+
+Every kernel test runs once per instruction-set class: the build the engine loads ("native") and an explicit
+AVX2-only build (`-mavx2 -mfma -mf16c`, no AVX-512: what AMD EPYC hosts without AVX-512 run), so this machine
+checks the AVX2 paths too. KVLOOM_TEST_ISAS (comma-separated: native, baseline, avx2, avx512, avx512_vnni, or
+"all" for every class this CPU runs) changes the set; a class above the CPU's is skipped.
+"""
+import os
+import sys
+
 import pytest
 import torch
 
 from conftest import hf_greedy, random_prompts
 from kvloom import LLM, SamplingParams
-from kvloom.kernels import kernels
+import kvloom.kernels as kernels_pkg
+from kvloom.kernels import build, kernels
 from kvloom.quant.w8a8_linear import W8A8Linear
 
-native = pytest.mark.skipif(kernels() is None, reason="native kernels could not be built here")
+native = pytest.mark.skipif(kernels() is None, reason="native kernels are turned off (KVLOOM_NO_KERNELS)")
+
+
+def _isas() -> list[str]:
+    want = os.environ.get("KVLOOM_TEST_ISAS", "native,avx2").strip().lower()
+    if want == "all":
+        return ["native", *build.ISA_CLASSES]
+    return [isa.strip() for isa in want.split(",") if isa.strip()]
+
+
+_modules: dict = {}
+
+
+def _module(isa: str):
+    """The kernels built for one class (cached per process); skips when this CPU does not run the class."""
+    if isa not in _modules:
+        if isa == "native":
+            _modules[isa] = kernels()
+        else:
+            try:
+                plan = build.make_plan(isa)
+            except build.KernelBuildError as e:   # a class above this CPU's
+                _modules[isa] = e
+            else:
+                _modules[isa] = build.load(plan)
+    mod = _modules[isa]
+    if isinstance(mod, Exception):
+        pytest.skip(str(mod))
+    return mod
+
+
+@pytest.fixture(params=_isas())
+def kmod(request):
+    """The kernel module of one ISA class."""
+    if kernels() is None:
+        pytest.skip("native kernels are turned off (KVLOOM_NO_KERNELS)")
+    return _module(request.param)
+
+
+@pytest.fixture
+def engine_kernels(kmod, monkeypatch):
+    """kmod, made the module every part of the engine calls (each `from kvloom.kernels import kernels`)."""
+    original = kernels_pkg.kernels
+    for name, mod in list(sys.modules.items()):
+        if (name == "kvloom" or name.startswith("kvloom.")) and getattr(mod, "kernels", None) is original:
+            monkeypatch.setattr(mod, "kernels", lambda: kmod)
+    return kmod
 
 
 def _pool(num_blocks=40, kvh=2, bs=16, d=64, seed=0):
@@ -30,28 +86,26 @@ def _reference(q, k, v, tables, lens, scale):
     return out
 
 
-@native
 @pytest.mark.parametrize("heads,kvh,d", [(6, 2, 64), (2, 2, 128), (8, 1, 128), (6, 2, 32)])  # last: portable loop
-def test_float_decode_attention_matches_gathered_attention(heads, kvh, d):
+def test_float_decode_attention_matches_gathered_attention(kmod, heads, kvh, d):
     k, v = _pool(kvh=kvh, d=d)
     g = torch.Generator().manual_seed(3)
     tables = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(5)])
     lens = torch.tensor([1, 17, 50, 96, 33])
     q = torch.randn(5, heads, d)
-    got = kernels().decode_attention_f32(q, k, v, tables, lens, 0.125)
+    got = kmod.decode_attention_f32(q, k, v, tables, lens, 0.125)
     assert torch.allclose(got, _reference(q, k, v, tables, lens, 0.125), atol=1e-5)
 
 
-@native
-@pytest.mark.parametrize("d", [64, 32])   # the AVX-512 kernel and the portable loop
-def test_masked_rows_see_only_their_visible_positions(d):
+@pytest.mark.parametrize("d", [64, 32])   # the AVX-512 / AVX2 kernel and the portable loop
+def test_masked_rows_see_only_their_visible_positions(kmod, d):
     """A draft token's row sees the context and its ancestors: positions whose bit is clear get no weight."""
     k, v = _pool(d=d)
     tables = torch.arange(24).view(4, 6)
     lens = torch.tensor([20, 70, 9, 96])
     masks = torch.tensor([-1, -1 & ~(1 << 1) & ~(1 << 3), ~(1 << 2), ((1 << 63) - 1) & ~(1 << 5)])  # last: bit 63 clear
     q = torch.randn(4, 6, d)
-    got = kernels().decode_attention_f32(q, k, v, tables, lens, 0.125, masks)
+    got = kmod.decode_attention_f32(q, k, v, tables, lens, 0.125, masks)
     for i in range(4):
         L = int(lens[i])
         seen = [p for p in range(L) if p < L - 64 or (int(masks[i]) >> (L - 1 - p)) & 1]
@@ -63,8 +117,7 @@ def test_masked_rows_see_only_their_visible_positions(d):
         assert torch.allclose(got[i], want, atol=1e-5), i
 
 
-@native
-def test_int8_decode_attention_reads_sealed_and_staged_blocks():
+def test_int8_decode_attention_reads_sealed_and_staged_blocks(kmod):
     from kvloom.kv.int8_kv_cache import quantize_rows
     k, v = _pool(seed=1)
     kq, ks = quantize_rows(k, 2)
@@ -75,20 +128,67 @@ def test_int8_decode_attention_reads_sealed_and_staged_blocks():
     slots[0, 1] = 0                       # this block's keys are still in float staging (slot 0)
     stage = k[tables[0, 1]].clone()[None]
     q = torch.randn(3, 6, 64)
-    got = kernels().decode_attention_i8(q, kq, ks.squeeze(2), vq, vs.squeeze(-1), stage, tables, slots, lens, 0.125)
+    got = kmod.decode_attention_i8(q, kq, ks.squeeze(2), vq, vs.squeeze(-1), stage, tables, slots, lens, 0.125)
     k_deq = (kq.float() * ks)
     k_deq[tables[0, 1]] = stage[0]
     want = _reference(q, k_deq, vq.float() * vs, tables, lens, 0.125)
     assert torch.allclose(got, want, atol=1e-4)
 
 
-@native
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40])   # up to 16 rows (2 without VNNI): the GEMV; more: oneDNN
-def test_fused_w8a8_linear_equals_the_pytorch_path(rows):
+def _int8_paths(kmod) -> list[str]:
+    return ["auto", "native", "int_mm"] + (["avx2"] if kmod.isa() != "baseline" else [])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17, 40, 128])
+@pytest.mark.parametrize("k", [160, 100, 576])   # 100: not a multiple of 16 (the loops' scalar tail)
+def test_int8_products_are_exact_on_every_path(kmod, rows, k):
+    """Each loop (the VNNI GEMV, the AVX2 GEMM, the portable loop, oneDNN) gives the exact integer product."""
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    x = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (99, k), dtype=torch.int8, generator=g)   # 99: not a multiple of the tiles
+    x[0, :8], w[:3, :8] = 127, -127                                       # the extremes (int16 pair sums)
+    want = (x.long() @ w.long().t()).int()
+    for path in _int8_paths(kmod):
+        if path == "int_mm" and (rows <= 16 or k % 8):   # oneDNN's own limits
+            continue
+        assert torch.equal(kmod.int8_matmul(x, w.t(), path), want), path
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40, 128])   # the GEMV's rows and the GEMM's
+def test_fused_w8a8_linear_equals_the_pytorch_path(kmod, rows):
     torch.manual_seed(0)
     w, b, x = torch.randn(99, 160) / 8, torch.randn(99), torch.randn(rows, 160)   # 99: not a multiple of 16
-    fused, plain = W8A8Linear(w, b, native=True), W8A8Linear(w, b, native=False)
-    assert torch.allclose(fused(x), plain(x), atol=1e-5, rtol=1e-5)
+    lin = W8A8Linear(w, b, native=False)
+    want = lin(x)
+    got = kmod.w8a8_linear(x, lin.weight.t(), lin.scales, lin.bias)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    h = torch.randn(rows, 99)
+    assert torch.equal(kmod.w8a8_linear(x, lin.weight.t(), lin.scales, lin.bias, h.clone()), h + got)
+
+
+@pytest.mark.parametrize("mode", ["auto", "native", "int_mm"])
+def test_w8a8_rows_do_not_depend_on_the_batch(kmod, mode):
+    """Batch invariance: a row's output bits are the same alone, in a GEMV-sized batch and in a GEMM-sized one,
+    whichever loop computes the product (integer sums are exact; every path shares the float epilogue)."""
+    torch.manual_seed(1)
+    w, b, x = torch.randn(130, 576) / 8, torch.randn(130), torch.randn(200, 576)
+    lin = W8A8Linear(w, b, native=False)
+    kmod.set_int8_gemm(mode)
+    try:
+        alone = torch.cat([kmod.w8a8_linear(x[i:i + 1], lin.weight.t(), lin.scales, lin.bias) for i in range(0, 200, 37)])
+        for rows in (4, 16, 17, 64, 200):
+            batch = kmod.w8a8_linear(x[:rows], lin.weight.t(), lin.scales, lin.bias)
+            picked = list(range(0, rows, 37))
+            assert torch.equal(batch[picked], alone[:len(picked)]), rows
+    finally:
+        kmod.set_int8_gemm("auto")
+
+
+@native
+def test_w8a8_linear_says_which_loop_runs_its_product():
+    lin = W8A8Linear(torch.randn(16, 32), None, native=True)
+    assert lin.gemm_path == kernels().int8_gemm_path() and lin.gemm_path
+    assert "torch._int_mm" in W8A8Linear(torch.randn(16, 32), None, native=False).gemm_path
 
 
 def test_engine_without_native_kernels_still_matches_transformers(tiny_model_dir):
@@ -99,16 +199,15 @@ def test_engine_without_native_kernels_still_matches_transformers(tiny_model_dir
     assert [r.token_ids for r in llm.generate(prompts, params)] == hf_greedy(model, prompts, 16)
 
 
-@native
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("quantization", ["none", "w8a8"])
-def test_native_decode_stack_is_bit_identical_to_the_module_path(tiny_model_dir, arch, quantization):
+def test_native_decode_stack_is_bit_identical_to_the_module_path(tiny_model_dir, engine_kernels, arch, quantization):
     """Each decode-only step's logits with the layers run by the native stack and by the modules: equal bits.
     The decode rows of a step with prompt chunks take the module path, so batch invariance needs exactly this."""
     llm = LLM(tiny_model_dir(arch), quantization=quantization, max_num_batched_tokens=64)
     runner = llm.engine.runner
     assert runner.decode_stack is not None
-    execute, same = runner.execute, []
+    execute, same = runner.logits, []
 
     def both_paths(plan, all_logits=False):
         if plan.spans or all_logits:
@@ -120,21 +219,20 @@ def test_native_decode_stack_is_bit_identical_to_the_module_path(tiny_model_dir,
         same.append(torch.equal(native_logits, module_logits))
         return native_logits
 
-    runner.execute = both_paths
+    runner.logits = both_paths
     llm.generate(random_prompts(5, seed=71), SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     assert len(same) > 10 and all(same)
 
 
-@native
-def test_rms_norm_and_silu_mul_match_pytorch():
+def test_rms_norm_and_silu_mul_match_pytorch(kmod):
     """The decode stack's small ops against PyTorch's, on 2-D rows and on per-head strided views."""
     torch.manual_seed(5)
     x, w = torch.randn(7, 96), torch.randn(96)
-    assert torch.allclose(kernels().rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (96,), w, 1e-5), atol=1e-6)
+    assert torch.allclose(kmod.rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (96,), w, 1e-5), atol=1e-6)
     heads = torch.randn(5, 10, 32)[:, 2:6]            # [5, 4, 32] view with a row stride of 320
     wh = torch.randn(32)
-    assert torch.allclose(kernels().rms_norm(heads, wh, 1e-6), torch.nn.functional.rms_norm(heads, (32,), wh, 1e-6),
+    assert torch.allclose(kmod.rms_norm(heads, wh, 1e-6), torch.nn.functional.rms_norm(heads, (32,), wh, 1e-6),
                           atol=1e-6)
-    gate_up = torch.cat((torch.randn(6, 40) * 30, torch.randn(6, 40)), dim=1)   # large |gate|: no overflow
-    gate, up = gate_up.split(40, dim=1)
-    assert torch.allclose(kernels().silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    gate_up = torch.cat((torch.randn(6, 44) * 30, torch.randn(6, 44)), dim=1)   # large |gate|: no overflow; 44: tails
+    gate, up = gate_up.split(44, dim=1)
+    assert torch.allclose(kmod.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)

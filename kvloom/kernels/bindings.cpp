@@ -3,6 +3,19 @@
 
 void register_decode_stack(pybind11::module_& m);
 
+// The class the compiler was told to target (kvloom/kernels/build.py's ISA_CLASSES).
+std::string kernels_isa() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return "avx512_vnni";
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "baseline";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs, as PyTorch's own ops do: the server's event loop keeps going.
   auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -14,5 +27,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention_i8", &decode_attention_i8, "paged decode attention, int8 pool", nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension", nogil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up output", nogil);
+  m.def("int8_matmul", &int8_matmul, "int32 = int8 [M, K] @ int8 [K, N] by a named loop (auto, native, int_mm, avx2)",
+        py::arg("xq"), py::arg("w_t"), py::arg("path") = "auto", nogil);
+  m.def("set_int8_gemm", &set_int8_gemm, "which loop runs the w8a8 product above 16 rows: auto, native, int_mm");
+  m.def("int8_gemm_path", &int8_gemm_path, "what computes the w8a8 product in this build on this CPU");
+  m.def("isa", &kernels_isa, "the instruction-set class the kernels were compiled for");
   register_decode_stack(m);
 }

@@ -148,7 +148,9 @@ class DecodeStack {
 };
 
 void register_decode_stack(pybind11::module_& m) {
-  pybind11::class_<DecodeStack>(m, "DecodeStack")
+  // module_local: builds for two ISA classes can be loaded in one process (the tests do) without the second
+  // one's registration of the same C++ type failing.
+  pybind11::class_<DecodeStack>(m, "DecodeStack", pybind11::module_local())
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, double>())
       .def("add_layer", &DecodeStack::add_layer)
       // The GIL is released for the whole stack: the server's event loop keeps going meanwhile.

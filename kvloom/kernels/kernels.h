@@ -4,6 +4,10 @@
 
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_scales,
                           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual = c10::nullopt);
+torch::Tensor int8_matmul(torch::Tensor xq, torch::Tensor w_t, std::string path);
+void set_int8_gemm(std::string mode);
+std::string int8_gemm_path();
+std::string kernels_isa();
 torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
                                    torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks);
 torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tensor k_scale, torch::Tensor vq,

@@ -67,6 +67,15 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
         const __m512 sig = _mm512_div_ps(_mm512_mask_mov_ps(one, neg, e), _mm512_add_ps(one, e));
         _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_loadu_ps(u + j)));
       }
+#elif defined(__AVX2__) && defined(__FMA__)
+      const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.f);
+      for (; j + 8 <= i; j += 8) {   // the same, 8 at a time
+        const __m256 gv = _mm256_loadu_ps(g + j);
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(zero, _mm256_andnot_ps(sign, gv)));
+        const __m256 neg = _mm256_cmp_ps(gv, zero, _CMP_LT_OQ);
+        const __m256 sig = _mm256_div_ps(_mm256_blendv_ps(one, e, neg), _mm256_add_ps(one, e));
+        _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + j)));
+      }
 #endif
       for (; j < i; ++j) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
     }

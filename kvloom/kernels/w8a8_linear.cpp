@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <atomic>
 #include <cstdint>
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <string>
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -84,7 +86,89 @@ void int8_gemv_rows(const int8_t* xp, int64_t M, const int8_t* wp, int64_t K, in
   }
 }
 constexpr int64_t kGemvMaxK = 4096;
-#else
+#endif
+
+#if defined(__AVX2__)
+// The int8 product without VNNI (AVX2 machines), any number of rows: the GEMV of a decode step and the GEMM
+// of a prefill are the same loop. vpmaddubsw (u8 x s8) would saturate its int16 pair sums for x + 128 and
+// needs llama.cpp's sign trick (vpsignb per pair of rows) otherwise: 3 uops on the multiply ports per 32
+// products. Widening both sides to int16 and using vpmaddwd (16 products into 8 int32, exact: a pair is at
+// most 2 * 127 * 127) costs 1 such uop per 16, and the weights' widening is shared by the tile's rows.
+// Tiles of 3 activation rows x 4 weight rows keep 12 accumulators in registers (3x4 ran at 88 GOP/s on one
+// thread here, 4x2 at 72, 4x3 at 60: its 16 live ymm spill, 8x4 at 69);
+// activations are widened once per call, weights once per tile, from a block of rows that stays in L1.
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int MR, int NR>
+void tile_avx2(const int16_t* x, int64_t ldx, const int8_t* w, int64_t K, int32_t* out, int64_t ldo) {
+  __m256i acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256i wv[NR];
+    for (int j = 0; j < NR; ++j)
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)));
+    for (int m = 0; m < MR; ++m) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * ldx + k));
+      for (int j = 0; j < NR; ++j) acc[m][j] = _mm256_add_epi32(acc[m][j], _mm256_madd_epi16(xv, wv[j]));
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) {
+      int32_t t = hsum_epi32(acc[m][j]);
+      for (int64_t kk = k; kk < K; ++kk) t += static_cast<int32_t>(x[m * ldx + kk]) * static_cast<int32_t>(w[j * K + kk]);
+      out[m * ldo + j] = t;
+    }
+}
+
+template <int MR>
+void tiles_avx2(const int16_t* x, int64_t ldx, const int8_t* w, int64_t K, int64_t n0, int64_t n1, int32_t* out,
+                int64_t ldo) {
+  constexpr int NR = 4;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) tile_avx2<MR, NR>(x, ldx, w + n * K, K, out + n, ldo);
+  for (; n < n1; ++n) tile_avx2<MR, 1>(x, ldx, w + n * K, K, out + n, ldo);
+}
+
+// acc[m, n] = x[m] . w[n] for every row m, weight rows [n0, n1), in blocks of ~16 KB of weights.
+void int8_gemm_rows_avx2(const int16_t* x, int64_t M, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
+                         int64_t N, int32_t* op) {
+  const int64_t block = std::max<int64_t>(12, (16384 / std::max<int64_t>(K, 1)) / 12 * 12);
+  for (int64_t b = n0; b < n1; b += block) {
+    const int64_t e = std::min(n1, b + block);
+    int64_t m = 0;
+    for (; m + 3 <= M; m += 3) tiles_avx2<3>(x + m * K, K, w, K, b, e, op + m * N, N);
+    switch (M - m) {
+      case 2: tiles_avx2<2>(x + m * K, K, w, K, b, e, op + m * N, N); break;
+      case 1: tiles_avx2<1>(x + m * K, K, w, K, b, e, op + m * N, N); break;
+      default: break;
+    }
+  }
+}
+
+torch::Tensor int8_gemm_avx2(const torch::Tensor& x, const torch::Tensor& w) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto x16 = torch::empty({M, K}, x.options().dtype(torch::kShort));
+  auto out = torch::empty({M, N}, x.options().dtype(torch::kInt));
+  const int8_t* xp = x.data_ptr<int8_t>();
+  int16_t* x16p = x16.data_ptr<int16_t>();
+  for (int64_t i = 0; i < M * K; ++i) x16p[i] = xp[i];
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int32_t* op = out.data_ptr<int32_t>();
+  at::parallel_for(0, (N + 11) / 12, 1, [&](int64_t b, int64_t e) {   // output channels, 12 at a time
+    int8_gemm_rows_avx2(x16p, M, wp, K, b * 12, std::min(e * 12, N), N, op);
+  });
+  return out;
+}
+#endif
+
+#if !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
 // acc[m, n] = x[m] . w[n] for a few rows, one weight row at a time (the compiler vectorizes the dot).
 void int8_gemv_rows(const int8_t* xp, int64_t M, const int8_t* wp, int64_t K, int64_t n0, int64_t n1,
                     int64_t N, int32_t* op) {
@@ -123,6 +207,57 @@ constexpr int64_t kGemvMaxRows = 16;
 #else
 constexpr int64_t kGemvMaxRows = 2;
 #endif
+
+// Which loop computes the int32 product (every one exact, so the choice never changes a result's bits):
+//   VNNI builds: the VNNI GEMV up to 16 rows, oneDNN's _int_mm above (its VNNI GEMM is the faster one there);
+//   other AVX2 builds: the AVX2 loop at every row count, unless this CPU has AVX-512 VNNI, where oneDNN
+//     (which picks its code at run time) is faster above 16 rows (a KVLOOM_ISA=avx2 build on a VNNI host);
+//   builds without AVX2: the portable loop up to 2 rows, _int_mm above.
+// set_int8_gemm("native" | "int_mm" | "auto") overrides the choice above 16 rows (benchmarks, tests).
+enum class GemmMode { kAuto = 0, kNative = 1, kIntMm = 2 };
+std::atomic<int> g_gemm_mode{static_cast<int>(GemmMode::kAuto)};
+
+bool host_has_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+  return vnni;
+#else
+  return false;
+#endif
+}
+
+// The rows above which _int_mm runs (INT64_MAX: never).
+int64_t int_mm_above(GemmMode mode) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return mode == GemmMode::kNative ? INT64_MAX : kGemvMaxRows;
+#elif defined(__AVX2__)
+  if (mode == GemmMode::kNative) return INT64_MAX;
+  if (mode == GemmMode::kIntMm) return 16;
+  return host_has_vnni() ? 16 : INT64_MAX;
+#else
+  (void)mode;
+  return kGemvMaxRows;
+#endif
+}
+
+GemmMode gemm_mode() { return static_cast<GemmMode>(g_gemm_mode.load(std::memory_order_relaxed)); }
+
+// acc [M, N] int32 = xq [M, K] int8 @ w_t [K, N] int8 (w_t.t() contiguous: [N, K]).
+torch::Tensor int8_product(const torch::Tensor& xq, const torch::Tensor& w_t, GemmMode mode) {
+  const torch::Tensor w = w_t.t();   // [N, K]
+  const int64_t M = xq.size(0), K = xq.size(1);
+  if (!w.is_contiguous() || M > int_mm_above(mode)) return at::_int_mm(xq, w_t);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (K <= kGemvMaxK) return M <= kGemvMaxRows ? int8_gemv(xq, w) : int8_gemm_avx2(xq, w);
+  return int8_gemm_avx2(xq, w);
+#elif defined(__AVX2__)
+  (void)K;
+  return int8_gemm_avx2(xq, w);
+#else
+  (void)K;
+  return int8_gemv(xq, w);
+#endif
+}
 
 // y = acc * row_scale * col_scale (+ bias), stored, or added to what `out` holds (a residual stream).
 // No fused multiply-adds: the product is rounded before the bias and before the residual add, exactly as
@@ -174,8 +309,7 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_
       sp[i] = scale;
     }
   });
-  const torch::Tensor w = w_t.t();   // [N, K]
-  torch::Tensor acc = (M <= kGemvMaxRows && K <= kGemvMaxK && w.is_contiguous()) ? int8_gemv(xq, w) : at::_int_mm(xq, w_t);
+  torch::Tensor acc = int8_product(xq, w_t, gemm_mode());
   auto y = residual.has_value() ? *residual : torch::empty({M, N}, x.options());
   if (residual.has_value())
     TORCH_CHECK(y.is_contiguous() && y.scalar_type() == torch::kFloat && y.size(0) == M && y.size(1) == N,
@@ -190,4 +324,41 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_
     for (int64_t i = b; i < e; ++i) dequant_row(ap + i * lda, sp[i], cs, bp, yp + i * N, N, accumulate);
   });
   return y;
+}
+
+// The int32 product alone, by a named loop: "auto" (what w8a8_linear uses), "native" (this build's own loop
+// at any row count), "int_mm" (oneDNN), "avx2" (the AVX2 loop, in builds that have it). For tests and benchmarks.
+torch::Tensor int8_matmul(torch::Tensor xq, torch::Tensor w_t, std::string path) {
+  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == torch::kChar && xq.is_contiguous(), "xq: contiguous int8 [M, K]");
+  TORCH_CHECK(w_t.dim() == 2 && w_t.scalar_type() == torch::kChar && w_t.size(0) == xq.size(1), "w_t: int8 [K, N]");
+  if (path == "int_mm") return at::_int_mm(xq, w_t);
+  if (path == "auto") return int8_product(xq, w_t, gemm_mode());
+  TORCH_CHECK(w_t.t().is_contiguous(), "w_t: the transpose of a contiguous [N, K]");
+#if defined(__AVX2__)
+  if (path == "avx2") return int8_gemm_avx2(xq, w_t.t());
+#endif
+  TORCH_CHECK(path == "native", "int8_matmul: unknown path '", path, "' for this build");
+  return int8_product(xq, w_t, GemmMode::kNative);
+}
+
+void set_int8_gemm(std::string mode) {
+  if (mode == "auto") g_gemm_mode = static_cast<int>(GemmMode::kAuto);
+  else if (mode == "native") g_gemm_mode = static_cast<int>(GemmMode::kNative);
+  else if (mode == "int_mm") g_gemm_mode = static_cast<int>(GemmMode::kIntMm);
+  else TORCH_CHECK(false, "set_int8_gemm: 'auto', 'native' or 'int_mm', not '", mode, "'");
+}
+
+// What computes the w8a8 product in this build on this CPU, for /server_info and the logs.
+std::string int8_gemm_path() {
+  const int64_t above = int_mm_above(gemm_mode());
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  const std::string own = "avx512_vnni gemv (<=16 rows)";
+  const std::string big = above == INT64_MAX ? ", avx2 int16-madd gemm above" : ", torch._int_mm above 16 rows";
+  return own + big;
+#elif defined(__AVX2__)
+  if (above == INT64_MAX) return "avx2 int16-madd gemm (all rows)";
+  return "avx2 int16-madd gemm (<=" + std::to_string(above) + " rows), torch._int_mm above";
+#else
+  return "portable loop (<=2 rows), torch._int_mm above";
+#endif
 }

@@ -1,9 +1,15 @@
 """int8 weights and int8 activations: per-channel weight scales, dynamic per-token activation scales.
 
-The product runs as an int8 x int8 -> int32 GEMM (torch._int_mm), which is
-where the batched, compute-bound regime gains over fp32. With the native
-kernels, quantizing the activations and scaling the result happen in the same
-call (one op instead of ten small ones: the batch-1 step is overhead-bound).
+The product runs as an int8 x int8 -> int32 GEMM, which is where the batched,
+compute-bound regime gains over fp32. With the native kernels, quantizing the
+activations and scaling the result happen in the same call (one op instead of
+ten small ones: the batch-1 step is overhead-bound), and the kernels pick the
+product's loop for the build and the CPU (kvloom/kernels/w8a8_linear.cpp): the
+VNNI GEMV up to 16 rows and oneDNN's torch._int_mm above on AVX-512 VNNI; the
+AVX2 int16-madd loop at every row count on AVX2 machines, where oneDNN's int8
+GEMM has no fast path (~4 GOP/s). Integer sums are exact and the float
+epilogue is shared, so the choice never changes a row's bits (batch invariance).
+`gemm_path` names the loop in use. Without native kernels: torch._int_mm.
 """
 from __future__ import annotations
 
@@ -12,6 +18,14 @@ from torch import nn
 
 from kvloom.kernels import kernels
 from kvloom.quant.int8_linear import quantize_per_channel_int8
+
+
+def w8a8_gemm_path(native: bool = True) -> str:
+    """What computes the w8a8 product here: the native kernels' choice for this build and CPU, or the PyTorch path."""
+    mod = kernels() if native else None
+    if mod is None:
+        return "torch._int_mm (PyTorch path)"
+    return mod.int8_gemm_path() if hasattr(mod, "int8_gemm_path") else "native kernels"
 
 
 class W8A8Linear(nn.Module):
@@ -25,6 +39,11 @@ class W8A8Linear(nn.Module):
         self.register_buffer("weight", q.contiguous())
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @property
+    def gemm_path(self) -> str:
+        """Which loop runs this layer's int8 product (a string for /server_info and the logs)."""
+        return w8a8_gemm_path(self.native)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
