@@ -231,3 +231,15 @@ def test_cached_tokens_in_usage_and_sessions(server, client):
     assert first["deleted"] is True
     assert httpx.delete(server.url + "/v1/sessions/agent-7").json()["deleted"] is False
     _no_leak(server)
+
+
+def test_cache_salt_keeps_tenants_prefix_hits_apart(server, client):
+    """vLLM's cache_salt: a tenant's cached prefix is never a hit (nor a timing signal) for another tenant."""
+    system = {"role": "system", "content": "Tenant policy text that is long enough to fill blocks. " * 4}
+    ask = lambda salt: client.chat.completions.create(  # noqa: E731
+        model="tiny", messages=[system, {"role": "user", "content": "hello"}], max_tokens=2, temperature=0,
+        extra_body={"cache_salt": salt}).usage.prompt_tokens_details.cached_tokens
+    assert ask("tenant-a") == 0
+    assert ask("tenant-b") == 0          # same prompt, other salt: nothing shared
+    assert ask("tenant-a") >= 32         # its own blocks are
+    _no_leak(server)

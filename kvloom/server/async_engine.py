@@ -38,6 +38,7 @@ class _Add:
     loop: asyncio.AbstractEventLoop
     accepted: Future
     session_id: str | None = None
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -102,7 +103,7 @@ class AsyncEngine:
     # ---- requests ------------------------------------------------------------------------
 
     async def generate(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
-                       session_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       session_id: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the outputs of the request's n samples until all finish; aborts it if the consumer stops early."""
         if self._stopped:
             raise self._dead_error()
@@ -110,7 +111,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue = asyncio.Queue()
         accepted: Future = Future()
-        self._submit(_Add(request_id, prompt, params, time.time(), sink, loop, accepted, session_id))
+        self._submit(_Add(request_id, prompt, params, time.time(), sink, loop, accepted, session_id, cache_salt))
         try:
             await asyncio.wrap_future(accepted)  # raises the engine's validation error, if any
         except asyncio.CancelledError:
@@ -194,7 +195,7 @@ class AsyncEngine:
                 if cmd.accepted.set_running_or_notify_cancel():
                     try:
                         self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id, cmd.arrival_time,
-                                                cmd.session_id)
+                                                cmd.session_id, cmd.cache_salt)
                     except Exception as e:
                         cmd.accepted.set_exception(e)
                     else:

@@ -84,6 +84,7 @@ class _Request(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     session_id: str | None = None   # an agent program's id: its KV is kept between its calls
+    cache_salt: str | None = None   # vLLM's: a tenant's prefix-cache blocks are shared only with its own salt
 
     @property
     def include_usage(self) -> bool:

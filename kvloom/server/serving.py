@@ -29,6 +29,7 @@ class SubRequest:
     prompt_text: str | None    # for echo
     params: SamplingParams
     session_id: str | None = None
+    cache_salt: str | None = None   # the tenant's: its prefix-cache blocks are never shared with other salts
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -66,9 +67,10 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int) -
 
 
 def _fan_out(prompts: list[tuple[list[int], str | None]], params: SamplingParams,
-             session_id: str | None) -> list[SubRequest]:
+             session_id: str | None, cache_salt: str | None = None) -> list[SubRequest]:
     """One engine request per prompt; its n samples share the prompt's KV in the engine."""
-    return [SubRequest(i * params.n, ids, text, params, session_id) for i, (ids, text) in enumerate(prompts)]
+    return [SubRequest(i * params.n, ids, text, params, session_id, cache_salt)
+            for i, (ids, text) in enumerate(prompts)]
 
 
 class OpenAIServing:
@@ -88,7 +90,8 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", field="top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return _fan_out([(ids, None)], sampling_params(req, max_tokens, logprobs, req.n), req.session_id)
+        return _fan_out([(ids, None)], sampling_params(req, max_tokens, logprobs, req.n), req.session_id,
+                       req.cache_salt)
 
     def completion_subrequests(self, req: CompletionRequest) -> list[SubRequest]:
         p = req.prompt
@@ -110,7 +113,8 @@ class OpenAIServing:
                 prompts.append((list(item), None))
         if req.logprobs is not None and not 0 <= req.logprobs <= 5:
             raise InvalidRequestError("logprobs must be in [0, 5] for completions", field="logprobs")
-        return _fan_out(prompts, sampling_params(req, req.max_tokens, req.logprobs, req.n), req.session_id)
+        return _fan_out(prompts, sampling_params(req, req.max_tokens, req.logprobs, req.n), req.session_id,
+                       req.cache_salt)
 
     # ---- running ---------------------------------------------------------------------
 
@@ -122,7 +126,8 @@ class OpenAIServing:
         async def pump(sub: SubRequest):
             first_token: dict[int, float] = {}
             try:
-                async for out in self.engine.generate(sub.prompt_ids, sub.params, session_id=sub.session_id):
+                async for out in self.engine.generate(sub.prompt_ids, sub.params, session_id=sub.session_id,
+                                                      cache_salt=sub.cache_salt):
                     if out.index not in first_token and out.token_ids:
                         first_token[out.index] = time.time()
                     await merged.put((sub.first_choice + out.index, out))
