@@ -125,7 +125,7 @@ def cmd_serve(args) -> None:
     from kvloom.server.launch import serve
     serve(engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
           served_model_name=args.served_model_name, max_waiting_requests=args.max_waiting_requests,
-          graceful_shutdown_s=args.graceful_shutdown)
+          graceful_shutdown_s=args.graceful_shutdown, instances=args.instances, dispatch=args.dispatch)
 
 
 def cmd_bench(args) -> None:
@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="past this many queued requests, answer 503 with Retry-After")
     s.add_argument("--graceful-shutdown", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM/SIGINT")
+    s.add_argument("--instances", type=int, default=1,
+                   help="engine instances on Ray behind one global scheduler (kvloom/cluster; starts a local Ray)")
+    s.add_argument("--dispatch", default="llumnix", choices=["llumnix", "least-loaded", "power-of-two", "round-robin"],
+                   help="with --instances > 1: where new requests go")
     s.set_defaults(func=cmd_serve)
 
     tu = sub.add_parser("tune", help="sweep max_num_seqs x max_num_batched_tokens on this machine; print the best")

@@ -16,7 +16,7 @@ log = logging.getLogger("kvloom.serve")
 
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_waiting_requests: int = 256,
-          graceful_shutdown_s: float = 30.0) -> None:
+          graceful_shutdown_s: float = 30.0, instances: int = 1, dispatch: str = "llumnix") -> None:
     engine = Engine(config)
     name = served_model_name or engine.source.name
     log.info("model %s: %.1fM parameters, %s, quantization %s, %d layers, context %d tokens", name,
@@ -30,7 +30,14 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_k
     log.info("scheduler: max_num_seqs=%d max_num_batched_tokens=%d max_waiting_requests=%d",
              config.max_num_seqs, config.max_num_batched_tokens, max_waiting_requests)
     metrics = ServerMetrics()
-    async_engine = AsyncEngine(engine, on_step=metrics.observe_engine)
+    if instances > 1:
+        # Ray actors run the instances; the local engine only answers for the tokenizer and limits.
+        from kvloom.cluster.front import ClusterEngine
+        async_engine = ClusterEngine(config, instances, policy=dispatch, threads_per_instance=config.num_threads or 1)
+        async_engine.engine = engine
+        log.info("cluster: %d engine instances on Ray, dispatch %s", instances, dispatch)
+    else:
+        async_engine = AsyncEngine(engine, on_step=metrics.observe_engine)
     app = build_app(async_engine, ServerSettings(name, api_key, max_waiting_requests), metrics)
     log.info("serving %s at http://%s:%d/v1%s", name, host, port, " (API key required)" if api_key else "")
     # uvicorn stops accepting on SIGTERM/SIGINT, lets open requests finish within the grace period,
