@@ -97,8 +97,8 @@ class ClusterEngine:
         for a in self.actors:
             try:
                 ray.kill(a)
-            except Exception:
-                pass
+            except Exception as e:  # noqa: BLE001 - shutting down: an actor already gone is fine, but say so
+                log.info("cluster shutdown: actor %s was already gone (%s)", a, e)
         self.actors = []
 
     @property
