@@ -12,7 +12,7 @@ import pytest
 from conftest import random_prompts
 from kvloom import SamplingParams
 from kvloom.cluster import dispatch
-from kvloom.cluster.engine_actor import LoadReport
+from kvloom.cluster.load import LoadReport
 
 
 def load(i, running=0, waiting=0, free=100, demand=0, alive=True):
@@ -76,6 +76,7 @@ def cluster(tiny_model_dir):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg = EngineConfig(model=tiny_model_dir("llama"), kv_cache_memory=4 << 20, max_num_seqs=8)
     c = ClusterEngine(cfg, num_instances=2, policy="llumnix", threads_per_instance=1, cpus_per_instance=1)
+    c.auto_rebalance = False          # tests place and move requests themselves; rebalance_once() on demand
     c.start()
     yield c
     c.shutdown()
@@ -241,6 +242,159 @@ def test_a_refused_request_raises_the_engine_error(cluster):
     assert cluster.where("too-long") is None and cluster.is_alive
 
 
+async def reference(c, prompts, params, tag) -> list[list[int]]:
+    """Each prompt's tokens with no migration (the batch is invariant: alone or together, the same)."""
+    rs = await asyncio.gather(*[consume(c, p, params, f"{tag}-ref-{k}") for k, p in enumerate(prompts)])
+    return [r["tokens"] for r in rs]
+
+
+def in_thread(fn, *args):
+    return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def test_rebalancer_moves_requests_off_the_busier_instance(cluster):
+    """Pile every request on one instance: a rebalancing round moves some back (reason "imbalance"), and
+    every request still gives the tokens it gives unmoved."""
+    from kvloom.cluster.rebalance import RebalanceSettings
+
+    prompts = random_prompts(4, [12, 14, 16, 18], seed=31)
+    params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+    plan = []
+
+    async def run():
+        ref = await reference(cluster, prompts, params, "imb")
+        wait_idle(cluster)
+
+        async def on_output(out):
+            if not plan and len(out.token_ids) >= 3:
+                plan.append("piled")
+                for k in range(4):
+                    if cluster.where(f"imb-{k}") == 1:
+                        assert await cluster.migrate(f"imb-{k}", to=0)
+                plan.append(sorted(cluster.where(f"imb-{k}") for k in range(4)))
+                cluster._recently_moved.clear()
+                plan.append(await in_thread(cluster.rebalance_once))
+
+        rs = await asyncio.gather(*[consume(cluster, p, params, f"imb-{k}", on_output if k == 0 else None)
+                                    for k, p in enumerate(prompts)])
+        return ref, rs
+
+    saved = cluster.rebalance_settings
+    cluster.rebalance_settings = RebalanceSettings(imbalance_gap=0.5)
+    try:
+        ref, rs = asyncio.run(run())
+    finally:
+        cluster.rebalance_settings = saved
+    assert plan[1] == [0, 0, 0, 0]
+    moves = plan[2]
+    assert moves and all(m.src == 0 and m.dst == 1 and m.reason == "imbalance" for m in moves), moves
+    assert [r["tokens"] for r in rs] == ref
+    assert all(r["deltas"] == r["tokens"] for r in rs)
+    assert cluster.stats.count.get("imbalance", 0) >= 1 and cluster.stats.downtime_seconds
+    wait_idle(cluster)
+
+
+def test_drain_moves_every_request_out_and_takes_none_in(cluster):
+    prompts = random_prompts(6, [10, 12, 14, 16, 18, 20], seed=32)
+    params = SamplingParams(temperature=0.7, seed=5, max_tokens=250, ignore_eos=True)
+    seen = {}
+
+    async def run():
+        ref = await reference(cluster, prompts, params, "drain")
+        wait_idle(cluster)
+
+        async def on_output(out):
+            if not seen and len(out.token_ids) >= 3:
+                seen["instance"] = i = cluster.where("drain-0")
+                cluster.drain(i)
+                while cluster.states[i] != "drained":
+                    await in_thread(cluster.rebalance_once)
+                    await asyncio.sleep(0.01)
+                seen["where"] = [cluster.where(f"drain-{k}") for k in range(6)]
+                seen["new"] = cluster.placements[-1]
+                late = await consume(cluster, prompts[0], params, "drain-late")
+                seen["late"] = (late["tokens"], placed(cluster, "drain-late"))
+
+        rs = await asyncio.gather(*[consume(cluster, p, params, f"drain-{k}", on_output if k == 0 else None)
+                                    for k, p in enumerate(prompts)])
+        return ref, rs
+
+    ref, rs = asyncio.run(run())
+    i = seen["instance"]
+    try:
+        assert all(w in (None, 1 - i) for w in seen["where"]), seen
+        assert seen["late"] == (ref[0], 1 - i)                 # new work goes to the serving instance
+        assert [r["tokens"] for r in rs] == ref                 # none dropped, none changed
+        assert cluster.instances()[i]["state"] == "drained"
+        assert ray.get(cluster.actors[i].load.remote()).running == 0
+    finally:
+        cluster.undrain(i)
+    assert cluster.states[i] == "serving"
+    wait_idle(cluster)
+
+
+@pytest.mark.parametrize("seed", [None, 7], ids=["greedy", "seeded"])
+def test_a_request_survives_its_instance_dying(cluster, seed):
+    """Kill the actor running a request mid-stream: the front resumes it on the other instance from the
+    tokens it streamed (the same tokens as never interrupted; no gap, no repeat), Ray restarts the actor,
+    and it rejoins empty."""
+    params = SamplingParams(temperature=0.0 if seed is None else 0.9, seed=seed, max_tokens=200, ignore_eos=True)
+    prompts = random_prompts(2, [20, 22], seed=33)
+    killed = []
+
+    async def run():
+        ref = await reference(cluster, prompts, params, f"kill-{seed}")
+        wait_idle(cluster)
+
+        async def on_output(out):
+            if not killed and len(out.token_ids) >= 20:
+                killed.append(cluster.where(f"kill-{seed}-0"))
+                ray.kill(cluster.actors[killed[0]], no_restart=False)
+
+        rs = await asyncio.gather(*[consume(cluster, p, params, f"kill-{seed}-{k}", on_output if k == 0 else None)
+                                    for k, p in enumerate(prompts)])
+        return ref, rs
+
+    before = cluster.stats.resumed_after_fault
+    ref, rs = asyncio.run(run())
+    assert [r["tokens"] for r in rs] == ref
+    assert all(r["deltas"] == r["tokens"] and r["streamed"] == r["text"] for r in rs)
+    assert cluster.stats.resumed_after_fault > before and cluster.stats.lost_after_fault == 0
+    deadline = time.time() + 120
+    while cluster.states[killed[0]] != "serving":
+        assert time.time() < deadline, "the restarted instance never rejoined"
+        time.sleep(0.2)
+    r = asyncio.run(consume(cluster, prompts[0], params, f"kill-{seed}-after"))
+    assert r["tokens"] == ref[0]
+    wait_idle(cluster)
+
+
+def test_an_urgent_request_jumps_a_full_clusters_queue(cluster):
+    """Every seat of both instances taken by low-priority requests, more queued: an urgent request
+    (priority -1) starts before any of the queued ones, preempting a running low-priority one."""
+    from kvloom.engine.engine import Engine  # noqa: F401  (the scheduler's rule, seen through the cluster)
+
+    prompts = random_prompts(20, [10] * 20, seed=34)
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    first_token: dict[str, float] = {}
+
+    async def consume_timed(rid, prompt, priority):
+        async for out in cluster.generate(prompt, params, rid, priority=priority):
+            first_token.setdefault(rid, time.perf_counter())
+
+    async def run():
+        low = [asyncio.ensure_future(consume_timed(f"low-{k}", p, 1)) for k, p in enumerate(prompts)]
+        while sum(l.running for l in cluster.loads()) < 16:
+            await asyncio.sleep(0.005)
+        urgent = asyncio.ensure_future(consume_timed("urgent", prompts[0], -1))
+        await asyncio.gather(urgent, *low)
+
+    asyncio.run(run())
+    queued = sorted(first_token[f"low-{k}"] for k in range(20))[16:]     # the four that had to wait
+    assert first_token["urgent"] < queued[0]
+    wait_idle(cluster)
+
+
 def test_openai_server_over_the_cluster(cluster, tiny_model_dir):
     """The HTTP app runs unchanged over the cluster (what `kvloom serve --instances N` builds). Runs last:
     the app's lifespan shuts the cluster down on exit."""
@@ -264,3 +418,58 @@ def test_openai_server_over_the_cluster(cluster, tiny_model_dir):
         assert text == plain["choices"][0]["text"]
         assert client.get("/health").status_code == 200
         wait_idle(cluster)
+        operator_routes(client, body)
+
+
+def operator_routes(client, body):
+    """/server_info lists the instances and the requests they run, by the ids responses carry; an operator
+    migrates a streaming request by that id and drains an instance; /metrics and /health show it."""
+    import json
+    import threading
+
+    long = {**body, "max_tokens": 300, "ignore_eos": True}
+    want = client.post("/v1/completions", json=long).json()["choices"][0]["text"]
+    got = {"chunks": []}
+
+    def stream():
+        with client.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
+            got["chunks"] = [json.loads(l[6:]) for l in r.iter_lines() if l.startswith("data: ") and "[DONE]" not in l]
+
+    t = threading.Thread(target=stream)
+    t.start()
+    deadline = time.time() + 30
+    while True:
+        info = client.get("/server_info").json()
+        running = [(i["id"], r) for i in info["instances"] for r in i["running"]]
+        if running or time.time() > deadline:
+            break
+        time.sleep(0.01)
+    assert [i["state"] for i in info["instances"]] == ["serving", "serving"]
+    assert all(i["pid"] and i["node_id"] and i["threads"] == 1 for i in info["instances"])
+    (src, rid), = running
+    moved = client.post("/admin/migrate", json={"request_id": rid}).json()
+    assert moved["moved"] == [{"request_id": rid, "ok": True, "instance": 1 - src}]
+    assert client.post("/admin/migrate", json={"request_id": "nope"}).status_code == 404
+    assert client.post("/admin/migrate", json={"request_id": rid, "to": 7}).status_code == 400
+    t.join(60)
+    assert {c["id"] for c in got["chunks"]} == {rid}
+    assert "".join(c["choices"][0]["text"] for c in got["chunks"] if c["choices"]) == want
+
+    metrics = client.get("/metrics").text
+    assert 'kvloom_instance_num_requests_running{instance="1"}' in metrics
+    assert 'kvloom_migrations_total{reason="manual"}' in metrics
+    assert "kvloom_migration_downtime_seconds_count" in metrics
+
+    assert client.post("/admin/instances/0/drain").json() == {"id": 0, "state": "draining"}
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200
+    assert client.post("/admin/instances/0/undrain").json()["state"] == "serving"
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.post("/admin/instances/5/drain").status_code == 400
+    wait_idle(cluster_of(client))
+
+
+def cluster_of(client):
+    return client.app.state.async_engine

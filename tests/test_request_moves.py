@@ -227,3 +227,40 @@ def test_import_refuses_what_does_not_fit_and_changes_nothing(tiny_model_dir):
 def _fields(p: SamplingParams) -> dict:
     import dataclasses
     return {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.init}
+
+
+def run_resumed(src: Engine, dst: Engine, prompt, params, rid: str, after_tokens: int) -> dict:
+    """Run in src until sample 0 has `after_tokens` tokens, then lose src's state (abort: as if it died) and
+    resume in dst from what was streamed alone: the tokens and logprobs of the last outputs seen."""
+    results: dict = {}
+    last: dict[int, object] = {}
+    src.add_request(prompt, params, request_id=rid)
+    while len(src.scheduler.requests[rid].output_token_ids) < after_tokens:
+        outs = src.step()
+        collect(outs, results)
+        last.update({o.index: o for o in outs})
+    src.abort_request(rid)
+    outputs = {i: (o.token_ids, o.logprobs) for i, o in last.items() if not o.finished}
+    outputs.update({k: ([], None) for k in range(params.n) if k not in last})
+    dst.resume_request(rid, prompt, params, outputs)
+    drain(dst, results)
+    return results
+
+
+@pytest.mark.parametrize("case", ["greedy", "seeded", "speculation-greedy"])
+def test_request_resumed_from_its_streamed_tokens_alone(tiny_model_dir, case):
+    settings, params = CASES[case]
+    a, b = engine_pair(tiny_model_dir("llama"), **settings)
+    for i, prompt in enumerate(random_prompts(2, [13, 37], seed=11)):
+        alone = run_alone(a, prompt, params, f"r{i}")
+        for after in (1, 9):
+            assert_same(run_resumed(a, b, prompt, params, f"r{i}", after), alone)
+    if settings:       # sampled drafts depend on the speculator's state, which a resume does not have
+        return
+    family = SamplingParams(**{**_fields(SEEDED), "n": 3, "seed": 5})
+    prompt = random_prompts(1, [21], seed=3)[0]
+    alone = run_alone(a, prompt, family, "fam")
+    assert_same(run_resumed(a, b, prompt, family, "fam", 5), alone)
+    with pytest.raises(InvalidRequestError, match="seed"):
+        b.resume_request("x", prompt, SamplingParams(temperature=0.7), {0: ([], None)})
+    assert_all_blocks_free(a, b)

@@ -109,3 +109,65 @@ def test_forks_never_push_the_running_set_past_max_num_seqs(tiny_model_dir):
     assert most == 2
     assert [outs[i] for i in range(4)] == [o.token_ids for o in roomy.outputs]
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def _preq(rid, n_prompt, priority, arrival=0.0, max_tokens=4):
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens), max_tokens, arrival,
+                   None, priority=priority)
+
+
+def test_priority_orders_admission_then_arrival():
+    pool = BlockPool(100)
+    s = Scheduler(pool, block_size=4, max_num_seqs=1, max_num_batched_tokens=64)
+    s.add(_preq("late-low", 3, priority=5, arrival=1.0))
+    s.add(_preq("early-normal", 3, priority=0, arrival=2.0))
+    s.add(_preq("urgent", 3, priority=-1, arrival=3.0))
+    s.add(_preq("normal", 3, priority=0, arrival=4.0))
+    assert [r.request_id for r in s.waiting] == ["urgent", "early-normal", "normal", "late-low"]
+    first = []
+    for _ in range(200):
+        if not s.has_unfinished():
+            break
+        plan = s.schedule()
+        for c in plan.chunks:
+            if c.request_id not in first:
+                first.append(c.request_id)
+        s.update(plan, {c.request_id: 7 for c in plan.chunks if c.sample})
+        for c in plan.chunks:
+            r = s.requests[c.request_id]
+            if c.sample and len(r.output_token_ids) >= 4:
+                s.finish(r.request_id, RequestStatus.FINISHED_LENGTH)
+    assert first == ["urgent", "early-normal", "normal", "late-low"]
+    assert pool.num_free == 100
+
+
+def test_urgent_request_preempts_less_urgent_for_a_seat_and_for_blocks():
+    # A seat: max_num_seqs is full of priority-0 requests; a priority -1 one arrives.
+    pool = BlockPool(100)
+    s = Scheduler(pool, block_size=4, max_num_seqs=2, max_num_batched_tokens=64)
+    s.add(_preq("a", 3, 0, 1.0))
+    s.add(_preq("b", 3, 0, 2.0))
+    s.update(s.schedule(), {"a": 7, "b": 7})
+    s.add(_preq("vip", 3, -1, 3.0))
+    plan = s.schedule()
+    assert plan.preempted == ["b"]                      # the least urgent, newest
+    assert "vip" in [c.request_id for c in plan.chunks]
+    assert [r.request_id for r in s.waiting] == ["b"]
+    # Blocks: the pool is full of low-priority KV.
+    pool = BlockPool(4)
+    s = Scheduler(pool, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    s.add(_preq("low", 11, 3, 1.0))
+    s.update(s.schedule(), {"low": 7})
+    assert pool.num_free == 1
+    s.add(_preq("vip", 9, -1, 2.0))
+    plan = s.schedule()
+    assert plan.preempted == ["low"]
+    assert plan.chunks[0].request_id == "vip" and len(plan.chunks[0].token_ids) == 9   # its whole prompt
+    s.update(plan, {"vip": 7})
+    # A request of the same priority never preempts: it waits its turn (the less urgent one yields).
+    s.add(_preq("peer", 9, -1, 3.0))
+    plan = s.schedule()
+    assert "vip" not in plan.preempted and s.requests["vip"].status == RequestStatus.RUNNING
+    assert plan.preempted == ["low"]          # low had taken the free block back; peer may have it
+    _drive(s, max_tokens=4)
+    assert pool.num_free == 4

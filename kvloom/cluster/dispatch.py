@@ -1,7 +1,7 @@
 """Where a new request goes: pure policies over the instances' load reports (no Ray here).
 
-Each policy takes a list of LoadReport (kvloom.cluster.engine_actor) and returns the instance_id of the
-chosen one. Dead instances are never chosen.
+Each policy takes a list of LoadReport (kvloom.cluster.load) and returns the instance_id of the chosen
+one. Dead and draining instances are never chosen.
 
     round_robin      in turn
     least_loaded     fewest running + waiting requests (ties: most free blocks)
@@ -16,7 +16,7 @@ import itertools
 import random
 from collections.abc import Sequence
 
-from kvloom.cluster.engine_actor import LoadReport
+from kvloom.cluster.load import LoadReport
 
 
 class NoInstanceError(RuntimeError):
@@ -24,7 +24,7 @@ class NoInstanceError(RuntimeError):
 
 
 def _alive(loads: Sequence[LoadReport]) -> list[LoadReport]:
-    live = [l for l in loads if l.alive]
+    live = [l for l in loads if l.alive and not l.draining]
     if not live:
         raise NoInstanceError("no live engine instance")
     return live

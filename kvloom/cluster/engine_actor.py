@@ -12,40 +12,14 @@ import dataclasses
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 
+from kvloom.cluster.load import LoadReport, load_report
 from kvloom.config import EngineConfig
 from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.snapshot import RequestSnapshot
 from kvloom.sampling_params import SamplingParams
-
-
-@dataclass
-class LoadReport:
-    """An instance's load as a global scheduler sees it (Llumnix's "freeness" included).
-
-    free_blocks counts cached-but-unreferenced blocks as free (allocate() can hand them out).
-    queued_demand_blocks: blocks the waiting requests still need to be admitted.
-    free_after_queue = free_blocks - queued_demand_blocks (negative: the queue alone overflows the pool).
-    freeness = free_after_queue / max(1, running): Llumnix's F = (M - sum V) / B, in blocks per running request.
-    """
-
-    instance_id: int
-    running: int
-    waiting: int
-    free_blocks: int
-    total_blocks: int
-    queued_demand_blocks: int
-    free_after_queue: int
-    freeness: float
-    block_size: int = 16
-    alive: bool = True
-    num_add_calls: int = 0          # add_request calls this instance has processed (the front's dispatch ledger)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class EngineWorker:
@@ -95,6 +69,19 @@ class EngineWorker:
     def ready(self) -> bool:
         return True
 
+    def reset(self) -> LoadReport:
+        """Drop every request and staged block (the front resumed them elsewhere while this instance was
+        unreachable) and report the load: how an instance rejoins the cluster."""
+        self._check()
+        with self._lock:
+            for rid in list(self.engine._family):
+                self.engine.abort_request(rid)
+            for blocks in self._staged.values():
+                self.engine.pool.free(blocks)
+            self._staged.clear()
+            self._outbox = []
+            return self._load()
+
     def add_request(self, prompt: list[int] | str, params: SamplingParams, request_id: str,
                     arrival_time: float | None = None, session_id: str | None = None,
                     cache_salt: str | None = None, priority: int = 0) -> str:
@@ -132,18 +119,9 @@ class EngineWorker:
             return self._load()
 
     def _load(self) -> LoadReport:
-        e, bs = self.engine, self.engine.config.block_size
-        sched = e.scheduler
-        demand = 0
-        for req in sched.waiting:
-            need = -(-(req.num_tokens + 1) // bs)
-            demand += max(0, need - len(req.block_ids))
-        free = e.pool.num_free
-        after = free - demand
-        running = len(sched.running)
-        return LoadReport(self.instance_id, running, len(sched.waiting), free, e.pool.num_blocks, demand, after,
-                          after / max(1, running), bs, self._error is None,
-                          self.num_add_calls)
+        e = self.engine
+        return load_report(self.instance_id, e.scheduler, e.pool, e.config.block_size, e._family,
+                           alive=self._error is None, num_add_calls=self.num_add_calls)
 
     def cached_prefix_blocks(self, token_ids: list[int], cache_salt: str | None = None) -> int:
         """How many leading full blocks of this token sequence this instance holds KV for (content keys)."""
@@ -168,15 +146,16 @@ class EngineWorker:
         with self._lock:
             return self.engine.export_request(request_id, with_kv=with_kv)
 
-    def export_for_migration(self, request_id: str, with_kv: bool = True) -> tuple[RequestSnapshot | None, bool]:
-        """export_request for a mover: (snapshot, True), or (None, False) when the request is not here (it
-        finished or was aborted). Call with .options(num_returns=2): the mover reads the flag and passes the
-        snapshot's object ref on to the destination, so the KV never goes through the mover."""
+    def export_for_migration(self, request_id: str, with_kv: bool = True):
+        """export_request for a mover: (snapshot, True, KV bytes), or (None, False, 0) when the request is not
+        here (it finished or was aborted). Call with .options(num_returns=3): the mover reads the flag and
+        passes the snapshot's object ref on to the destination, so the KV never goes through the mover."""
         self._check()
         with self._lock:
             if request_id not in self.engine._family:
-                return None, False
-            return self.engine.export_request(request_id, with_kv=with_kv), True
+                return None, False, 0
+            snap = self.engine.export_request(request_id, with_kv=with_kv)
+        return snap, True, 0 if snap.kv is None else snap.kv.nbytes
 
     # Multi-stage pre-copy (float KV, single-sample requests): the full blocks of a running request are
     # copied while it keeps decoding (a full computed block never changes), then the final stop ships
@@ -196,10 +175,10 @@ class EngineWorker:
             return ids, (e.runner.kv.read_blocks(ids) if ids else None)
 
     def stage_blocks(self, request_id: str, tensors: dict | None) -> int:
-        """Hold pre-copied blocks for a request about to arrive. Returns how many are staged in all."""
+        """Hold pre-copied blocks for a request about to arrive. Returns the bytes staged by this call."""
         staged = self._staged.setdefault(request_id, [])
         if tensors is None:
-            return len(staged)
+            return 0
         n = tensors["k"].shape[1]
         with self._lock:
             blocks = self.engine.pool.allocate(n)
@@ -207,7 +186,7 @@ class EngineWorker:
                 raise RuntimeError(f"no room to stage {n} blocks")
             self.engine.runner.kv.write_blocks(blocks, tensors)
             staged += blocks
-        return len(staged)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def drop_staged(self, request_id: str) -> None:
         with self._lock:
@@ -216,21 +195,21 @@ class EngineWorker:
                 self.engine.pool.free(blocks)
 
     def export_after_precopy(self, request_id: str, precopied: list[int], with_kv: bool = True):
-        """The final stop: (snapshot without the first k blocks' KV, True, k), k = how many of the pre-copied
-        source blocks are still the request's leading blocks (0 after a preemption). (None, False, 0) when
-        the request is not here. Call with .options(num_returns=3)."""
+        """The final stop: (snapshot without the first k blocks' KV, True, k, the KV bytes it carries), k = how
+        many of the pre-copied source blocks are still the request's leading blocks (0 after a preemption).
+        (None, False, 0, 0) when the request is not here. Call with .options(num_returns=4)."""
         e = self.engine
         with self._lock:
             if request_id not in e._family:
-                return None, False, 0
+                return None, False, 0, 0
             req = e.scheduler.requests.get(request_id)
             k = len(precopied) if req is not None and req.block_ids[:len(precopied)] == precopied else 0
             snap = e.export_request(request_id, with_kv=with_kv)
         if snap.kv is None or not with_kv or len(snap.samples) != 1:
-            return snap, True, 0
+            return snap, True, 0, 0 if snap.kv is None else snap.kv.nbytes
         tail = {name: t[:, k:].clone() for name, t in snap.kv.tensors.items()}
         kv = dataclasses.replace(snap.kv, tensors=tail, num_blocks=snap.kv.num_blocks - k)
-        return dataclasses.replace(snap, kv=kv), True, k
+        return dataclasses.replace(snap, kv=kv), True, k, kv.nbytes
 
     def import_with_staged(self, snap: RequestSnapshot, k: int) -> str:
         """import_request of a snapshot whose first k blocks were pre-copied here (stage_blocks)."""
@@ -254,6 +233,17 @@ class EngineWorker:
         self._check()
         with self._lock:
             rid = self.engine.import_request(snap)
+        self._work.set()
+        return rid
+
+    def resume_request(self, request_id: str, prompt, params: SamplingParams, outputs: dict,
+                       arrival_time: float | None, session_id: str | None, cache_salt: str | None,
+                       priority: int) -> str:
+        """Engine.resume_request: continue a request of a lost instance from its streamed tokens."""
+        self._check()
+        with self._lock:
+            rid = self.engine.resume_request(request_id, prompt, params, outputs, arrival_time, session_id,
+                                             cache_salt, priority)
         self._work.set()
         return rid
 
@@ -283,7 +273,9 @@ class EngineWorker:
         self._thread.join(5)
 
 
-def engine_actor_class(num_cpus: float = 1):
-    """EngineWorker as a Ray actor class, taking num_cpus of the cluster's CPUs."""
+def engine_actor_class(num_cpus: float = 1, max_restarts: int = -1):
+    """EngineWorker as a Ray actor class, taking num_cpus of the cluster's CPUs. Ray restarts a dead one
+    (max_restarts, -1: always) with a fresh engine; calls in flight when it died fail (no retries): the
+    front resumes their requests elsewhere."""
     import ray
-    return ray.remote(num_cpus=num_cpus)(EngineWorker)
+    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)(EngineWorker)

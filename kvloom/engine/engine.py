@@ -140,6 +140,8 @@ class Engine:
         from everyone with another salt.
         """
         params = params or SamplingParams()
+        if not params.greedy and params.seed is None:   # every sampled request has a seed (engine/rng.py)
+            params = dataclasses.replace(params, seed=self._seeds.getrandbits(63))
         request_id = request_id or uuid.uuid4().hex
         self._check_new_id(request_id)
         prompt_ids = self._prompt_ids(prompt)
@@ -174,10 +176,8 @@ class Engine:
         self._tenant_salt[request_id] = cache_salt
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
-        if params.greedy:
-            return None
-        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        return torch.Generator().manual_seed(seed)
+        # Seeded before each draw from (params.seed, position): engine/rng.py.
+        return None if params.greedy else torch.Generator()
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -312,6 +312,42 @@ class Engine:
                                       "free ones; import it without KV", field="kv")
         self.runner.kv.write_blocks(blocks, kv.tensors)
         return blocks
+
+    def resume_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       outputs: dict[int, tuple[list[int], list | None]], arrival_time: float | None = None,
+                       session_id: str | None = None, cache_salt: str | None = None, priority: int = 0) -> str:
+        """Continue a request from nothing but the tokens its samples have streamed (the engine that ran it
+        is gone): outputs maps each unfinished sample's index to (its output token ids, their logprobs or
+        None). Every sample recomputes its tokens; the prefix cache shares their prompt. The text state is
+        replayed, so the next delta starts where the stream stopped, and the position-keyed RNG
+        (engine/rng.py) draws what the lost engine would have: the same tokens, greedy or seeded."""
+        if not params.greedy and params.seed is None:
+            raise InvalidRequestError("a sampled request resumes only with its seed", field="seed")
+        self._check_new_id(request_id)
+        prompt_ids = self._prompt_ids(prompt)
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if room < 1:
+            raise PromptTooLongError(f"request {request_id!r}'s prompt does not fit this engine's context")
+        salt = salt_bytes(self.engine_salt, cache_salt)
+        samples = []
+        for k, (tokens, logprobs) in sorted(outputs.items()):
+            req = Request(request_id if k == 0 else f"{request_id}#{k}", prompt_ids, _nth_sample(params, k),
+                          max_tokens, arrival_time or time.time(), None, request_id, k, session_id, salt, priority)
+            req.generator = self._generator(req.params)
+            state = OutputState(req, self.tokenizer)
+            for i, t in enumerate(tokens):
+                req.append_output(t)
+                state.add_token(t, None if logprobs is None else logprobs[i])
+            state.take_delta()        # all of it reached the client already
+            self._states[req.request_id] = state
+            samples.append(req)
+        if not samples:
+            raise InvalidRequestError(f"request {request_id!r} has no unfinished sample to resume", field="outputs")
+        self._register_family(request_id, samples, cache_salt)
+        for req in reversed(samples):
+            self.scheduler.add(req, front=True)
+        return request_id
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

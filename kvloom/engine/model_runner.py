@@ -9,6 +9,7 @@ import torch
 
 from kvloom.engine.request import Request
 from kvloom.engine.runner_output import ModelRunnerOutput
+from kvloom.engine.rng import reseed
 from kvloom.engine.sampler import sample
 from kvloom.engine.scheduler_output import SchedulerOutput
 from kvloom.kernels import kernels
@@ -98,6 +99,8 @@ class ModelRunner:
             owner, *forks = samplers[c.request_id]
             out.token_ids[c.request_id] = []    # keeps plan order
             k = c.num_draft_tokens
+            for req in (owner, *forks):
+                reseed(req)
             if k:
                 tokens, path = verify(logits[row:row + 1 + k], DraftTree(c.token_ids[-k:], c.draft_parents), owner)
                 out.token_ids[c.request_id] = tokens

@@ -36,10 +36,10 @@ class Request:
         self.params = params
         self.max_tokens = max_tokens          # resolved: never runs past the model's context
         self.arrival_time = arrival_time
-        # Scheduling order, older first: (arrival time, the scheduler's admission count). Set by
-        # Scheduler.add; portable, since a moved request keeps its arrival time.
-        self.order: tuple[float, int] = (arrival_time, 0)
-        self.priority = priority              # carried for the global scheduler; lower is more urgent
+        # Scheduling order: (priority, arrival time, the scheduler's admission count), lower first. Set by
+        # Scheduler.add; portable, since a moved request keeps its priority and arrival time.
+        self.order: tuple[int, float, int] = (priority, arrival_time, 0)
+        self.priority = priority              # lower is more urgent (vLLM's semantics)
         self.cache_salt = cache_salt          # part of every block key: tenants' caches never mix
         self.generator = generator            # per-request RNG: batch-independent sampling
         self.all_token_ids = list(prompt_token_ids)

@@ -7,11 +7,14 @@ the waiting queue, so a long prompt streams in over several steps while
 decodes keep moving. A newly admitted request first takes whatever leading
 blocks of its tokens the prefix cache holds, and computes only the rest.
 
-When the pool runs dry, a request about to decode preempts the most recently
-arrived running request that this step has not scheduled yet (it may be
-itself): its blocks are freed and it waits at the head of the queue to be
-recomputed. Older requests never yield to newer ones, so the oldest always
-progresses, and the engine never deadlocks.
+Requests are ordered by priority (lower first, as in vLLM), then arrival.
+When the pool runs dry, a request about to decode preempts the last running
+request in that order that this step has not scheduled yet (it may be
+itself): its blocks are freed and it waits at the head of its priority class
+to be recomputed. Requests never yield to later ones, so the first always
+progresses, and the engine never deadlocks. A queued request more urgent
+than some running ones preempts them (least urgent first) when it lacks a
+seat or blocks.
 
 Forked samples share their parent's blocks; the first write into a shared,
 partly filled block copies it first (copy-on-write, listed in the plan).
@@ -56,12 +59,25 @@ class Scheduler:
     def add(self, req: Request, front: bool = False) -> None:
         """Queue a request; `front`: one that already ran elsewhere (imported) waits at the head."""
         self._num_added += 1
-        req.order = (req.arrival_time, self._num_added)
+        req.order = (req.priority, req.arrival_time, self._num_added)
         self.requests[req.request_id] = req
         if front:
-            self.waiting.appendleft(req)
+            self._queue_front(req)
         else:
-            self.waiting.append(req)
+            self._queue_in_order(req)
+
+    def _queue_in_order(self, req: Request) -> None:
+        i = len(self.waiting)
+        while i and self.waiting[i - 1].order > req.order:
+            i -= 1
+        self.waiting.insert(i, req)
+
+    def _queue_front(self, req: Request) -> None:
+        """Ahead of every queued request of its priority or a later one (it ran before)."""
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].priority < req.priority:
+            i += 1
+        self.waiting.insert(i, req)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -104,7 +120,7 @@ class Scheduler:
         blocks, and computes the prompt's last token itself once admitted (its logits give the first token).
         """
         self._num_added += 1
-        child.order = (child.arrival_time, self._num_added)
+        child.order = (child.priority, child.arrival_time, self._num_added)
         child.num_cached_tokens = parent.num_cached_tokens
         self.requests[child.request_id] = child
         computed = parent.num_computed_tokens if running else child.num_prompt_tokens - 1
@@ -119,7 +135,7 @@ class Scheduler:
             child.status = RequestStatus.RUNNING
             bisect.insort(self.running, child, key=_order)
         else:
-            self.waiting.appendleft(child)
+            self._queue_front(child)
 
     # ---- one step ---------------------------------------------------------------------
 
@@ -129,8 +145,9 @@ class Scheduler:
         scheduled: set[str] = set()
         if self.sessions is not None:
             self.sessions.expire()
+        self._preempt_for_urgent(out, budget)
 
-        for req in list(self.running):                       # 1. decodes, oldest first
+        for req in list(self.running):                       # 1. decodes, in order
             if budget == 0:
                 break
             if req.status != RequestStatus.RUNNING or req.num_uncomputed != 1:
@@ -161,7 +178,7 @@ class Scheduler:
                 pass
             n = min(n, self._fits_in_free_blocks(req))
             if n <= 0:
-                self._release_blocks(req)  # first come, first served: nobody jumps the queue
+                self._release_blocks(req)  # in order: nobody jumps the queue
                 break
             self.waiting.popleft()
             if self.prefix_cache is not None and req.first_scheduled_time is None:
@@ -302,6 +319,22 @@ class Scheduler:
         self._allocate(req, n, out)
         return n
 
+    def _preempt_for_urgent(self, out: SchedulerOutput, budget: int) -> None:
+        """The queue's head lacks a seat or blocks for its first chunk (and for this step's decodes that
+        open a block) while less urgent requests run: preempt them, least urgent and newest first."""
+        if not self.waiting:
+            return
+        head = self.waiting[0]
+
+        def short() -> bool:
+            if len(self.running) >= self.max_num_seqs:
+                return True
+            opening = sum(1 for r in self.running if r.num_uncomputed == 1 and r.num_computed_tokens % self.block_size == 0)
+            return self._blocks_needed(head, min(head.num_uncomputed, budget)) + opening > self.pool.num_free
+
+        while self.running and self.running[-1].priority > head.priority and short():
+            self._preempt(self.running[-1], out)
+
     def _release_a_session(self) -> bool:
         return self.sessions is not None and self.sessions.release_oldest()
 
@@ -319,7 +352,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._queue_front(req)
         out.preempted.append(req.request_id)
 
     def _release_blocks(self, req: Request) -> None:
@@ -329,5 +362,5 @@ class Scheduler:
         req.num_computed_tokens = 0
 
 
-def _order(req: Request) -> tuple[float, int]:
+def _order(req: Request) -> tuple[int, float, int]:
     return req.order

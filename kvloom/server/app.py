@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kvloom.system_info import engine_description
 from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError
 from kvloom.server.async_engine import AsyncEngine, EngineDeadError
+from kvloom.server.cluster_routes import ClusterCollector, cluster_health, cluster_router
 from kvloom.server.metrics import ServerMetrics
 from kvloom.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                     error_body)
@@ -203,8 +204,16 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     # ---- operations --------------------------------------------------------------------
 
+    clustered = hasattr(async_engine, "instances")      # a ClusterEngine: kvloom/cluster/front.py
+    if clustered:
+        metrics.registry.register(ClusterCollector(async_engine))
+        app.include_router(cluster_router(async_engine))
+
     @app.get("/health")
     async def health():
+        if async_engine.is_alive and clustered:
+            code, body = cluster_health(async_engine)
+            return JSONResponse(body, status_code=code)
         if async_engine.is_alive:
             return Response(status_code=200)
         reason = f" ({async_engine._dead!r}); restart the server" if async_engine._dead is not None else ""
@@ -216,8 +225,12 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     @app.get("/server_info")
     async def server_info():
-        return {"served_model_name": settings.model_name, "max_waiting_requests": settings.max_waiting_requests,
+        info = {"served_model_name": settings.model_name, "max_waiting_requests": settings.max_waiting_requests,
                 **engine_description(engine)}
+        if clustered:
+            info["instances"] = await asyncio.get_running_loop().run_in_executor(None, async_engine.instances)
+            info["dispatch"] = async_engine.policy_name
+        return info
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

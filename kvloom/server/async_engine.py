@@ -39,6 +39,7 @@ class _Add:
     accepted: Future
     session_id: str | None = None
     cache_salt: str | None = None
+    priority: int = 0
 
 
 @dataclass
@@ -103,7 +104,8 @@ class AsyncEngine:
     # ---- requests ------------------------------------------------------------------------
 
     async def generate(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
-                       session_id: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       session_id: str | None = None, cache_salt: str | None = None,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields the outputs of the request's n samples until all finish; aborts it if the consumer stops early."""
         if self._stopped:
             raise self._dead_error()
@@ -111,7 +113,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue = asyncio.Queue()
         accepted: Future = Future()
-        self._submit(_Add(request_id, prompt, params, time.time(), sink, loop, accepted, session_id, cache_salt))
+        self._submit(_Add(request_id, prompt, params, time.time(), sink, loop, accepted, session_id, cache_salt,
+                          priority))
         try:
             await asyncio.wrap_future(accepted)  # raises the engine's validation error, if any
         except asyncio.CancelledError:
@@ -195,7 +198,7 @@ class AsyncEngine:
                 if cmd.accepted.set_running_or_notify_cancel():
                     try:
                         self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id, cmd.arrival_time,
-                                                cmd.session_id, cmd.cache_salt)
+                                                cmd.session_id, cmd.cache_salt, cmd.priority)
                     except Exception as e:
                         cmd.accepted.set_exception(e)
                     else:

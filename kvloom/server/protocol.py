@@ -85,6 +85,7 @@ class _Request(BaseModel):
     skip_special_tokens: bool = True
     session_id: str | None = None   # an agent program's id: its KV is kept between its calls
     cache_salt: str | None = None   # vLLM's: a tenant's prefix-cache blocks are shared only with its own salt
+    priority: int = 0               # vLLM's: lower values are scheduled first (and may preempt higher ones)
 
     @property
     def include_usage(self) -> bool:

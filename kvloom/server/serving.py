@@ -30,6 +30,9 @@ class SubRequest:
     params: SamplingParams
     session_id: str | None = None
     cache_salt: str | None = None   # the tenant's: its prefix-cache blocks are never shared with other salts
+    response_id: str = ""      # the id the client sees (chatcmpl-..., cmpl-...)
+    request_id: str | None = None   # the engine's: the response id, or "<response id>-<k>" for prompt k of several
+    priority: int = 0          # vLLM's: lower runs first
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -66,10 +69,13 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int) -
     )
 
 
-def _fan_out(prompts: list[tuple[list[int], str | None]], params: SamplingParams,
-             session_id: str | None, cache_salt: str | None = None) -> list[SubRequest]:
-    """One engine request per prompt; its n samples share the prompt's KV in the engine."""
-    return [SubRequest(i * params.n, ids, text, params, session_id, cache_salt)
+def _fan_out(prompts: list[tuple[list[int], str | None]], params: SamplingParams, req,
+             response_id: str) -> list[SubRequest]:
+    """One engine request per prompt; its n samples share the prompt's KV in the engine. The engine ids
+    derive from the response id, so ops tools (/server_info, /admin/migrate) speak the client's ids."""
+    many = len(prompts) > 1
+    return [SubRequest(i * params.n, ids, text, params, req.session_id, req.cache_salt, response_id,
+                       f"{response_id}-{i}" if many else response_id, req.priority)
             for i, (ids, text) in enumerate(prompts)]
 
 
@@ -90,8 +96,8 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", field="top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return _fan_out([(ids, None)], sampling_params(req, max_tokens, logprobs, req.n), req.session_id,
-                       req.cache_salt)
+        return _fan_out([(ids, None)], sampling_params(req, max_tokens, logprobs, req.n), req,
+                        f"chatcmpl-{uuid.uuid4().hex}")
 
     def completion_subrequests(self, req: CompletionRequest) -> list[SubRequest]:
         p = req.prompt
@@ -113,8 +119,8 @@ class OpenAIServing:
                 prompts.append((list(item), None))
         if req.logprobs is not None and not 0 <= req.logprobs <= 5:
             raise InvalidRequestError("logprobs must be in [0, 5] for completions", field="logprobs")
-        return _fan_out(prompts, sampling_params(req, req.max_tokens, req.logprobs, req.n), req.session_id,
-                       req.cache_salt)
+        return _fan_out(prompts, sampling_params(req, req.max_tokens, req.logprobs, req.n), req,
+                        f"cmpl-{uuid.uuid4().hex}")
 
     # ---- running ---------------------------------------------------------------------
 
@@ -126,8 +132,9 @@ class OpenAIServing:
         async def pump(sub: SubRequest):
             first_token: dict[int, float] = {}
             try:
-                async for out in self.engine.generate(sub.prompt_ids, sub.params, session_id=sub.session_id,
-                                                      cache_salt=sub.cache_salt):
+                async for out in self.engine.generate(sub.prompt_ids, sub.params, request_id=sub.request_id,
+                                                      session_id=sub.session_id, cache_salt=sub.cache_salt,
+                                                      priority=sub.priority):
                     if out.index not in first_token and out.token_ids:
                         first_token[out.index] = time.time()
                     await merged.put((sub.first_choice + out.index, out))
@@ -216,7 +223,7 @@ class OpenAIServing:
         choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
                     "logprobs": self._chat_logprobs(o.logprobs), "finish_reason": o.finish_reason}
                    for i, o in sorted(finals.items())]
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        return {"id": subs[0].response_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices, "usage": self._usage(subs, finals)}
 
     async def completion_response(self, subs, first, stream, echo: bool) -> dict:
@@ -226,7 +233,7 @@ class OpenAIServing:
             prefix = self._echo_text(self._sub_of(subs, i)) if echo else ""
             choices.append({"index": i, "text": prefix + o.text, "finish_reason": o.finish_reason,
                             "logprobs": self._completion_logprobs(o.logprobs, len(prefix))})
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        return {"id": subs[0].response_id, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices, "usage": self._usage(subs, finals)}
 
     @staticmethod
@@ -237,7 +244,7 @@ class OpenAIServing:
         return sub.prompt_text if sub.prompt_text is not None else self.tokenizer.decode(sub.prompt_ids)
 
     async def chat_stream(self, subs, first, stream, include_usage: bool) -> AsyncIterator[str]:
-        chunk = _SSE(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk", self.model_name, include_usage)
+        chunk = _SSE(subs[0].response_id, "chat.completion.chunk", self.model_name, include_usage)
 
         for s in subs:
             for k in range(s.params.n):
@@ -263,7 +270,7 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     async def completion_stream(self, subs, first, stream, include_usage: bool, echo: bool) -> AsyncIterator[str]:
-        chunk = _SSE(f"cmpl-{uuid.uuid4().hex}", "text_completion", self.model_name, include_usage)
+        chunk = _SSE(subs[0].response_id, "text_completion", self.model_name, include_usage)
 
         if echo:
             for s in subs:
