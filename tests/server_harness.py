@@ -47,6 +47,8 @@ class ServerThread:
 
 
 def tiny_engine(model_dir: str, **kw) -> Engine:
+    # A small pool: the default 1 GiB per test server adds up to the machine's memory over a whole run.
+    kw.setdefault("kv_cache_memory", 64 << 20)
     return Engine(EngineConfig(model=model_dir, **kw))
 
 

@@ -205,6 +205,26 @@ def test_precopy_migration_gives_the_same_tokens(cluster, seed):
     wait_idle(cluster)
 
 
+def test_a_family_of_two_migrates_together(cluster):
+    """n=2 seeded: both samples move in one snapshot and each gives the tokens it gives unmoved."""
+    params = SamplingParams(n=2, temperature=0.9, seed=77, max_tokens=150, ignore_eos=True)
+    prompt = random_prompts(1, [30], seed=35)[0]
+
+    async def run(rid, move):
+        outs, moved = {}, []
+        async for out in cluster.generate(prompt, params, rid):
+            outs.setdefault(out.index, []).extend(out.delta_token_ids)
+            if move and not moved and len(out.token_ids) >= 6:
+                moved.append(await cluster.migrate(rid))
+        return outs, moved
+
+    alone, _ = asyncio.run(run("fam-alone", False))
+    moved, ok = asyncio.run(run("fam-moved", True))
+    assert ok == [True]
+    assert moved == alone and alone[0] != alone[1]
+    wait_idle(cluster)
+
+
 def test_migrating_a_finished_request_is_refused(cluster):
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     r = asyncio.run(consume(cluster, random_prompts(1, [10], seed=24)[0], params, "done"))
@@ -454,6 +474,10 @@ def operator_routes(client, body):
     t.join(60)
     assert {c["id"] for c in got["chunks"]} == {rid}
     assert "".join(c["choices"][0]["text"] for c in got["chunks"] if c["choices"]) == want
+
+    stats = client.get("/dashboard/stats").json()["instances"]     # the dashboard draws one panel each
+    assert [(s["id"], s["state"]) for s in stats] == [("0", "serving"), ("1", "serving")]
+    assert sum(s["generation_tokens_total"] for s in stats) >= 600 and all(s["generation_tokens_total"] for s in stats)
 
     metrics = client.get("/metrics").text
     assert 'kvloom_instance_num_requests_running{instance="1"}' in metrics

@@ -25,10 +25,12 @@ from kvloom.sampling_params import SamplingParams
 class EngineWorker:
     def __init__(self, config: EngineConfig, instance_id: int = 0, idle_wait: float = 0.05):
         from kvloom.engine.engine import Engine   # built here: inside the actor's process
+        from kvloom.server.metrics import ServerMetrics
 
         self.instance_id = instance_id
         self.config = config
         self.engine = Engine(config)
+        self.metrics = ServerMetrics()            # this instance's figures, for the front's dashboard
         self._lock = threading.Lock()              # held by each step and by every call between steps
         self._work = threading.Event()             # set when a call may have given the loop work
         self._stop = threading.Event()
@@ -51,6 +53,7 @@ class EngineWorker:
                     if busy:
                         outputs = self.engine.step()
                         self.num_steps += 1
+                        self.metrics.observe_engine(self.engine, outputs)
                         self._outbox.extend(outputs)
                 if not busy:
                     self._work.wait(self._idle_wait)
@@ -248,6 +251,11 @@ class EngineWorker:
         return rid
 
     # ---- introspection ---------------------------------------------------------------------
+
+    def dashboard_stats(self) -> dict:
+        """This instance's dashboard figures (ServerMetrics.snapshot, fed after every step)."""
+        with self._lock:
+            return self.metrics.snapshot(str(self.instance_id))
 
     def info(self) -> dict:
         import torch

@@ -102,6 +102,7 @@ class ClusterEngine:
         self._records: dict[str, _Record] = {}
         self._recently_moved: dict[str, float] = {}      # request id -> when (no ping-pong)
         self.stats = MigrationStats()
+        self._last_stats: dict[int, dict] = {}            # instance -> its last dashboard figures
         self.auto_rebalance = True                       # False: rebalance_once() only when called
         self._rebalancer = threading.Thread(target=self._rebalance_loop, name="kvloom-cluster-rebalancer",
                                             daemon=True)
@@ -642,6 +643,18 @@ class ClusterEngine:
                         "waiting": [r.request_id for r in load.requests if not r.running],
                         **({"error": info["error"]} if "error" in info else {})})
         return out
+
+    def dashboard_stats(self, timeout: float = 2.0) -> list[dict]:
+        """Each instance's dashboard figures with its state; an unreachable one shows its last figures."""
+        import ray
+
+        refs = {i: a.dashboard_stats.remote() for i, a in enumerate(self.actors) if self.states[i] != "down"}
+        for i, ref in refs.items():
+            try:
+                self._last_stats[i] = ray.get(ref, timeout=timeout)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+        return [{**self._last_stats.get(i, {"id": str(i)}), "state": st} for i, st in enumerate(self.states)]
 
     PROBE_INTERVAL_S = 0.5    # how often a down instance is asked whether Ray has restarted it
 

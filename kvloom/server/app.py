@@ -257,6 +257,9 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
     # ---- web pages: chat at /, dashboard at /dashboard (kvloom/server/web.py) ----------
 
     metrics.set_model_name(settings.model_name)  # label model_name of the vllm:* series
-    app.include_router(web_router(settings, metrics))
+    async def cluster_stats():
+        return await asyncio.get_running_loop().run_in_executor(None, async_engine.dashboard_stats)
+
+    app.include_router(web_router(settings, metrics, cluster_stats if clustered else None))
 
     return app

@@ -36,8 +36,9 @@ def _asset(name: str) -> Response:
                                  "X-Content-Type-Options": "nosniff"})
 
 
-def web_router(settings, metrics) -> APIRouter:
-    """Routes of the pages; `settings` is the app's ServerSettings, `metrics` its ServerMetrics."""
+def web_router(settings, metrics, instance_stats=None) -> APIRouter:
+    """Routes of the pages; `settings` is the app's ServerSettings, `metrics` its ServerMetrics;
+    instance_stats: for a cluster, an async callable giving each instance's figures."""
     router = APIRouter(include_in_schema=False)
 
     def authorized(request: Request) -> bool:
@@ -65,7 +66,8 @@ def web_router(settings, metrics) -> APIRouter:
                                            code="invalid_api_key"), status_code=401)
         # One entry per engine instance; a single server has one. Counters are totals since
         # start: the page turns them into rates from successive polls.
+        instances = [metrics.snapshot("0")] if instance_stats is None else await instance_stats()
         return {"object": "dashboard.stats", "time": time.time(), "model": settings.model_name,
-                "instances": [metrics.snapshot("0")]}
+                "instances": instances}
 
     return router
