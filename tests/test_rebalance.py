@@ -86,3 +86,12 @@ def test_an_urgent_queued_request_gets_room_from_less_urgent_running_ones():
 def test_dead_instances_neither_send_nor_receive():
     loads = [inst(0, [req("a", 30), req("b", 30), req("c", 30)]), inst(1, [], alive=False)]
     assert plan_moves(loads) == []
+
+
+def test_a_destination_whose_queue_takes_its_free_blocks_is_not_chosen():
+    # Instance 1 has 60 free blocks, but a request queued there will take 55 of them.
+    loads = [inst(0, [req("a", 40), req("b", 30), req("c", 20)]),
+             inst(1, [req("d", 10), req("q", 0, demand=55, running=False)], total=70)]
+    assert plan_moves(loads, RebalanceSettings(imbalance_gap=0.0)) == []
+    loads[1] = inst(1, [req("d", 10)], total=70)                  # without the queue it takes one
+    assert [m.request_id for m in plan_moves(loads, RebalanceSettings(imbalance_gap=0.0))] == ["c"]

@@ -171,3 +171,16 @@ def test_urgent_request_preempts_less_urgent_for_a_seat_and_for_blocks():
     assert plan.preempted == ["low"]          # low had taken the free block back; peer may have it
     _drive(s, max_tokens=4)
     assert pool.num_free == 4
+
+
+def test_requests_queued_at_the_front_keep_their_order():
+    """A request moved in (front) is not pushed back by requests preempted after it: front-queued requests
+    of one priority wait in arrival order, ahead of new ones."""
+    s = Scheduler(BlockPool(100), block_size=4, max_num_seqs=1, max_num_batched_tokens=64)
+    s.add(_preq("new", 3, 0, 1.0))
+    s.add(_preq("moved-in", 3, 0, 2.0), front=True)
+    s.add(_preq("preempted-later", 3, 0, 3.0), front=True)
+    s.add(_preq("older-preempted", 3, 0, 0.5), front=True)
+    assert [r.request_id for r in s.waiting] == ["older-preempted", "moved-in", "preempted-later", "new"]
+    s.add(_preq("urgent-new", 3, -1, 4.0))
+    assert s.waiting[0].request_id == "urgent-new"

@@ -46,6 +46,7 @@ async def _one_move(cluster, prompt: list[int], mode: str, rid: str, decode_befo
     last_before = max((t for t, _ in arrivals if t <= started), default=started)
     stall = max([later[0] - last_before] + [b - a for a, b in zip(later, later[1:4])]) if later else None
     return {"ok": ok, "downtime_ms": 1e3 * cluster.last_migration.get("downtime_s", float("nan")),
+            "export_ms": 1e3 * cluster.last_migration.get("export_s", float("nan")),
             "stall_ms": None if stall is None else 1e3 * stall,
             "tpot_before_ms": 1e3 * statistics.median(before[1:] or before) if before else None,
             "precopied_blocks": cluster.last_migration.get("precopied_blocks", 0)}

@@ -363,6 +363,7 @@ class ClusterEngine:
                             num_returns=3).remote(request_id, with_kv)
                         skip = 0
                     exported = ray.get(exported)
+                    export_s = time.perf_counter() - stopped
                     # The outputs of the source's steps before the export (and, if it finished, its last).
                     outputs, load = ray.get(self.actors[src].poll.remote())
                 except ray.exceptions.RayActorError:
@@ -399,7 +400,7 @@ class ClusterEngine:
                     else:
                         self.stats.failed += 1
                 self.last_migration = {"precopied_blocks": len(precopied), "reused_blocks": skip,
-                                       "downtime_s": downtime, "reason": reason, "ok": ok}
+                                       "downtime_s": downtime, "export_s": export_s, "reason": reason, "ok": ok}
                 if aborted:
                     self.actors[to].abort.remote(request_id)
                 self.num_migrations += ok

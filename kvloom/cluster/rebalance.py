@@ -43,7 +43,9 @@ def plan_moves(loads: Sequence[LoadReport], settings: RebalanceSettings | None =
     s = settings or RebalanceSettings()
     busy = set(exclude)
     live = [l for l in loads if l.alive]
-    free = {l.instance_id: l.free_blocks for l in live}        # updated as moves are planned
+    # What each instance can still give a moved-in request: its free blocks less what its own queue and
+    # high-priority headroom will take (updated as moves are planned).
+    free = {l.instance_id: l.free_after_queue for l in live}
     moves: list[Move] = []
     sent_from: set[int] = set()
 

@@ -49,8 +49,10 @@ class Request:
         self.block_keys: list[bytes] = []     # content keys of the full computed blocks (prefix cache)
         self.num_cached_tokens = 0                # prompt tokens found in the prefix cache at admission
         self.status = RequestStatus.WAITING
+        self.queued_front = False       # waits at the front of its priority class (it ran, or moved in)
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
+        self.matcher = None                   # kvloom/structured: its grammar state, when its output is constrained
 
     @property
     def num_prompt_tokens(self) -> int:

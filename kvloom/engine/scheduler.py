@@ -73,10 +73,13 @@ class Scheduler:
         self.waiting.insert(i, req)
 
     def _queue_front(self, req: Request) -> None:
-        """Ahead of every queued request of its priority or a later one (it ran before)."""
+        """Ahead of every new queued request of its priority or a later one (it ran before); among the
+        others at the front, in order, so a request moved in is not pushed back by later preemptions."""
         i = 0
-        while i < len(self.waiting) and self.waiting[i].priority < req.priority:
+        while i < len(self.waiting) and (self.waiting[i].priority < req.priority or (
+                self.waiting[i].queued_front and self.waiting[i].order < req.order)):
             i += 1
+        req.queued_front = True
         self.waiting.insert(i, req)
 
     def has_unfinished(self) -> bool:

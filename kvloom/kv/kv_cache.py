@@ -65,8 +65,14 @@ class FloatKVCache:
     def read_blocks(self, blocks: list[int]) -> dict[str, torch.Tensor]:
         """Copies of the blocks' K and V, every layer: [num_layers, len(blocks), kv_heads, block_size, head_dim]."""
         idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
-        return {"k": torch.stack([layer.k[idx] for layer in self.layers]).cpu(),
-                "v": torch.stack([layer.v[idx] for layer in self.layers]).cpu()}
+        out = {}
+        for name in ("k", "v"):     # gathered straight into one tensor: a migration's KV is copied once
+            first = getattr(self.layers[0], name)
+            dst = torch.empty((len(self.layers), len(blocks), *first.shape[1:]), dtype=first.dtype, device=self.device)
+            for i, layer in enumerate(self.layers):
+                torch.index_select(getattr(layer, name), 0, idx, out=dst[i])
+            out[name] = dst.cpu()
+        return out
 
     def write_blocks(self, blocks: list[int], tensors: dict[str, torch.Tensor]) -> None:
         """Store blocks read by read_blocks (of a cache with the same layout) into these blocks."""
