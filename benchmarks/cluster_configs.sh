@@ -17,8 +17,8 @@ declare -A flags=(
   [ray2x1-nm]="--instances 2 --threads-per-instance 1 --no-migration"
 )
 declare -A loads=(
-  [burstgpt]="--workload burstgpt --num-requests 80 --time-scale 100"
-  [prefix]="--workload shared-prefix --num-requests 48 --request-rate 4 --prefix-len 500 --input-len 100 --output-len 64"
+  [burstgpt]="--workload burstgpt --num-requests 24 --time-scale 100"
+  [prefix]="--workload shared-prefix --num-requests 24 --request-rate 4 --prefix-len 500 --input-len 100 --output-len 64"
 )
 for r in $(seq "$rounds"); do
   for name in plain front1x2 ray2x1 ray2x1-nm; do

@@ -125,7 +125,18 @@ def cmd_serve(args) -> None:
     from kvloom.server.launch import serve
     serve(engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
           served_model_name=args.served_model_name, max_waiting_requests=args.max_waiting_requests,
-          graceful_shutdown_s=args.graceful_shutdown, instances=args.instances, dispatch=args.dispatch)
+          graceful_shutdown_s=args.graceful_shutdown, instances=args.instances, dispatch=args.dispatch,
+          ray_address=args.ray_address, threads_per_instance=args.threads_per_instance, placement=args.placement,
+          migration=not args.no_migration, tool_call_parser=args.tool_call_parser,
+          reasoning_parser=args.reasoning_parser)
+
+
+def _emit(result: dict, out: str | None, text: str | None = None) -> None:
+    """Print a benchmark's result (as JSON, or as the given table) and write its JSON to `out` if given."""
+    print(text if text is not None else json.dumps(result, indent=2))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def cmd_bench(args) -> None:
@@ -136,19 +147,27 @@ def cmd_bench(args) -> None:
                                                  args.output_len),
                   "agent": agent_turns(config, args.agents, args.turns, args.prefix_len, args.tool_len,
                                        args.output_len, args.traffic_per_turn, args.traffic_len)}
-        print(json.dumps(result, indent=2))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
+        _emit(result, args.out)
         return
     if args.bench == "spec":
         from kvloom.bench.speculative import run_spec_comparison
         result = run_spec_comparison(engine_config(args), args.workload, args.num_requests, args.input_len,
                                      args.output_len, args.concurrency, args.rounds)
-        print(json.dumps(result, indent=2))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
+        _emit(result, args.out)
+        return
+    if args.bench == "structured":
+        from kvloom.bench.structured import compare_libraries, run_structured_bench
+        from kvloom.bench.structured_servers import compare_servers
+        result = compare_servers(args.serve_url, rounds=args.rounds) if args.serve_url else \
+            compare_libraries() if args.libraries else run_structured_bench(
+            engine_config(args), [int(x) for x in args.batch_sizes.split(",")], args.input_len, args.output_len,
+            args.rounds)
+        _emit(result, args.out)
+        return
+    if args.bench == "migration":
+        from kvloom.bench.migration import format_table, run_migration_bench
+        result = run_migration_bench(engine_config(args), [int(x) for x in args.contexts.split(",")], args.repeats)
+        _emit(result, args.out, format_table(result))
         return
     if args.bench in ("serve", "sweep"):
         from kvloom.bench.serve import cmd_bench_serve, cmd_bench_sweep
@@ -197,6 +216,11 @@ def _add_serve_bench_args(p) -> None:
     p.add_argument("--max-duration", type=float, default=600.0, help="stop after this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
+
+
+def _cmd_cluster_sim(args) -> None:
+    from kvloom.bench.cluster_sim import cmd_cluster_sim   # numpy/torch only when it runs
+    cmd_cluster_sim(args)
 
 
 def _rates(text: str) -> list[float]:
@@ -257,6 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine instances on Ray behind one global scheduler (kvloom/cluster; starts a local Ray)")
     s.add_argument("--dispatch", default="llumnix", choices=["llumnix", "least-loaded", "power-of-two", "round-robin"],
                    help="with --instances > 1: where new requests go")
+    s.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster ('auto': the one `ray start` runs here; 'local': start one, even for 1 instance)")
+    s.add_argument("--threads-per-instance", type=int, default=None,
+                   help="torch threads (and Ray CPUs) of each engine instance (default: --num-threads, else 1)")
+    s.add_argument("--placement", default="SPREAD", choices=["SPREAD", "PACK", "STRICT_SPREAD"],
+                   help="Ray placement of the instances: SPREAD puts one per node where the cluster has nodes")
+    s.add_argument("--no-migration", action="store_true",
+                   help="dispatch only: never live-migrate running requests between instances")
+    s.add_argument("--tool-call-parser", default=None,
+                   choices=["hermes", "qwen", "qwen2_5", "qwen3", "smollm", "llama3_json", "llama"],
+                   help="how the model writes tool calls (default: from its chat template; kvloom/structured)")
+    s.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="split <think>...</think> into reasoning_content")
     s.set_defaults(func=cmd_serve)
 
     tu = sub.add_parser("tune", help="sweep max_num_seqs x max_num_batched_tokens on this machine; print the best")
@@ -313,6 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(sp)
     sp.set_defaults(func=cmd_bench)
 
+    st = bsub.add_parser("structured", help="TPOT of JSON-schema-constrained vs plain requests, same run; TTFT "
+                                           "with grammar compilation; --libraries: grammar libraries compared")
+    st.add_argument("--batch-sizes", default="1,32")
+    st.add_argument("--input-len", type=int, default=64)
+    st.add_argument("--output-len", type=int, default=64)
+    st.add_argument("--rounds", type=int, default=2, help="runs of each kind per batch size, alternating; the best counts")
+    st.add_argument("--libraries", action="store_true", help="only compare llguidance and xgrammar (if installed)")
+    st.add_argument("--serve-url", action="append", default=[],
+                    help="OpenAI-compatible servers to compare on JSON-schema chat requests (e.g. kvloom's, llama-server)")
+    st.add_argument("--out", default=None)
+    add_engine_args(st)
+    st.set_defaults(func=cmd_bench)
+
     pre = bsub.add_parser("prefix", help="TTFT with prefix caching off / on / with agent sessions")
     pre.add_argument("--prefix-len", type=int, default=1000, help="shared system prompt / first turn tokens")
     pre.add_argument("--suffix-len", type=int, default=50)
@@ -327,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(p)
         p.add_argument("--out", default=None, help="also write the JSON result here")
         p.set_defaults(func=cmd_bench)
+    mig = bsub.add_parser("migration", help="live-migration stall against context length: KV, pre-copy, recompute")
+    mig.add_argument("--contexts", default="128,256,512,1024,2048")
+    mig.add_argument("--repeats", type=int, default=3)
+    mig.add_argument("--out", default=None, help="also write the JSON result here")
+    add_engine_args(mig)
+    mig.set_defaults(func=cmd_bench)
     srv = bsub.add_parser("serve", help="load an OpenAI-compatible server with a workload")
     _add_serve_bench_args(srv)
     srv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
@@ -336,6 +392,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_bench_args(swp)
     swp.add_argument("--rates", type=_rates, default=_rates("0.5,1,2,4,8,inf"))
     swp.add_argument("--out", default="results", help="directory for sweep.json and curve.png")
+    cs = bsub.add_parser("cluster-sim", help="simulate 4-64 instances: real schedulers and global scheduler, "
+                                             "modelled step times (kvloom/bench/cluster_sim.py)")
+    cs.add_argument("--trace", default="burstgpt,azure-conv",
+                    help="comma-separated trace names (burstgpt, azure-conv, azure-code) or CSV paths")
+    cs.add_argument("--instances", default="4,8,16,32,64", help="instance counts to sweep")
+    cs.add_argument("--policies", default="round-robin,least-loaded,power-of-two,llumnix")
+    cs.add_argument("--requests-per-instance", type=int, default=40,
+                    help="the trace's first N x this many rows are replayed (repeated when it is shorter)")
+    cs.add_argument("--rate-per-instance", type=float, default=None, help="requests/s per instance (default: per trace)")
+    cs.add_argument("--step-cost", default=None, help="JSON of StepCost fields (default: docs/performance.md's numbers)")
+    cs.add_argument("--seed", type=int, default=0)
+    cs.add_argument("--out-dir", default="docs/results", help="cluster-sim-<trace>.json and .png go here")
+    cs.add_argument("--doc", default="docs/cluster-sim.md",
+                    help="rewrite the table between <!-- cluster-sim:<trace> --> markers in this file")
+    cs.add_argument("--validate", action="store_true",
+                    help="instead: one real engine against one simulated instance on a small BurstGPT slice")
+    cs.set_defaults(func=_cmd_cluster_sim)
     return parser
 
 

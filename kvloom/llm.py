@@ -1,6 +1,7 @@
 """The offline API: LLM(model).generate(prompts) and .chat(conversations)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ class Completion:
     finish_reason: str
     logprobs: list[TokenLogprobs] | None = None
     stop_reason: str | int | None = None
+    tool_calls: list[dict] | None = None   # LLM.chat(tools=...): the calls parsed from text (OpenAI's shape)
 
 
 @dataclass
@@ -62,9 +64,11 @@ class LLM:
         self.engine = Engine(EngineConfig(model=model, **engine_args))
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | None = None,
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, session_id: str | None = None) -> list[GenerationResult]:
         """One result per prompt, in order. A single string or token-id list counts as one prompt.
+        sampling_params: one for all prompts, or a list with one per prompt.
 
         session_id marks the call as one step of an agent program: its KV is kept for the next call.
         """
@@ -72,34 +76,63 @@ class LLM:
             prompts = [prompts]
         if not prompts:
             raise InvalidRequestError("no prompts given", field="prompts")
-        params = sampling_params or SamplingParams()
-        return self._run(list(prompts), params, use_tqdm, session_id)
+        return self._run(list(prompts), sampling_params or SamplingParams(), use_tqdm, session_id)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[GenerationResult]:
-        """Applies the model's chat template to one conversation or a list of them."""
+             use_tqdm: bool = True, add_generation_prompt: bool = True, tools: list[dict] | None = None,
+             tool_choice: str | dict | None = None, tool_call_parser: str | None = None) -> list[GenerationResult]:
+        """Applies the model's chat template to one conversation or a list of them.
+
+        tools (OpenAI's shape) are rendered by the template (or, for a template that renders none, by the
+        parser for the model's family); each completion's tool_calls holds the calls parsed from its text.
+        tool_choice "required" or {"type": "function", "function": {"name": ...}} forces a valid call."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self._run(prompts, sampling_params or SamplingParams(), use_tqdm)
+        params = sampling_params or SamplingParams()
+        if not tools:
+            prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
+            return self._run(prompts, params, use_tqdm)
+        from kvloom.structured.chat_output import ChoiceOutput
+        from kvloom.structured.tool_parsers import parser_for
+        from kvloom.structured.tools import (apply_template, check_tools, forced_constraint, output_parser,
+                                             renders_tools, template_messages)
+        setup = check_tools(tools, tool_choice, None)
+        family = parser_for(tool_call_parser, self.tokenizer.hf.chat_template)
+        rendered = renders_tools(self.tokenizer.hf)
+        prompts = [apply_template(self.tokenizer, template_messages(c, setup, family, rendered),
+                                  setup.tools if setup.active and rendered else None, add_generation_prompt)
+                   for c in conversations]
+        if setup.forced:
+            params = dataclasses.replace(params, structured_outputs=forced_constraint(setup))
+        results = self._run(prompts, params, use_tqdm)
+        parser = output_parser(setup, family)
+        for r in results:
+            for o in r.outputs:
+                message, _ = ChoiceOutput(parser, None, setup.parallel).message(o.text, o.finish_reason)
+                o.tool_calls = message.get("tool_calls")
+        return results
 
     def close_session(self, session_id: str) -> bool:
         """Release the KV an agent session kept between calls."""
         return self.engine.close_session(session_id)
 
-    def _run(self, prompts: list[Prompt], params: SamplingParams, use_tqdm: bool,
+    def _run(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams], use_tqdm: bool,
              session_id: str | None = None) -> list[GenerationResult]:
         engine = self.engine
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise InvalidRequestError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts",
+                                      field="sampling_params")
         ids: list[str] = []
         try:
-            for i, prompt in enumerate(prompts):
-                ids.append(engine.add_request(prompt, params, request_id=f"llm-{id(self)}-{i}",
+            for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+                ids.append(engine.add_request(prompt, p, request_id=f"llm-{id(self)}-{i}",
                                               session_id=session_id))
         except Exception:
             for rid in ids:
                 engine.abort_request(rid)
             raise
         finals: dict[tuple[str, int], RequestOutput] = {}
-        bar = tqdm(total=len(prompts) * params.n, desc="Generating", unit="seq",
+        bar = tqdm(total=sum(p.n for p in per_prompt), desc="Generating", unit="seq",
                    disable=not (use_tqdm and sys.stderr.isatty()))
         while engine.has_unfinished():
             for out in engine.step():
@@ -108,8 +141,8 @@ class LLM:
                     bar.update(1)
         bar.close()
         results = []
-        for prompt, rid in zip(prompts, ids):
-            outs = [finals[(rid, k)] for k in range(params.n)]
+        for prompt, rid, p in zip(prompts, ids, per_prompt):
+            outs = [finals[(rid, k)] for k in range(p.n)]
             results.append(GenerationResult(prompt, outs[0].prompt_token_ids, [
                 Completion(o.text, o.token_ids, o.finish_reason, o.logprobs, o.stop_reason) for o in outs],
                 outs[0].num_cached_tokens))

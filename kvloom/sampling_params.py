@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvloom.errors import InvalidSamplingParamsError
+from kvloom.structured.spec import StructuredOutputs
 
 
 @dataclass
@@ -13,6 +14,8 @@ class SamplingParams:
     temperature 0 means greedy. top_k <= 0 (or -1) disables top-k. `stop`
     strings end generation and are not included in the text; `stop_token_ids`
     end it too. `logprobs=N` returns the chosen token's logprob and the top N.
+    `structured_outputs` (a StructuredOutputs or a dict of its fields: json, json_object, regex, choice,
+    grammar) constrains every sampled token to keep the output matchable (kvloom/structured).
     """
 
     n: int = 1
@@ -30,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | dict | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -42,6 +46,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        self.structured_outputs = StructuredOutputs.coerce(self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:

@@ -225,6 +225,43 @@ def test_a_family_of_two_migrates_together(cluster):
     wait_idle(cluster)
 
 
+@pytest.mark.parametrize("ending", ["aborted", "finished"])
+def test_a_request_that_ends_during_precopy_frees_the_staged_blocks(cluster, ending):
+    """The client leaves (or the request finishes) while its blocks are being pre-copied: the move is
+    refused and no block stays reserved on the destination."""
+    params = SamplingParams(temperature=0.0, max_tokens=200 if ending == "aborted" else 60, ignore_eos=True)
+    prompt = random_prompts(1, [80], seed=36)[0]
+    rid, result = f"pre-{ending}", {}
+    real_precopy = cluster._precopy
+
+    def precopy_then_end(request_id, src, to, rounds):
+        copied = real_precopy(request_id, src, to, rounds)      # (source block ids, bytes staged)
+        result["staged"] = len(copied[0])
+        if ending == "aborted":
+            cluster.abort(request_id)
+        deadline = time.time() + 10
+        while ray.get(cluster.actors[src].has.remote(request_id)) and time.time() < deadline:
+            time.sleep(0.02)
+        return copied
+
+    async def run():
+        gen = cluster.generate(prompt, params, rid)
+        async for out in gen:
+            if len(out.token_ids) >= 4 and "moved" not in result:
+                result["moved"] = await cluster.migrate(rid, precopy_rounds=3)
+                if ending == "aborted":
+                    break
+        await gen.aclose()
+
+    cluster._precopy = precopy_then_end
+    try:
+        asyncio.run(run())
+    finally:
+        cluster._precopy = real_precopy
+    assert result["staged"] >= 5 and result["moved"] is False
+    wait_idle(cluster)               # every block free on both instances: nothing left staged
+
+
 def test_migrating_a_finished_request_is_refused(cluster):
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     r = asyncio.run(consume(cluster, random_prompts(1, [10], seed=24)[0], params, "done"))
@@ -483,6 +520,8 @@ def operator_routes(client, body):
     assert 'kvloom_instance_num_requests_running{instance="1"}' in metrics
     assert 'kvloom_migrations_total{reason="manual"}' in metrics
     assert "kvloom_migration_downtime_seconds_count" in metrics
+    generated = [l for l in metrics.splitlines() if l.startswith("vllm:generation_tokens_total")]
+    assert generated and float(generated[0].split()[-1]) >= 600     # the instances' sums, under vLLM's names
 
     assert client.post("/admin/instances/0/drain").json() == {"id": 0, "state": "draining"}
     health = client.get("/health")

@@ -14,6 +14,7 @@ attention backends (the native decode stack over the final weights) -> measure
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import random
@@ -42,6 +43,9 @@ from kvloom.sampling_params import SamplingParams
 from kvloom.speculation.lookahead import LookaheadSpeculator, SpecSettings
 from kvloom.speculation.ngram_trie import DraftTree
 from kvloom.speculation.step_cost import StepCost
+from kvloom.structured.backend import validate as validate_constraint
+from kvloom.structured.compiler import GrammarCompiler
+from kvloom.structured.matcher import RequestMatcher
 from kvloom.system_info import inference_paths
 from kvloom.tokenizer import Tokenizer
 
@@ -68,6 +72,8 @@ class Engine:
         self._family: dict[str, list[str]] = {}              # parent id -> ids of all its samples
         self._tenant_salt: dict[str, str | None] = {}        # parent id -> its cache_salt as given
         self._seeds = random.Random(config.seed)
+        self._grammars: GrammarCompiler | None = None        # made at the first constrained request
+        self._awaiting_grammar: dict[str, tuple] = {}        # parent id -> (grammar future, its samples)
         paths = inference_paths(self)
         log.info("inference paths: kernels %s (%s), attention %s%s, linear %s",
                  "on" if paths["kernels"]["native_kernels"] else "off", paths["kernels"].get("isa")
@@ -160,12 +166,77 @@ class Engine:
             req.generator = self._generator(req.params)
             self._states[req.request_id] = OutputState(req, self.tokenizer)
             samples.append(req)
+        grammar = self._grammar_future(params)
         self._register_family(request_id, samples, cache_salt)
         if len(samples) > 1:
             # Samples 1..n-1 fork from sample 0 once its prompt is computed: the prompt's KV is shared.
             self._pending_forks[request_id] = samples[1:]
-        self.scheduler.add(samples[0])
+        if grammar is not None and not grammar.done():
+            self._awaiting_grammar[request_id] = (grammar, samples)   # queued when it compiles (step())
+        else:
+            self._attach_matchers(samples, grammar)
+            self.scheduler.add(samples[0])
         return request_id
+
+    # ---- structured outputs (kvloom/structured) --------------------------------------------
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.hf, self.model.shape.vocab_size,
+                                             self.tokenizer.eos_token_ids)
+        return self._grammars
+
+    def _grammar_future(self, params: SamplingParams):
+        """The compiling grammar of a constrained request (None for others). A constraint the library
+        rejects raises here, before anything changes (the server has checked it already: then it is cached)."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        validate_constraint(spec)
+        return self.grammars.submit(spec)
+
+    def _attach_matchers(self, samples: list[Request], grammar) -> None:
+        """Each sample its own matcher (n > 1 samples diverge); it follows the sample's tokens from zero."""
+        if grammar is None:
+            return
+        proto = grammar.result()
+        for req in samples:
+            req.matcher = RequestMatcher(proto, self.grammars.vocab_size,
+                                         self.tokenizer.eos_token_ids if req.params.ignore_eos else ())
+
+    def _admit_compiled(self, wait: float = 0.0) -> list[RequestOutput]:
+        """Queue the requests whose grammar is ready; with wait, first wait that long for one when none is."""
+        if wait and not any(f.done() for f, _ in self._awaiting_grammar.values()):
+            concurrent.futures.wait([f for f, _ in self._awaiting_grammar.values()], timeout=wait,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        failed = []
+        for rid, (fut, samples) in list(self._awaiting_grammar.items()):
+            if not fut.done():
+                continue
+            del self._awaiting_grammar[rid]
+            if fut.exception() is not None:   # cannot happen after validate(); the request ends, never hangs
+                log.error("grammar of request %s failed to compile: %s", rid, fut.exception())
+                failed.extend(self._fail_family(rid, samples))
+                continue
+            self._attach_matchers(samples, fut)
+            self.scheduler.add(samples[0])
+        return failed
+
+    def _fail_family(self, rid: str, samples: list[Request]) -> list[RequestOutput]:
+        self._pending_forks.pop(rid, None)
+        self._family.pop(rid, None)
+        self._tenant_salt.pop(rid, None)
+        outs = []
+        for req in samples:
+            state = self._states.pop(req.request_id, None)
+            if state is not None:
+                outs.append(RequestOutput(request_id=req.request_id, parent_id=rid, index=req.index,
+                                          num_cached_tokens=0, prompt_token_ids=req.prompt_token_ids,
+                                          delta_text="", delta_token_ids=[], delta_logprobs=None, text="",
+                                          token_ids=[], logprobs=None, finished=True, finish_reason="abort",
+                                          stop_reason=None, metrics={}))
+        return outs
 
     def _check_new_id(self, request_id: str) -> None:
         if request_id in self._family:
@@ -202,6 +273,7 @@ class Engine:
         family = self._family.pop(request_id, None)
         if family is None:
             return False
+        self._awaiting_grammar.pop(request_id, None)
         self._tenant_salt.pop(request_id, None)
         self._pending_forks.pop(request_id, None)
         for rid in family:
@@ -221,6 +293,10 @@ class Engine:
         family = self._family.get(request_id)
         if family is None:
             raise InvalidRequestError(f"no unfinished request {request_id!r} here", field="request_id")
+        if request_id in self._awaiting_grammar:   # not queued yet: let its grammar finish first
+            fut, samples = self._awaiting_grammar.pop(request_id)
+            self._attach_matchers(samples, fut)
+            self.scheduler.add(samples[0])
         pending = {r.request_id: r for r in self._pending_forks.get(request_id, ())}
         members = [self.scheduler.requests.get(rid) or pending[rid] for rid in family if rid in self._states]
         bs = self.config.block_size
@@ -262,6 +338,7 @@ class Engine:
         this engine's, or the pool has too few free blocks for the KV (import snap.without_kv() then)."""
         self._check_new_id(snap.request_id)
         prompt_ids = self._prompt_ids(snap.prompt_token_ids)
+        grammar = self._grammar_future(snap.samples[0].params) if snap.samples else None
         for s in snap.samples:
             if len(prompt_ids) + s.max_tokens > self.max_model_len:
                 raise PromptTooLongError(f"request {snap.request_id!r} needs {len(prompt_ids) + s.max_tokens} "
@@ -292,6 +369,8 @@ class Engine:
                 self.speculator.import_state(req, s.speculation)
             samples.append(req)
         self.pool.free([b for b, u in zip(blocks, used) if not u])
+        # The grammar state is rebuilt from the tokens: each matcher replays its sample's output at its next draw.
+        self._attach_matchers(samples, grammar)
         self._register_family(snap.request_id, samples, snap.cache_salt)
         waiting = [r for r, s in zip(samples, snap.samples) if not s.forked]
         if waiting:
@@ -344,21 +423,25 @@ class Engine:
             samples.append(req)
         if not samples:
             raise InvalidRequestError(f"request {request_id!r} has no unfinished sample to resume", field="outputs")
+        self._attach_matchers(samples, self._grammar_future(params))
         self._register_family(request_id, samples, cache_salt)
         for req in reversed(samples):
             self.scheduler.add(req, front=True)
         return request_id
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._awaiting_grammar)
 
     # ---- the step loop ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """schedule -> execute (the runner samples) -> update (tokens, forks, text, stops)."""
+        failed = self._admit_compiled() if self._awaiting_grammar else []
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return []
+            if self._awaiting_grammar and not failed:   # only grammars compiling: wait for one, briefly
+                failed = self._admit_compiled(wait=0.005)
+            return failed
         samplers, forks = self._samplers(plan)
         result = self.runner.execute(plan, samplers)
         self._observe_drafts(plan, result)
@@ -378,7 +461,7 @@ class Engine:
                     req.truncate_output(len(req.output_token_ids) - (len(tokens) - used))
                     break
             outputs.append(self._output(req, state, now))
-        return outputs
+        return failed + outputs
 
     def _samplers(self, plan) -> tuple[dict[str, list[Request]], list[tuple[Request, Request, bool]]]:
         """Who draws from each sampled chunk's last row: its request, and the samples that fork from it now.

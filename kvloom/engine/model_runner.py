@@ -20,6 +20,7 @@ from kvloom.models.llama import LlamaForCausalLM
 from kvloom.speculation.ngram_trie import DraftTree
 from kvloom.speculation.tree_attention import tree_depths
 from kvloom.speculation.verify import verify
+from kvloom.structured.matcher import mask_draft_tree, masks_during_forward
 
 
 class ModelRunner:
@@ -67,8 +68,9 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput, samplers: dict[str, list[Request]]) -> ModelRunnerOutput:
         """Run the step and sample. samplers: for each chunk with sample=True, the requests that draw from its
         last row: its own, then any samples forked from it this step (they share the prompt's logits)."""
+        masks = masks_during_forward(plan, samplers)   # constrained rows' grammar masks, while the model runs
         logits = self.logits(plan)
-        return self.sample(plan, logits, samplers)
+        return self.sample(plan, logits, samplers, masks)
 
     @torch.inference_mode()
     def logits(self, plan: SchedulerOutput, all_logits: bool = False) -> torch.Tensor:
@@ -86,7 +88,7 @@ class ModelRunner:
         return logits
 
     def sample(self, plan: SchedulerOutput, logits: torch.Tensor,
-               samplers: dict[str, list[Request]]) -> ModelRunnerOutput:
+               samplers: dict[str, list[Request]], masks=None) -> ModelRunnerOutput:
         """Next tokens: drawn by the sampler (one batched call for the plain rows), or accepted by verifying a
         chunk's draft tree."""
         out = ModelRunnerOutput()
@@ -102,7 +104,11 @@ class ModelRunner:
             for req in (owner, *forks):
                 reseed(req)
             if k:
-                tokens, path = verify(logits[row:row + 1 + k], DraftTree(c.token_ids[-k:], c.draft_parents), owner)
+                rows_k = logits[row:row + 1 + k]
+                if owner.matcher is not None:   # drafts are checked against the grammar: refused ones never pass
+                    owner.matcher.sync(owner.output_token_ids)
+                    rows_k = mask_draft_tree(rows_k, c.token_ids[-k:], c.draft_parents, owner.matcher)
+                tokens, path = verify(rows_k, DraftTree(c.token_ids[-k:], c.draft_parents), owner)
                 out.token_ids[c.request_id] = tokens
                 out.logprobs[c.request_id] = [None] * len(tokens)
                 out.draft_paths[c.request_id] = path
@@ -114,7 +120,7 @@ class ModelRunner:
             row += 1 + k
         if reqs:
             picked = logits if rows == list(range(row)) else logits[torch.tensor(rows)]
-            result = sample(picked, reqs)
+            result = sample(picked, reqs, masks.result() if masks is not None else None)
             for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
                 out.token_ids[req.request_id] = [token]
                 out.logprobs[req.request_id] = [lp]

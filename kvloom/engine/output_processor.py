@@ -16,7 +16,10 @@ class OutputState:
 
     def __init__(self, req: Request, tokenizer: Tokenizer):
         self.req = req
-        self.eos_ids = set() if req.params.ignore_eos else tokenizer.eos_token_ids
+        # A constrained request's EOS comes only when its grammar is complete (structured/matcher.py): it ends
+        # the request even with ignore_eos.
+        self.eos_ids = (set() if req.params.ignore_eos and req.params.structured_outputs is None
+                        else tokenizer.eos_token_ids)
         self.stop_ids = set(req.params.stop_token_ids)
         self.stops = req.params.stop_strings
         self.hold = max((len(s) for s in self.stops), default=1) - 1

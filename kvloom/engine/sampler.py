@@ -1,13 +1,14 @@
 """Turns logits into tokens, request by request settings, batch-independently.
 
-Order: penalties -> temperature -> top-k / top-p / min-p -> draw. Greedy rows
+Order: penalties -> grammar mask -> temperature -> top-k / top-p / min-p -> draw. Greedy rows
 take the argmax of the penalised logits. The filters run over all sampling rows
 at once (one softmax, one top-k, one cumulative sum for the batch); every
 operation works along a row, so a row's result does not depend on the others.
 Each sampling row draws one uniform number from its own request's
 torch.Generator and inverts its cumulative distribution, so a seed gives the
 same tokens whatever else is in the batch. Logprobs are of the model's raw
-distribution.
+distribution. A constrained row (structured outputs) has the tokens its grammar forbids set to -inf; the
+other rows are never touched.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kvloom.engine.request import Request
+from kvloom.structured.matcher import apply_masks, grammar_masks
 
 
 @dataclass
@@ -31,8 +33,9 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-    """logits: [len(requests), vocab], one row per request."""
+def sample(logits: torch.Tensor, requests: list[Request], masks: dict | None = None) -> SamplerOutput:
+    """logits: [len(requests), vocab], one row per request. masks: grammar masks already computed, by request
+    id (structured/matcher.py: masks_during_forward); other constrained rows get theirs here."""
     logits = logits.float()
     raw = logits
     if any(r.params.needs_penalties for r in requests):
@@ -40,16 +43,29 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         for i, r in enumerate(requests):
             if r.params.needs_penalties:
                 _apply_penalties(logits[i], r)
+    # Constrained rows: their grammar's mask, applied to the row copies below (never to the batch's logits).
+    masks = grammar_masks(requests, masks)
 
     tokens = torch.empty(len(requests), dtype=torch.long)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
     if greedy:
         idx = torch.tensor(greedy)
         tokens[idx] = logits[idx].argmax(dim=-1)
+        if masks:
+            # A greedy row whose argmax the grammar allows keeps it: it is the masked row's argmax too.
+            refused = [i for i in greedy if i in masks and not masks[i].allows(int(tokens[i]))]
+            if refused:
+                sub = logits[torch.tensor(refused)]
+                apply_masks(sub, [masks[i].words for i in refused])
+                tokens[torch.tensor(refused)] = sub.argmax(dim=-1)
     drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
     if drawn:
         idx = torch.tensor(drawn)
-        probs = batched_target_probs(logits[idx], [requests[i].params for i in drawn])
+        sub = logits[idx]
+        if masks and any(i in masks for i in drawn):
+            rows = [j for j, i in enumerate(drawn) if i in masks]
+            apply_masks(sub, [masks[drawn[j]].words for j in rows], rows)
+        probs = batched_target_probs(sub, [requests[i].params for i in drawn])
         uniforms = torch.cat([torch.rand(1, generator=requests[i].generator) for i in drawn])
         tokens[idx] = draw_from(probs, uniforms)
 

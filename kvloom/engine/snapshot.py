@@ -118,7 +118,10 @@ class RequestSnapshot:
 
 
 def _params_dict(p: SamplingParams) -> dict:
-    return {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.init}
+    d = {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.init}
+    if p.structured_outputs is not None:   # plain JSON; SamplingParams turns the dict back into its class
+        d["structured_outputs"] = p.structured_outputs.to_dict()
+    return d
 
 
 def _output_state_json(state: dict) -> dict:

@@ -221,6 +221,8 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     @app.get("/metrics")
     async def prometheus_metrics():
+        if clustered:
+            metrics.observe_cluster(await asyncio.get_running_loop().run_in_executor(None, async_engine.dashboard_stats))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/server_info")

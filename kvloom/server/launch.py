@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import uvicorn
 
@@ -14,9 +15,19 @@ from kvloom.server.metrics import ServerMetrics
 log = logging.getLogger("kvloom.serve")
 
 
+def ray_init_options(address: str | None, cpus_needed: int) -> dict:
+    """Join a running Ray cluster, or start a local one with room for every instance (Ray's CPUs are a
+    count, not a pinning: more instance threads than cores is the user's choice to make)."""
+    if address and address != "local":
+        return {"address": address, "include_dashboard": False}
+    return {"num_cpus": max(os.cpu_count() or 1, cpus_needed), "include_dashboard": False}
+
+
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_model_name: str | None = None, max_waiting_requests: int = 256,
-          graceful_shutdown_s: float = 30.0, instances: int = 1, dispatch: str = "llumnix") -> None:
+          graceful_shutdown_s: float = 30.0, instances: int = 1, dispatch: str = "llumnix",
+          ray_address: str | None = None, threads_per_instance: int | None = None, placement: str = "SPREAD",
+          migration: bool = True, tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> None:
     engine = Engine(config)
     name = served_model_name or engine.source.name
     log.info("model %s: %.1fM parameters, %s, quantization %s, %d layers, context %d tokens", name,
@@ -30,14 +41,25 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_k
     log.info("scheduler: max_num_seqs=%d max_num_batched_tokens=%d max_waiting_requests=%d",
              config.max_num_seqs, config.max_num_batched_tokens, max_waiting_requests)
     metrics = ServerMetrics()
-    if instances > 1:
+    if instances > 1 or ray_address:
         # Ray actors run the instances; the local engine only answers for the tokenizer and limits.
         from kvloom.cluster.front import ClusterEngine
-        async_engine = ClusterEngine(config, instances, policy=dispatch, threads_per_instance=config.num_threads or 1)
+        threads = threads_per_instance or config.num_threads or 1
+        async_engine = ClusterEngine(config, instances, policy=dispatch, threads_per_instance=threads,
+                                     cpus_per_instance=threads, ray_init=ray_init_options(ray_address, instances * threads),
+                                     placement=placement)
+        async_engine.auto_rebalance = migration
         async_engine.engine = engine
-        log.info("cluster: %d engine instances on Ray, dispatch %s", instances, dispatch)
+        log.info("cluster: %d engine instances x %d threads on Ray (%s), dispatch %s, migration %s", instances,
+                 threads, ray_address or "local", dispatch, "on" if migration else "off")
     else:
         async_engine = AsyncEngine(engine, on_step=metrics.observe_engine)
+    # Read by server/serving.py (the chat output's parsers): the app is built from the engine alone.
+    engine.tool_call_parser, engine.reasoning_parser = tool_call_parser, reasoning_parser
+    # The grammar library's view of the vocabulary takes ~0.5 s to build: build it now, in the background,
+    # rather than in the first constrained request's time to first token.
+    from kvloom.structured import StructuredOutputs
+    engine.grammars.submit(StructuredOutputs(json_object=True))
     app = build_app(async_engine, ServerSettings(name, api_key, max_waiting_requests), metrics)
     log.info("serving %s at http://%s:%d/v1%s", name, host, port, " (API key required)" if api_key else "")
     # uvicorn stops accepting on SIGTERM/SIGINT, lets open requests finish within the grace period,

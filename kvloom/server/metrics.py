@@ -124,7 +124,7 @@ class ServerMetrics:
         }
         self.set_model_name(model_name)
         self._totals = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0, "spec_draft": 0,
-                        "spec_accepted": 0}
+                        "spec_accepted": 0, "generation": 0}
         self._last_token_time: dict[str, float] = {}     # request id -> time of its latest token (ITL)
         self._steps = 0
         self._windows = {"ttft": _Window(), "tpot": _Window(), "e2e": _Window(), "queue_time": _Window()}
@@ -203,6 +203,26 @@ class ServerMetrics:
             "spec_mean_accepted_length": st["mean_accepted_length"] if st else None,
             "updated": now,
         }
+
+    def observe_cluster(self, instances: list[dict]) -> None:
+        """Under a cluster the engines run in the actors: the server-wide series (kvloom's and vLLM's names)
+        are the sums of the instances' figures (their snapshot()s), taken at scrape time."""
+        v = self.v
+        live = [i for i in instances if "running" in i]
+        running, waiting = sum(i["running"] for i in live), sum(i["waiting"] for i in live)
+        used, total = sum(i["kv_cache_blocks_used"] for i in live), sum(i["kv_cache_blocks_total"] for i in live)
+        for g, x in ((self.running, running), (v["running"], running), (self.waiting, waiting),
+                     (v["waiting"], waiting), (self.kv_blocks_used, used)):
+            g.set(x)
+        self.kv_usage.set(used / total if total else 0.0)
+        v["kv_usage"].set(used / total if total else 0.0)
+        sums = lambda key: sum(i.get(key, 0) for i in live)   # noqa: E731
+        self._count("generation", sums("generation_tokens_total"), self.generation_tokens, v["generation_tokens"])
+        self._count("preemptions", sums("preemptions_total"), self.preemptions, v["preemptions"])
+        self._count("prefix_queries", sums("prefix_cache_queries_total"), self.prefix_queries, v["prefix_queries"])
+        self._count("prefix_hits", sums("prefix_cache_hits_total"), self.prefix_hits, v["prefix_hits"])
+        self._count("spec_draft", sums("spec_draft_tokens_total"), self.spec_proposed, v["spec_draft"])
+        self._count("spec_accepted", sums("spec_accepted_tokens_total"), self.spec_accepted, v["spec_accepted"])
 
     def observe_finished(self, outcome: str, arrival: float, first_token: float | None, end: float,
                          num_tokens: int) -> None:

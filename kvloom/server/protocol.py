@@ -11,20 +11,15 @@ def _unset(v) -> bool:
 
 
 def _no_tools(req) -> bool:
-    return _unset(req.extra("tools")) and _unset(req.extra("functions"))
+    return _unset(getattr(req, "tools", None) or req.extra("tools")) and _unset(req.extra("functions"))
 
 
 # Fields of OpenAI's (and vLLM's) API that kvloom does not implement, each with the values that
 # mean "not used" and so are harmless. Any other value is refused with a 400 naming the field,
 # never silently ignored: a client relying on it would get an answer that looks right but is not.
 _NOT_IMPLEMENTED = {
-    "response_format": lambda v, r: v is None or (isinstance(v, dict) and v.get("type", "text") == "text"
-                                                  and set(v) <= {"type"}),
-    "tools": lambda v, r: _unset(v),
-    "tool_choice": lambda v, r: v is None or (v in ("none", "auto") and _no_tools(r)),
-    "functions": lambda v, r: _unset(v),
+    "functions": lambda v, r: _unset(v),   # the legacy function-calling fields: use tools / tool_choice
     "function_call": lambda v, r: v is None or (v in ("none", "auto") and _no_tools(r)),
-    "parallel_tool_calls": lambda v, r: v is None or v is True,
     "logit_bias": lambda v, r: v is None or v == {},
     "best_of": lambda v, r: v is None or v == r.n,
     "prediction": lambda v, r: v is None,
@@ -32,11 +27,6 @@ _NOT_IMPLEMENTED = {
     "modalities": lambda v, r: v is None or v == ["text"],
     "web_search_options": lambda v, r: v is None,
     "use_beam_search": lambda v, r: _unset(v),
-    "guided_json": lambda v, r: v is None,
-    "guided_regex": lambda v, r: v is None,
-    "guided_choice": lambda v, r: v is None,
-    "guided_grammar": lambda v, r: v is None,
-    "structured_outputs": lambda v, r: v is None,
     "min_tokens": lambda v, r: v is None or v == 0,
     "prompt_logprobs": lambda v, r: v is None,
     "allowed_token_ids": lambda v, r: v is None,
@@ -54,6 +44,9 @@ _NOT_IMPLEMENTED_CHAT = {
     "echo": lambda v, r: _unset(v),
 }
 _NOT_IMPLEMENTED_COMPLETION = {
+    "tools": lambda v, r: _unset(v),      # tools are a chat feature
+    "tool_choice": lambda v, r: v is None or v == "none",
+    "parallel_tool_calls": lambda v, r: v is None,
     "suffix": lambda v, r: v is None or v == "",
 }
 
@@ -86,6 +79,14 @@ class _Request(BaseModel):
     session_id: str | None = None   # an agent program's id: its KV is kept between its calls
     cache_salt: str | None = None   # vLLM's: a tenant's prefix-cache blocks are shared only with its own salt
     priority: int = 0               # vLLM's: lower values are scheduled first (and may preempt higher ones)
+    # structured outputs (kvloom/structured): OpenAI's response_format, vLLM's structured_outputs and the
+    # older guided_* names; checked and translated in serving.py (at most one of them)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -116,6 +117,9 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None    # none | auto | required | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Request):

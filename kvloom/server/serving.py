@@ -17,6 +17,14 @@ from kvloom.errors import InvalidRequestError, KvloomError
 from kvloom.sampling_params import SamplingParams
 from kvloom.server.metrics import ServerMetrics
 from kvloom.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from kvloom.structured.api_fields import constraint_from_request
+from kvloom.structured.backend import validate
+from kvloom.structured.chat_output import ChoiceOutput
+from kvloom.structured.reasoning import reasoning_parser
+from kvloom.structured.spec import StructuredOutputs
+from kvloom.structured.tool_parsers import parser_for
+from kvloom.structured.tools import (ToolSetup, apply_template, check_tools, forced_constraint, output_parser,
+                                     renders_tools, template_messages)
 from kvloom.tokenizer import Tokenizer
 
 
@@ -33,6 +41,7 @@ class SubRequest:
     response_id: str = ""      # the id the client sees (chatcmpl-..., cmpl-...)
     request_id: str | None = None   # the engine's: the response id, or "<response id>-<k>" for prompt k of several
     priority: int = 0          # vLLM's: lower runs first
+    tools: ToolSetup | None = None   # chat: the tools and tool_choice its output is parsed by
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -49,7 +58,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int) -> SamplingParams:
+def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int,
+                    constraint: StructuredOutputs | None = None) -> SamplingParams:
     return SamplingParams(
         n=n,
         max_tokens=max_tokens,
@@ -66,6 +76,7 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int) -
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        structured_outputs=constraint,
     )
 
 
@@ -87,17 +98,46 @@ class OpenAIServing:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.metrics = metrics
+        # --tool-call-parser / --reasoning-parser reach here as attributes of the engine (set by launch.serve):
+        # the app builds this object from the engine alone.
+        core = getattr(engine, "engine", engine)
+        self.tool_parser = parser_for(getattr(core, "tool_call_parser", None), tokenizer.hf.chat_template)
+        self.reasoning = reasoning_parser(getattr(core, "reasoning_parser", None))
+        self.template_renders_tools = renders_tools(tokenizer.hf)
 
     # ---- request translation ---------------------------------------------------------
 
     def chat_subrequests(self, req: ChatCompletionRequest) -> list[SubRequest]:
-        ids = self.tokenizer.apply_chat_template(message_dicts(req.messages), req.add_generation_prompt)
+        setup = check_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        constraint = constraint_from_request(req)
+        if setup.forced:   # tool_choice required / named: a grammar makes the output a valid call
+            if constraint is not None:
+                raise InvalidRequestError("an output constraint cannot be combined with tool_choice "
+                                          f"{setup.choice}", field="tool_choice")
+            constraint = forced_constraint(setup)
+            try:
+                validate(constraint)
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"a tool's parameters are not a JSON schema this server can enforce: {e}",
+                                          field="tools") from e
+        messages = template_messages(message_dicts(req.messages), setup, self.tool_parser,
+                                     self.template_renders_tools)
+        ids = apply_template(self.tokenizer, messages, setup.tools if setup.active and self.template_renders_tools
+                             else None, req.add_generation_prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", field="top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return _fan_out([(ids, None)], sampling_params(req, max_tokens, logprobs, req.n), req,
+        subs = _fan_out([(ids, None)], sampling_params(req, max_tokens, logprobs, req.n, constraint), req,
                         f"chatcmpl-{uuid.uuid4().hex}")
+        for sub in subs:
+            sub.tools = setup
+        return subs
+
+    def _choice_output(self, subs: list[SubRequest]) -> ChoiceOutput:
+        setup = subs[0].tools
+        parser = output_parser(setup, self.tool_parser) if setup is not None else None
+        return ChoiceOutput(parser, self.reasoning, setup.parallel if setup is not None else True)
 
     def completion_subrequests(self, req: CompletionRequest) -> list[SubRequest]:
         p = req.prompt
@@ -119,7 +159,8 @@ class OpenAIServing:
                 prompts.append((list(item), None))
         if req.logprobs is not None and not 0 <= req.logprobs <= 5:
             raise InvalidRequestError("logprobs must be in [0, 5] for completions", field="logprobs")
-        return _fan_out(prompts, sampling_params(req, req.max_tokens, req.logprobs, req.n), req,
+        params = sampling_params(req, req.max_tokens, req.logprobs, req.n, constraint_from_request(req))
+        return _fan_out(prompts, params, req,
                         f"cmpl-{uuid.uuid4().hex}")
 
     # ---- running ---------------------------------------------------------------------
@@ -220,9 +261,11 @@ class OpenAIServing:
 
     async def chat_response(self, subs, first, stream) -> dict:
         finals = await self._collect(first, stream)
-        choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
-                    "logprobs": self._chat_logprobs(o.logprobs), "finish_reason": o.finish_reason}
-                   for i, o in sorted(finals.items())]
+        choices = []
+        for i, o in sorted(finals.items()):
+            message, finish = self._choice_output(subs).message(o.text, o.finish_reason)
+            choices.append({"index": i, "message": message, "logprobs": self._chat_logprobs(o.logprobs),
+                            "finish_reason": finish})
         return {"id": subs[0].response_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices, "usage": self._usage(subs, finals)}
 
@@ -251,13 +294,20 @@ class OpenAIServing:
                 yield chunk([{"index": s.first_choice + k, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
         finals: dict[int, RequestOutput] = {}
+        parsers: dict[int, ChoiceOutput] = {}
         try:
             async for choice, out in _chain(first, stream):
                 if out.delta_text or out.finished or out.delta_logprobs:
-                    delta = {"content": out.delta_text} if out.delta_text else {}
+                    parsed = parsers.setdefault(choice, self._choice_output(subs))
+                    delta = parsed.delta(out.delta_text, out.finished)
+                    finish = out.finish_reason
+                    if finish == "stop" and parsed.called_tools:
+                        finish = "tool_calls"
+                    if not (delta or out.finished or out.delta_logprobs):
+                        continue    # text held back while it may open a tool call or close reasoning
                     yield chunk([{"index": choice, "delta": delta,
                                   "logprobs": self._chat_logprobs(out.delta_logprobs) if out.delta_logprobs
-                                  else None, "finish_reason": out.finish_reason}])
+                                  else None, "finish_reason": finish}])
                 if out.finished:
                     finals[choice] = out
         except KvloomError as e:  # after the 200 is sent: the error goes in the stream
