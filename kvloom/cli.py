@@ -158,7 +158,8 @@ def cmd_bench(args) -> None:
     if args.bench == "structured":
         from kvloom.bench.structured import compare_libraries, run_structured_bench
         from kvloom.bench.structured_servers import compare_servers
-        result = compare_servers(args.serve_url, rounds=args.rounds) if args.serve_url else \
+        result = compare_servers(args.serve_url, num_requests=args.num_requests, max_tokens=args.output_len,
+                                 rounds=args.rounds) if args.serve_url else \
             compare_libraries() if args.libraries else run_structured_bench(
             engine_config(args), [int(x) for x in args.batch_sizes.split(",")], args.input_len, args.output_len,
             args.rounds)
@@ -357,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--output-len", type=int, default=64)
     st.add_argument("--rounds", type=int, default=2, help="runs of each kind per batch size, alternating; the best counts")
     st.add_argument("--libraries", action="store_true", help="only compare llguidance and xgrammar (if installed)")
+    st.add_argument("--num-requests", type=int, default=8, help="with --serve-url: requests per run")
     st.add_argument("--serve-url", action="append", default=[],
                     help="OpenAI-compatible servers to compare on JSON-schema chat requests (e.g. kvloom's, llama-server)")
     st.add_argument("--out", default=None)

@@ -66,8 +66,9 @@ def run_structured_bench(config: EngineConfig, batch_sizes=(1, 32), input_len: i
         kinds[temp] = (SamplingParams(temperature=temp, seed=1, max_tokens=output_len, ignore_eos=True),
                        SamplingParams(temperature=temp, seed=1, max_tokens=output_len, ignore_eos=True,
                                       structured_outputs={"json": LONG_SCHEMA}))
+    from kvloom.system_info import engine_description
     result: dict = {"model": engine.source.name, "input_len": input_len, "output_len": output_len,
-                    "grammar_library": "llguidance"}
+                    "grammar_library": "llguidance", "stack": engine_description(engine)}
     # TTFT with the grammar: the first constrained request also builds the library's vocabulary view.
     ttft, last = {}, None
     for name, schema in (("first_ever", {**PERSON_SCHEMA, "title": uuid.uuid4().hex}),

@@ -23,20 +23,22 @@ async def _one(client, model: str, prompt: str, constrained: bool, max_tokens: i
     extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA,
                                                                         "strict": True}}} if constrained else {}
     t0 = time.perf_counter()
-    first, text, usage = None, "", None
+    first, text, usage, finish = None, "", None, None
     stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                                   max_tokens=max_tokens, temperature=0, stream=True,
                                                   stream_options={"include_usage": True}, **extra)
     async for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
         if chunk.choices and chunk.choices[0].delta.content:
             if first is None:
                 first = time.perf_counter()
             text += chunk.choices[0].delta.content
     end = time.perf_counter()
     n = usage.completion_tokens if usage is not None else None
-    return {"ttft_s": (first or end) - t0, "e2e_s": end - t0, "tokens": n, "text": text}
+    return {"ttft_s": (first or end) - t0, "e2e_s": end - t0, "tokens": n, "text": text, "finish": finish}
 
 
 def _valid(text: str) -> bool:
@@ -66,6 +68,7 @@ async def _run(url: str, constrained: bool, num_requests: int, concurrency: int,
     tpots = [(r["e2e_s"] - r["ttft_s"]) / (r["tokens"] - 1) for r in rows if r["tokens"] and r["tokens"] > 1]
     return {"url": url, "model": model, "constrained": constrained, "concurrency": concurrency,
             "requests": num_requests, "valid": sum(_valid(r["text"]) for r in rows) if constrained else None,
+            "cut_by_max_tokens": sum(r["finish"] == "length" for r in rows),
             "ttft_ms_median": 1e3 * statistics.median(r["ttft_s"] for r in rows),
             "tpot_ms_median": 1e3 * statistics.median(tpots) if tpots else None,
             "output_tok_s": sum(tokens) / wall if tokens else None, "wall_s": wall}
