@@ -429,8 +429,6 @@ def test_a_request_survives_its_instance_dying(cluster, seed):
 def test_an_urgent_request_jumps_a_full_clusters_queue(cluster):
     """Every seat of both instances taken by low-priority requests, more queued: an urgent request
     (priority -1) starts before any of the queued ones, preempting a running low-priority one."""
-    from kvloom.engine.engine import Engine  # noqa: F401  (the scheduler's rule, seen through the cluster)
-
     prompts = random_prompts(20, [10] * 20, seed=34)
     params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
     first_token: dict[str, float] = {}

@@ -10,7 +10,7 @@ import pytest
 from conftest import random_prompts
 from kvloom import SamplingParams
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402  (a dependency: a missing Ray must fail, not skip)
 
 
 @pytest.fixture(scope="module")

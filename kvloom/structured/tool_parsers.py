@@ -8,6 +8,7 @@ Arguments are the model's own JSON text, as OpenAI returns them.
 """
 from __future__ import annotations
 
+import abc
 import json
 import re
 from dataclasses import dataclass, field
@@ -88,22 +89,27 @@ def _schema_text(tools: list[dict]) -> str:
     return "\n".join(json.dumps(t.get("function", t)) for t in tools)
 
 
-class ToolParser:
+class ToolParser(abc.ABC):
+    """Reads a completion's tool calls (a model family's format, or a grammar-forced one)."""
+
+    @abc.abstractmethod
+    def parse(self, text: str, final: bool) -> Parsed: ...
+
+
+class FamilyFormat(ToolParser):
+    """A model family's tool-call format: read, and also written into prompts whose template cannot."""
     name = ""
 
-    def parse(self, text: str, final: bool) -> Parsed:
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def system_prompt(self, tools: list[dict]) -> str:
         """Tools as a system message, for chat templates that do not render tools."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def render_calls(self, calls: list[dict]) -> str:
         """An assistant turn's tool calls as text, for chat templates that do not render them."""
-        raise NotImplementedError
 
 
-class TaggedParser(ToolParser):
+class TaggedParser(FamilyFormat):
     """Calls between <tool_call> tags; everything before the first tag is content."""
     open_tag, close_tag = "<tool_call>", "</tool_call>"
 
@@ -147,7 +153,7 @@ class SmolLMParser(TaggedParser):
             "</tool_call>"
 
 
-class Llama3JsonParser(ToolParser):
+class Llama3JsonParser(FamilyFormat):
     """Llama 3.1+ JSON tool calls: the whole turn is {"name": ..., "parameters": {...}} (several joined by
     "; "), maybe after <|python_tag|>."""
     name = "llama3_json"
@@ -199,13 +205,13 @@ class ForcedListParser(ToolParser):
         return Parsed("", scan_calls(text))
 
 
-PARSERS: dict[str, type[ToolParser]] = {
+PARSERS: dict[str, type[FamilyFormat]] = {
     "hermes": HermesParser, "qwen": HermesParser, "qwen2_5": HermesParser, "qwen3": HermesParser,
     "smollm": SmolLMParser, "llama3_json": Llama3JsonParser, "llama": Llama3JsonParser,
 }
 
 
-def parser_for(name: str | None, chat_template: str | None) -> ToolParser:
+def parser_for(name: str | None, chat_template: str | None) -> FamilyFormat:
     """By name (--tool-call-parser), else from the chat template's own tool format."""
     if name:
         if name not in PARSERS:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from kvloom.errors import InvalidRequestError
 from kvloom.structured.spec import StructuredOutputs
-from kvloom.structured.tool_parsers import ForcedListParser, ForcedNamedParser, ToolParser
+from kvloom.structured.tool_parsers import FamilyFormat, ForcedListParser, ForcedNamedParser, ToolParser
 
 
 @dataclass
@@ -83,7 +83,7 @@ def forced_constraint(setup: ToolSetup) -> StructuredOutputs | None:
     return None
 
 
-def output_parser(setup: ToolSetup, family: ToolParser) -> ToolParser | None:
+def output_parser(setup: ToolSetup, family: FamilyFormat) -> ToolParser | None:
     """How this request's output turns into calls (None: plain content)."""
     if not setup.active:
         return None
@@ -94,7 +94,7 @@ def output_parser(setup: ToolSetup, family: ToolParser) -> ToolParser | None:
     return family
 
 
-def template_messages(messages: list[dict], setup: ToolSetup, family: ToolParser,
+def template_messages(messages: list[dict], setup: ToolSetup, family: FamilyFormat,
                       template_renders_tools: bool) -> list[dict]:
     """Messages for the chat template. Assistant tool_calls carry their arguments as objects (templates
     write them with tojson). A template that renders no tools gets them from the parser: the tool list as
