@@ -197,7 +197,12 @@ def test_precopy_migration_gives_the_same_tokens(cluster, seed):
             moves.append(await cluster.migrate(rid, precopy_rounds=3))
             moves.append(dict(cluster.last_migration))
 
-    moved = asyncio.run(consume(cluster, prompt, params, rid, on_output))
+    # Paced steps: the request must still be decoding through three pre-copy rounds on a busy machine.
+    ray.get([a.set_pace.remote(0.01) for a in cluster.actors])
+    try:
+        moved = asyncio.run(consume(cluster, prompt, params, rid, on_output))
+    finally:
+        ray.get([a.set_pace.remote(0.0) for a in cluster.actors])
     assert moves[0] is True
     assert moves[1]["precopied_blocks"] >= 5 and moves[1]["reused_blocks"] == moves[1]["precopied_blocks"]
     assert moved["tokens"] == alone["tokens"] and moved["deltas"] == moved["tokens"]

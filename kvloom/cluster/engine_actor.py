@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 
 import torch
 
@@ -37,6 +38,7 @@ class EngineWorker:
         self._outbox: list[RequestOutput] = []
         self._error: BaseException | None = None
         self._idle_wait = idle_wait
+        self._min_step_seconds = 0.0                # set_pace: emulate a slower instance
         self.num_steps = 0
         self.num_add_calls = 0
         self._staged: dict[str, list[int]] = {}      # request id -> blocks pre-copied here (migration)
@@ -59,9 +61,16 @@ class EngineWorker:
                     self._work.wait(self._idle_wait)
                     self._work.clear()
                 else:
+                    if self._min_step_seconds:
+                        time.sleep(self._min_step_seconds)
                     self._lock.yield_to_callers()
         except BaseException as e:     # a bug: report it on every later call, never hang clients
             self._error = e
+
+    def set_pace(self, min_step_seconds: float) -> None:
+        """Wait this long after each step (0: run flat out). Emulates a slower or busier instance, so a
+        migration or scheduling test can count on a request still running while it acts on it."""
+        self._min_step_seconds = max(0.0, float(min_step_seconds))
 
     def _check(self) -> None:
         if self._error is not None:
