@@ -24,6 +24,13 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
+# auto: a GGUF whose projections are 4-bit runs them on its own blocks (gguf) when the native kernels are
+# on and the dtype is float32; anything else runs as stored (none, the reference mode: fp32 as transformers).
+# int8 / int4: weight-only; w8a8: int8 weights and activations; gguf: the file's Q4_0/Q4_1/Q4_K blocks x int8
+# activations (as llama.cpp), layers of other types in w8a8.
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "w8a8", "gguf")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What the engine is built from. `model=None` is the built-in default model."""
@@ -31,7 +38,7 @@ class EngineConfig:
     model: str | None = None
     tokenizer: str | None = None          # defaults to the model's own
     dtype: str = "float32"
-    quantization: str = "none"            # none | int8 | int4 | w8a8 (weights; w8a8 also activations)
+    quantization: str = "auto"            # auto | none | int8 | int4 | w8a8 | gguf (see QUANTIZATIONS)
     quantization_group_size: int = 32     # int4 group size (32, 64 or 128)
     kv_cache_dtype: str = "auto"          # auto (the model's dtype) | int8 (keys per channel, values per token)
     max_model_len: int | None = None      # defaults to the model's context, capped by the KV pool
@@ -52,8 +59,10 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise KvloomError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantization not in ("none", "int8", "int4", "w8a8"):
-            raise KvloomError(f"quantization must be none, int8, int4 or w8a8, got {self.quantization!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise KvloomError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quantization == "gguf" and self.dtype != "float32":
+            raise KvloomError(f"quantization gguf computes in float32 (its kernel's activations); got dtype {self.dtype}")
         if self.kv_cache_dtype not in ("auto", "int8"):
             raise KvloomError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
         if self.speculative not in ("none", "lookahead"):

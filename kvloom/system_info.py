@@ -57,7 +57,10 @@ def inference_paths(engine) -> dict:
 def _linear_path(module) -> str | None:
     from kvloom.quant.int4_linear import Int4Linear
     from kvloom.quant.int8_linear import Int8Linear
+    from kvloom.quant.q4_linear import Q4Linear
     from kvloom.quant.w8a8_linear import W8A8Linear
+    if isinstance(module, Q4Linear):
+        return f"{'/'.join(module.source_types)} blocks x int8: {module.gemm_path}"
     if isinstance(module, W8A8Linear):
         return f"w8a8: {module.gemm_path}"
     if isinstance(module, Int8Linear):

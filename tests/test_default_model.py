@@ -23,7 +23,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_num_batched_tokens=16)  # small budget: prompts arrive in chunks
+    return LLM(max_num_batched_tokens=16, quantization="none")  # reference mode; small budget: chunked prompts
 
 
 def test_greedy_matches_transformers_32_tokens(llm, reference):

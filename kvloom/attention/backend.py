@@ -110,9 +110,31 @@ class TorchAttention:
 
 
 class NativeAttention(TorchAttention):
-    """Decode rows through the native paged-attention kernel, reading the blocks in place; spans as torch's."""
+    """Decode rows through the native paged-attention kernel, reading the blocks in place. Over a float pool
+    (prefix_rows) every span token is one more such row over its own prefix, so a token's attention is the
+    same float operations whether it comes in a prompt chunk of any size, a draft tree or a decode step:
+    SDPA's result depends on the chunk's shape, and with int8 activations those last-bit differences
+    change tokens. Over an int8 pool spans go through SDPA on the dequantized context."""
 
     name = "native"
+
+    def __init__(self, block_size: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device,
+                 prefix_rows: bool = True):
+        super().__init__(block_size, num_kv_heads, dtype, device)
+        self.prefix_rows = prefix_rows
+
+    def _span(self, c, start: int) -> SpanAttention:
+        span = super()._span(c, start)
+        if self.prefix_rows:
+            n, k = len(c.token_ids), c.num_draft_tokens
+            table = torch.tensor(c.block_ids[:-(-(c.start_pos + n) // self.layout.block_size)])
+            masks = (torch.tensor([-1] * (n - k) + tree_visibility_bits(c.draft_parents), dtype=torch.long)
+                     if k else None)
+            span.rows = NativeDecodes(table.expand(n, -1).contiguous().to(self.layout.device),
+                                      torch.arange(c.start_pos + 1, c.start_pos + n + 1).to(self.layout.device),
+                                      masks=None if masks is None else masks.to(self.layout.device))
+            span.causal_mask = None     # not read
+        return span
 
     def _decodes(self, plan: SchedulerOutput):
         tables = _padded_tables([c.block_ids for c in plan.decodes]).to(self.layout.device)
@@ -173,6 +195,9 @@ def paged_attention(q: torch.Tensor, kv, meta: AttentionMetadata, scale: float) 
         out[:nd] = meta.backend.decode(q[:nd], kv, meta, scale)
     for span in meta.spans:
         s, n, L = span.start, span.length, span.context_len
+        if span.rows is not None:
+            out[s:s + n] = kv.decode_attention(q[s:s + n], span.rows, scale)
+            continue
         kc, vc = kv.chunk_context(span)                                                  # [kvh, blocks*bs, D]
         qc = q[s:s + n].transpose(0, 1).unsqueeze(0)                                     # [1, H, n, D]
         o = F.scaled_dot_product_attention(qc, kc[:, :L].unsqueeze(0), vc[:, :L].unsqueeze(0),

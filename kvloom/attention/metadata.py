@@ -29,6 +29,7 @@ class SpanAttention:
     head_blocks: torch.Tensor    # [kv_heads, blocks] rows of the pool viewed as [num_blocks * kv_heads, ...]
     causal_mask: torch.Tensor | None  # [length, context_len] bool; None when plain causal (no earlier KV)
     staged: tuple[torch.Tensor, ...] | None = None  # int8 KV: (block index, staging slot) of float-staged blocks
+    rows: NativeDecodes | None = None   # native backend, float KV: each token as a decode over its own prefix
 
 
 @dataclass
@@ -51,6 +52,7 @@ class NativeDecodes:
     tables: torch.Tensor                  # [num_decodes, max_blocks] block ids (padded)
     lens: torch.Tensor                    # [num_decodes] context length with the new token
     slots: torch.Tensor | None = None     # int8 KV: staging slot per table entry, -1 where sealed
+    masks: torch.Tensor | None = None     # [num_decodes] int64 draft visibility (StackRows.masks); None: all seen
 
     def add_staging(self, staged: list[tuple[int, int, int]], device) -> None:
         slots = torch.full(self.tables.shape, -1, dtype=torch.long)

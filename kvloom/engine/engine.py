@@ -30,7 +30,8 @@ from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.request import Request, RequestStatus
 from kvloom.engine.scheduler import Scheduler
 from kvloom.engine.snapshot import KVBlocks, RequestSnapshot, SampleSnapshot
-from kvloom.errors import InvalidRequestError, PromptTooLongError
+from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError
+from kvloom.kernels import kernels
 from kvloom.kv.block_pool import BlockPool
 from kvloom.kv.kv_cache import kv_bytes_per_token, num_blocks_for, staging_capacity
 from kvloom.kv.prefix_cache import PrefixCache, salt_bytes
@@ -62,6 +63,7 @@ class Engine:
         self._load()
         self._size_kv_pool()
         self._build_scheduler_and_runner()
+        config = self.config                   # quantization "auto" is resolved by now
         quantize_model(self.model, config.quantization, config.quantization_group_size,
                        lambda: calibration_pass(self), native_kernels=config.native_kernels)
         self.runner.enable_decode_stack()      # backends that read the weights are built over the final ones
@@ -86,8 +88,26 @@ class Engine:
     def _load(self) -> None:
         self.source = resolve_model(self.config.model)
         self.dtype = _DTYPES[self.config.dtype]
-        self.model, self.hf_config = load_model(self.source, self.dtype, self.config.max_model_len)
+        keep_blocks = self.config.quantization in ("auto", "gguf") and bool(self.source.gguf_file)
+        self.model, self.hf_config = load_model(self.source, self.dtype, self.config.max_model_len, keep_blocks)
+        self.config = dataclasses.replace(self.config, quantization=self._resolve_quantization())
         self.tokenizer = Tokenizer.load(self.source, self.hf_config, self.config.tokenizer)
+
+    def _resolve_quantization(self) -> str:
+        """auto -> gguf when the file's 4-bit blocks can run on the native kernel, else none."""
+        asked = self.config.quantization
+        if asked == "gguf" and not self.source.gguf_file:
+            raise KvloomError(f"quantization gguf needs a GGUF model; {self.source.name} is not one")
+        if asked != "auto":
+            return asked
+        if not self.model.gguf_blocks:
+            return "none"
+        if self.config.dtype != "float32" or not self.config.native_kernels or kernels() is None:
+            log.warning("quantization auto: %s runs as stored in float (the 4-bit kernel needs float32 and the "
+                     "native kernels)", self.source.name)
+            self.model.gguf_blocks = {}
+            return "none"
+        return "gguf"
 
     def _size_kv_pool(self) -> None:
         config, shape, bs = self.config, self.model.shape, self.config.block_size

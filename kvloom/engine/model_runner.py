@@ -37,8 +37,11 @@ class ModelRunner:
                                     dtype=dtype, device=self.device, num_staging_slots=num_staging_slots)
         # Attention backends (kvloom/attention/backend.py): the decode stack first where it applies, else the
         # per-layer one. Why one is missing is kept for /server_info.
-        per_layer = NativeAttention if self.native_decode else TorchAttention
-        self.per_layer = per_layer(block_size, model.shape.num_kv_heads, dtype, self.device)
+        if self.native_decode:
+            self.per_layer = NativeAttention(block_size, model.shape.num_kv_heads, dtype, self.device,
+                                             prefix_rows=kv_cache_dtype != "int8")
+        else:
+            self.per_layer = TorchAttention(block_size, model.shape.num_kv_heads, dtype, self.device)
         self.decode_stack: DecodeStackAttention | None = None
         self.why_not = {}
         if not self.native_decode:

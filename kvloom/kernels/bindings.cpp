@@ -21,6 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("w8a8_linear", &w8a8_linear, "int8 x int8 linear with dynamic per-row activation scales", py::arg("x"),
         py::arg("w_t"), py::arg("col_scales"), py::arg("bias"), py::arg("residual") = py::none(), nogil);
+  m.def("q4_linear", &q4_linear, "4-bit weight blocks x int8 activation blocks (w4a8), GGUF's Q4 layout",
+        py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("n_out"), py::arg("bias"), py::arg("residual") = py::none(), nogil);
+  m.def("q4_gemm_path", &q4_gemm_path, "what computes the 4-bit product in this build");
   m.def("decode_attention_f32", &decode_attention_f32, "paged decode attention, float pool", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("tables"), py::arg("lens"), py::arg("scale"), py::arg("masks") = py::none(),
         nogil);

@@ -17,18 +17,24 @@
 namespace {
 
 struct Linear {
-  torch::Tensor weight;   // [out, in]: int8 with per-output-channel `scales` (w8a8), or float
+  torch::Tensor weight;   // [out, in]: int8 with per-output-channel `scales` (w8a8), or float; or 4-bit
+                          // blocks uint8 (q4_linear.cpp's layout) with their block scales
   torch::Tensor scales;   // undefined for a float weight
   c10::optional<torch::Tensor> bias;
+  int64_t n_out = 0;      // outputs of a 4-bit weight (its row groups are padded to 8)
+
+  bool four_bit() const { return weight.scalar_type() == torch::kUInt8; }
 
   torch::Tensor operator()(const torch::Tensor& x) const {
+    if (four_bit()) return q4_linear(x, weight, scales, n_out, bias);
     if (scales.defined()) return w8a8_linear(x, weight.t(), scales, bias);
     return at::linear(x, weight, bias);
   }
 
-  // h += this(x): for w8a8 inside the linear's own output loop (one op less per call)
+  // h += this(x): for the integer kernels inside the linear's own output loop (one op less per call)
   void add_into(const torch::Tensor& x, torch::Tensor& h) const {
-    if (scales.defined()) w8a8_linear(x, weight.t(), scales, bias, h);
+    if (four_bit()) q4_linear(x, weight, scales, n_out, bias, h);
+    else if (scales.defined()) w8a8_linear(x, weight.t(), scales, bias, h);
     else h.add_(at::linear(x, weight, bias));
   }
 };
@@ -69,10 +75,11 @@ class DecodeStack {
     l.post_norm = post_norm;
     if (q_norm) l.q_norm = *q_norm;
     if (k_norm) l.k_norm = *k_norm;
-    l.qkv = linear(qkv);
-    l.o = linear(o);
-    l.gate_up = linear(gate_up);
-    l.down = linear(down);
+    const int64_t hidden = input_norm.size(0);
+    l.qkv = linear(qkv, (H_ + 2 * KVH_) * D_);
+    l.o = linear(o, hidden);
+    l.gate_up = linear(gate_up, 2 * I_);
+    l.down = linear(down, hidden);
     l.k_pool = k_pool;
     l.v_pool = v_pool;
     layers_.push_back(std::move(l));
@@ -100,10 +107,11 @@ class DecodeStack {
   }
 
  private:
-  static Linear linear(const std::vector<c10::optional<torch::Tensor>>& parts) {
+  static Linear linear(const std::vector<c10::optional<torch::Tensor>>& parts, int64_t n_out) {
     TORCH_CHECK(parts.size() == 3 && parts[0].has_value(), "a linear is (weight, scales or None, bias or None)");
     Linear lin;
     lin.weight = *parts[0];
+    lin.n_out = n_out;
     if (parts[1]) lin.scales = *parts[1];
     lin.bias = parts[2];
     return lin;

@@ -4,6 +4,9 @@
 
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_scales,
                           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual = c10::nullopt);
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, int64_t n_out, c10::optional<torch::Tensor> bias,
+                        c10::optional<torch::Tensor> residual = c10::nullopt);
+std::string q4_gemm_path();
 torch::Tensor int8_matmul(torch::Tensor xq, torch::Tensor w_t, std::string path);
 void set_int8_gemm(std::string mode);
 std::string int8_gemm_path();

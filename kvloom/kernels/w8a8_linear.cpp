@@ -1,5 +1,6 @@
 // The w8a8 linear layer in one call: quantize activations per row, int8 GEMM, scale back.
 #include "kernels.h"
+#include "int_sum.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -97,12 +98,6 @@ constexpr int64_t kGemvMaxK = 4096;
 // Tiles of 3 activation rows x 4 weight rows keep 12 accumulators in registers (3x4 ran at 88 GOP/s on one
 // thread here, 4x2 at 72, 4x3 at 60: its 16 live ymm spill, 8x4 at 69);
 // activations are widened once per call, weights once per tile, from a block of rows that stays in L1.
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 
 template <int MR, int NR>
 void tile_avx2(const int16_t* x, int64_t ldx, const int8_t* w, int64_t K, int32_t* out, int64_t ldo) {

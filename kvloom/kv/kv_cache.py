@@ -38,7 +38,8 @@ class FloatLayerKV:
                 self._rows_v[decodes.head_blocks].view(nd, kvh, -1, d))
 
     def decode_attention(self, q: torch.Tensor, decodes: NativeDecodes, scale: float) -> torch.Tensor:
-        return kernels().decode_attention_f32(q.contiguous(), self.k, self.v, decodes.tables, decodes.lens, scale)
+        return kernels().decode_attention_f32(q.contiguous(), self.k, self.v, decodes.tables, decodes.lens, scale,
+                                              decodes.masks)
 
     def chunk_context(self, chunk: SpanAttention) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a prompt chunk's blocks: [kv_heads, blocks * block_size, head_dim]."""

@@ -17,10 +17,14 @@ from torch import nn
 from kvloom.kernels import kernels
 from kvloom.kv.kv_cache import FloatKVCache
 from kvloom.models.llama import LlamaForCausalLM
+from kvloom.quant.q4_linear import Q4Linear
 from kvloom.quant.w8a8_linear import W8A8Linear
 
 def _linear_parts(linear: nn.Module) -> list[torch.Tensor | None] | None:
-    """(weight [out, in], per-channel scales or None, bias or None), or None for a kind the stack cannot run."""
+    """(weight [out, in], per-channel scales or None, bias or None), or None for a kind the stack cannot run.
+    4-bit layers give (blocks uint8, their scales, bias): the stack knows each one's outputs."""
+    if isinstance(linear, Q4Linear) and linear.native:
+        return [linear.qs, linear.scales, linear.bias]
     if isinstance(linear, W8A8Linear) and linear.native:
         return [linear.weight, linear.scales, linear.bias]
     if type(linear) is nn.Linear:
@@ -45,7 +49,7 @@ def build_decode_stack(model: LlamaForCausalLM, kv) -> tuple[object | None, str 
         attn, mlp = layer.self_attn, layer.mlp
         linears = [_linear_parts(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         if any(parts is None for parts in linears):
-            return None, "the stack runs float and w8a8 linear layers (not int8/int4 weight-only)"
+            return None, "the stack runs float, w8a8 and gguf 4-bit linear layers (not int8/int4 weight-only)"
         norms = (attn.q_norm.weight.detach(), attn.k_norm.weight.detach()) if s.qk_norm else (None, None)
         stack.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                         *norms, *linears, layer_kv.k, layer_kv.v)

@@ -1,7 +1,8 @@
 """GGUF tensors under Hugging Face names, dequantised to fp32 (read with the `gguf` package).
 
 llama.cpp's converter permutes the rows of Llama's q/k weights for its RoPE
-layout; that is undone here so the weights match the Hugging Face ones.
+layout; that is undone here so the weights match the Hugging Face ones. The
+same row order is restored on the raw blocks kept for the 4-bit path.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ _LAYER_PARTS = {
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _SKIPPED = {"rope_freqs"}  # RoPE scaling factors: the config carries them
 _PERMUTED_ARCHS = {"llama"}
+RAW_TYPES = ("Q4_0", "Q4_1", "Q4_K")   # the block types the 4-bit kernel multiplies as they are
+_PROJECTIONS = tuple(f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"))
 
 
 def open_gguf(path: str) -> GGUFReader:
@@ -55,7 +59,11 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int,
+                      raw_blocks: dict[str, tuple[np.ndarray, str]] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, fp32 tensor) for every tensor. With raw_blocks, the decoder layers' 4-bit
+    projection weights (types in RAW_TYPES) are also kept there as the file has them: name -> (rows of
+    raw block bytes [out, bytes] uint8, type name), for kvloom/quant/q4_linear.py."""
     permute = gguf_architecture(reader) in _PERMUTED_ARCHS
     for t in reader.tensors:
         name = hf_name(t.name)
@@ -68,8 +76,10 @@ def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int) -> 
         except Exception as e:
             raise WeightsError(f"cannot dequantise GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from e
         w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
-        if permute and name.endswith("q_proj.weight"):
-            w = _unpermute(w, num_heads)
-        elif permute and name.endswith("k_proj.weight"):
-            w = _unpermute(w, num_kv_heads)
+        heads = num_heads if name.endswith("q_proj.weight") else num_kv_heads if name.endswith("k_proj.weight") else 0
+        if permute and heads:
+            w = _unpermute(w, heads)
+        if raw_blocks is not None and t.tensor_type.name in RAW_TYPES and name.endswith(_PROJECTIONS):
+            raw = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))     # [out, bytes a row]
+            raw_blocks[name] = ((_unpermute(raw, heads) if permute and heads else raw).numpy(), t.tensor_type.name)
         yield name, w

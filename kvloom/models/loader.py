@@ -37,8 +37,10 @@ def load_hf_config(source: ModelSource):
         raise ModelNotFoundError(f"cannot read the config of {source.name}: {msg}") from e
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | None = None) -> tuple[LlamaForCausalLM, object]:
-    """Returns (model in eval mode with all weights loaded, its transformers config)."""
+def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | None = None,
+               keep_gguf_blocks: bool = False) -> tuple[LlamaForCausalLM, object]:
+    """Returns (model in eval mode with all weights loaded, its transformers config). keep_gguf_blocks: a
+    GGUF's 4-bit projection blocks stay on model.gguf_blocks (name -> (raw rows, type)) for the 4-bit path."""
     hf_config = load_hf_config(source)
     reader = open_gguf(source.gguf_path) if source.gguf_file else None
     if reader is not None:
@@ -52,13 +54,16 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | Non
     model.to_empty(device="cpu")
     if shape.tie_word_embeddings:  # to_empty() gives the two names separate storage
         model.lm_head.weight = model.embed_tokens.weight
-    weights = (iter_gguf_weights(reader, shape.num_heads, shape.num_kv_heads) if reader is not None
+    raw_blocks: dict | None = {} if keep_gguf_blocks and reader is not None else None
+    weights = (iter_gguf_weights(reader, shape.num_heads, shape.num_kv_heads, raw_blocks) if reader is not None
                else iter_safetensors_weights(source.directory))
     total = len(reader.tensors) if reader is not None else None
     bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=not sys.stderr.isatty(),
                leave=False)
     _load_weights(model, bar, source.name)
-    return model.to(dtype).eval().requires_grad_(False), hf_config
+    model = model.to(dtype).eval().requires_grad_(False)
+    model.gguf_blocks = raw_blocks or {}
+    return model, hf_config
 
 
 def _load_weights(model: LlamaForCausalLM, weights, model_name: str) -> None:

@@ -7,12 +7,15 @@ from torch import nn
 
 from kvloom.errors import KvloomError
 from kvloom.quant.int4_linear import Int4Linear
+from kvloom.quant.q4_linear import Q4Linear
 from kvloom.quant.smoothing import activation_absmax, smooth
 from kvloom.quant.int8_linear import Int8Linear
 from kvloom.quant.w8a8_linear import W8A8Linear
 
 log = logging.getLogger(__name__)
-SCHEMES = ("none", "int8", "int4", "w8a8")
+SCHEMES = ("none", "int8", "int4", "w8a8", "gguf")
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up_proj": ("gate_proj", "up_proj"),
+          "down_proj": ("down_proj",)}
 
 
 def _quantized(linear: nn.Linear, scheme: str, group: int, native: bool = True) -> nn.Module:
@@ -27,6 +30,18 @@ def _quantized(linear: nn.Linear, scheme: str, group: int, native: bool = True) 
     return Int4Linear.from_float(w, b, g)
 
 
+def _from_gguf_blocks(model: nn.Module, index: int, where: str, fused: str, native: bool) -> nn.Module:
+    """A projection on the file's own 4-bit blocks; w8a8 from its float weights when a part is of another
+    type (Q4_K_M files keep some layers in Q6_K or Q8_0), so every layer has an integer kernel."""
+    linear = getattr(getattr(model.layers[index], where), fused)
+    names = [f"model.layers.{index}.{where}.{part}.weight" for part in _FUSED[fused]]
+    parts = [model.gguf_blocks.get(name) for name in names]
+    if all(p is not None for p in parts):
+        bias = None if linear.bias is None else linear.bias.data
+        return Q4Linear.from_gguf_parts(parts, linear.in_features, bias, native)
+    return _quantized(linear, "w8a8", 32, native)
+
+
 def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibration=None,
                    native_kernels: bool = True) -> nn.Module:
     """Quantize every projection of the decoder layers, and the LM head.
@@ -34,13 +49,27 @@ def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibrati
     The LM head goes to int8 under every scheme: it is a large share of the
     bytes a decode step reads (49k x 576 for SmolLM2), and int4 costs it
     quality where the layers are less sensitive. A tied embedding keeps its
-    float table for lookups (only one row a token is read). For w8a8,
+    float table for lookups (only one row a token is read). gguf multiplies the
+    GGUF's own 4-bit blocks (load_model(keep_gguf_blocks=True)) by int8
+    activations, the head in w8a8. For w8a8,
     run_calibration (one forward pass over sample text) lets SmoothQuant-style
     smoothing move activation outliers into the weights first.
     """
     if scheme not in SCHEMES:
         raise KvloomError(f"quantization must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     if scheme == "none":
+        return model
+    if scheme == "gguf":
+        blocks = getattr(model, "gguf_blocks", None)
+        if not blocks:
+            raise KvloomError("quantization gguf multiplies a GGUF's 4-bit blocks; this model has none "
+                              "(not a GGUF file, or no Q4_0/Q4_1/Q4_K projection in it)")
+        for i, layer in enumerate(model.layers):
+            for where, fused in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
+                                 ("mlp", "down_proj")):
+                setattr(getattr(layer, where), fused, _from_gguf_blocks(model, i, where, fused, native_kernels))
+        model.gguf_blocks = {}        # repacked: the raw copies go
+        model.lm_head = _quantized(model.lm_head, "w8a8", group, native_kernels)
         return model
     if scheme == "w8a8" and run_calibration is not None:
         smooth(model, activation_absmax(model, run_calibration))

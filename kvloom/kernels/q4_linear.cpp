@@ -1,0 +1,258 @@
+// The 4-bit linear layer (w4a8): weights in GGUF-style blocks of 32 four-bit values with a float scale and
+// offset each, activations quantized per row and block of 32 to int8 (llama.cpp's Q8 for its Q4 products).
+//
+// Weight row n, block b: w = d[n, b] * q + off[n, b], q in 0..15 (Q4Weights below: rows in groups of 8).
+// Activation row m, block b: x ~= dx[m, b] * xq with xq = round(x / dx), dx = absmax / 127. Then
+//     y[m, n] = sum_b  d[n, b] dx[m, b] (q . xq)_b  +  off[n, b] (dx[m, b] sum(xq)_b)
+// The integer dot of a block is exact (u8 x s8 pairs: vpmaddubsw + vpmaddwd on AVX2, vpdpbusd with VNNI, the
+// same integers). Every (m, n) pair is computed by the same sequence of float operations whatever the tile
+// it falls in and however many rows the call has: a row's result never depends on its batch.
+#include "kernels.h"
+#include "int_sum.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;   // values a block
+
+struct QuantRows {
+  const int8_t* q;      // [M, K]
+  const float* d;       // [M, nb]: each block's scale
+  const float* dsum;    // [M, nb]: d * sum(q) of each block
+  int64_t K, nb;
+};
+
+// Weights in groups of 8 rows, so that one vector holds 4 values of each of the 8 rows and a product's 8
+// lanes are 8 outputs (no horizontal sums, the unpacked weights shared by every activation row of a tile).
+// Group g, block b: 128 bytes, loads L = 0..3 of 32 bytes each, byte 4 j + t holding row j's value 4 L + t in
+// its low nibble and value 16 + 4 L + t in its high one; then 16 floats: the 8 rows' scales, their offsets.
+struct Q4Weights {
+  const uint8_t* qs;    // [groups, nb, 128]
+  const float* scales;  // [groups, nb, 2, 8]
+  int64_t nb;
+  const uint8_t* group(int64_t g) const { return qs + g * nb * 128; }
+  const float* group_scales(int64_t g) const { return scales + g * nb * 16; }
+};
+
+#if defined(__AVX2__)
+
+// One block of activations: 32 floats -> 32 int8 (round half to even), its scale and d * sum(q).
+inline void quantize_block(const float* x, int8_t* q, float* d, float* dsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float mx = _mm_cvtss_f32(m);
+  const float scale = mx / 127.f;
+  const __m256 inv = _mm256_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
+  __m256i i32[4];
+  for (int i = 0; i < 4; ++i)
+    i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+  // packs works within 128-bit lanes; the permute puts the 32 values back in order.
+  __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+  p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), p);
+  *d = scale;
+  *dsum = scale * static_cast<float>(hsum_epi32(sum));
+}
+
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// out[i * ldo + j] = x[m0 + i] . row j of group g, for MR activation rows and the group's 8 (or `valid`) rows.
+// Per block and activation row: 8 multiplies of 32 bytes give the 8 rows' exact integer dots (int16 pair sums
+// stay below 8 * 2 * 15 * 127 = 30480), then one float multiply-add by the two scales.
+template <int MR>
+void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, float* out, int64_t ldo, int valid) {
+  const int64_t nb = x.nb;
+  const uint8_t* q = w.group(g);
+  const float* sc = w.group_scales(g);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i dot[MR];
+    for (int i = 0; i < MR; ++i) dot[i] = _mm256_setzero_si256();
+    for (int L = 0; L < 4; ++L) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 128 + L * 32));
+      const __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+      for (int i = 0; i < MR; ++i) {
+        const int8_t* xb = x.q + (m0 + i) * x.K + b * QK + 4 * L;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        dot[i] = _mm256_dpbusd_epi32(dot[i], lo, bcast4(xb));
+        dot[i] = _mm256_dpbusd_epi32(dot[i], hi, bcast4(xb + 16));
+#else
+        dot[i] = _mm256_add_epi16(dot[i], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xb)),
+                                                           _mm256_maddubs_epi16(hi, bcast4(xb + 16))));
+#endif
+      }
+    }
+    const __m256 d = _mm256_loadu_ps(sc + b * 16);
+    for (int i = 0; i < MR; ++i) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+      const __m256i isum = dot[i];
+#else
+      const __m256i isum = _mm256_madd_epi16(dot[i], _mm256_set1_epi16(1));
+#endif
+      const __m256 s = _mm256_mul_ps(d, _mm256_set1_ps(x.d[(m0 + i) * nb + b]));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, acc[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    __m256 offs = _mm256_setzero_ps();
+    const float* ds = x.dsum + (m0 + i) * nb;
+    for (int64_t b = 0; b < nb; ++b) offs = _mm256_fmadd_ps(_mm256_loadu_ps(sc + b * 16 + 8), _mm256_set1_ps(ds[b]), offs);
+    const __m256 y = _mm256_add_ps(acc[i], offs);
+    if (valid == 8) {
+      _mm256_storeu_ps(out + i * ldo, y);
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, y);
+      std::copy(tmp, tmp + valid, out + i * ldo);
+    }
+  }
+}
+#else
+inline void quantize_block(const float* x, int8_t* q, float* d, float* dsum) {
+  float mx = 0.f;
+  for (int64_t i = 0; i < QK; ++i) mx = std::max(mx, std::fabs(x[i]));
+  const float scale = mx / 127.f, inv = mx > 0.f ? 127.f / mx : 0.f;
+  int32_t sum = 0;
+  for (int64_t i = 0; i < QK; ++i) {
+    const float r = std::min(127.f, std::max(-127.f, std::nearbyint(x[i] * inv)));
+    q[i] = static_cast<int8_t>(r);
+    sum += q[i];
+  }
+  *d = scale;
+  *dsum = scale * static_cast<float>(sum);
+}
+
+template <int MR>
+void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, float* out, int64_t ldo, int valid) {
+  const uint8_t* q = w.group(g);
+  const float* sc = w.group_scales(g);
+  for (int i = 0; i < MR; ++i) {
+    const int8_t* xq = x.q + (m0 + i) * x.K;
+    for (int j = 0; j < valid; ++j) {
+      float acc = 0.f, offs = 0.f;
+      for (int64_t b = 0; b < x.nb; ++b) {
+        int32_t dot = 0;
+        for (int L = 0; L < 4; ++L)
+          for (int t = 0; t < 4; ++t) {
+            const uint8_t byte = q[b * 128 + L * 32 + 4 * j + t];
+            dot += static_cast<int32_t>(byte & 0x0F) * xq[b * QK + 4 * L + t];
+            dot += static_cast<int32_t>(byte >> 4) * xq[b * QK + 16 + 4 * L + t];
+          }
+        acc = std::fma(static_cast<float>(dot), sc[b * 16 + j] * x.d[(m0 + i) * x.nb + b], acc);
+      }
+      for (int64_t b = 0; b < x.nb; ++b) offs = std::fma(sc[b * 16 + 8 + j], x.dsum[(m0 + i) * x.nb + b], offs);
+      out[i * ldo + j] = acc + offs;
+    }
+  }
+}
+#endif
+
+constexpr int kMR = 4;              // activation rows a tile
+constexpr int64_t kRowChunk = 64;   // activation rows whose int8 copy stays in L2 while the weights pass by
+
+// out [M, N] = x . w for weight groups [g0, g1).
+void product_groups(const QuantRows& x, int64_t M, const Q4Weights& w, int64_t g0, int64_t g1, float* out,
+                    int64_t N) {
+  for (int64_t mc = 0; mc < M; mc += kRowChunk) {
+    const int64_t me = std::min(M, mc + kRowChunk);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int valid = static_cast<int>(std::min<int64_t>(8, N - g * 8));
+      float* o = out + g * 8;
+      int64_t m = mc;
+      for (; m + kMR <= me; m += kMR) group_tile<kMR>(x, m, w, g, o + m * N, N, valid);
+      switch (me - m) {
+        case 3: group_tile<3>(x, m, w, g, o + m * N, N, valid); break;
+        case 2: group_tile<2>(x, m, w, g, o + m * N, N, valid); break;
+        case 1: group_tile<1>(x, m, w, g, o + m * N, N, valid); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// y (+)= v + bias, rounded as the module path's separate `h + linear(x)` rounds it.
+__attribute__((optimize("fp-contract=off")))
+void epilogue(const float* v, const float* bias, float* y, int64_t n, bool accumulate) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float t = bias ? v[j] + bias[j] : v[j];
+    y[j] = accumulate ? y[j] + t : t;
+  }
+}
+
+}  // namespace
+
+// y = x @ dequant(w).T (+ bias) with x quantized per block of 32; `residual`: y is added into it (h += ...).
+// qs [ceil(N / 8), K / 32, 128] uint8 and scales [ceil(N / 8), K / 32, 2, 8] float in the grouped layout above
+// (kvloom/quant/q4_linear.py packs them); n_out = N.
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, int64_t n_out,
+                        c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = n_out, nb = K / QK, groups = (N + 7) / 8;
+  TORCH_CHECK(K % QK == 0, "q4_linear: K must be a multiple of 32, got ", K);
+  TORCH_CHECK(qs.scalar_type() == torch::kByte && qs.is_contiguous() && qs.numel() == groups * nb * 128,
+              "qs: contiguous uint8 [ceil(N / 8), K / 32, 128]");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.numel() == groups * nb * 16,
+              "scales: contiguous float [ceil(N / 8), K / 32, 2, 8]");
+  if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "bias: contiguous float [N]");
+  auto xq = torch::empty({M, K}, x.options().dtype(torch::kChar));
+  auto xs = torch::empty({2, M, nb}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = xq.data_ptr<int8_t>();
+  float *dp = xs.data_ptr<float>(), *sp = dp + M * nb;
+  at::parallel_for(0, M * nb, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) quantize_block(xp + i * QK, qp + i * QK, dp + i, sp + i);
+  });
+  const QuantRows xr{qp, dp, sp, K, nb};
+  const Q4Weights wr{qs.data_ptr<uint8_t>(), scales.data_ptr<float>(), nb};
+  const bool accumulate = residual.has_value();
+  auto y = accumulate ? *residual : torch::empty({M, N}, x.options());
+  if (accumulate)
+    TORCH_CHECK(y.is_contiguous() && y.scalar_type() == torch::kFloat && y.size(0) == M && y.size(1) == N,
+                "residual: contiguous float [M, N]");
+  auto prod = (accumulate || bias.has_value()) ? torch::empty({M, N}, x.options()) : y;
+  float* pp = prod.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) { product_groups(xr, M, wr, b, e, pp, N); });
+  if (prod.data_ptr() != y.data_ptr()) {
+    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, M, 4, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) epilogue(pp + i * N, bp, yp + i * N, N, accumulate);
+    });
+  }
+  return y;
+}
+
+// What computes the 4-bit product in this build, for /server_info and the logs.
+std::string q4_gemm_path() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "w4a8 blocks of 32, rows by 8 (avx512_vnni vpdpbusd, 256-bit)";
+#elif defined(__AVX2__)
+  return "w4a8 blocks of 32, rows by 8 (avx2 vpmaddubsw)";
+#else
+  return "w4a8 blocks of 32, rows by 8 (portable loop)";
+#endif
+}
