@@ -224,6 +224,24 @@ def test_native_decode_stack_is_bit_identical_to_the_module_path(tiny_model_dir,
     assert len(same) > 10 and all(same)
 
 
+@pytest.mark.parametrize("arch, quantization", [("llama", "none"), ("qwen3", "w8a8")])
+def test_decode_stack_over_int8_kv_gives_the_module_paths_bits(tiny_model_dir, engine_kernels, arch, quantization):
+    """Over an int8 pool the stack writes keys to the float staging and values quantized per row, as the module
+    path does: an engine with the stack and one without give bit-identical logprobs at every step. Blocks of
+    4 tokens: many are sealed (keys quantized per channel) and reopened along the way."""
+    def run(with_stack):
+        llm = LLM(tiny_model_dir(arch), quantization=quantization, kv_cache_dtype="int8", block_size=4,
+                  max_num_batched_tokens=64)
+        assert llm.engine.runner.decode_stack is not None
+        if not with_stack:
+            llm.engine.runner.decode_stack = None
+        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=3)
+        outs = llm.generate(random_prompts(5, seed=72), params)
+        assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+        return [[(lp.token_id, lp.logprob, tuple(lp.top)) for lp in r.logprobs] for r in outs]
+    assert run(True) == run(False)
+
+
 def test_rms_norm_and_silu_mul_match_pytorch(kmod):
     """The decode stack's small ops against PyTorch's, on 2-D rows and on per-head strided views."""
     torch.manual_seed(5)

@@ -145,6 +145,16 @@ def test_auto_runs_a_gguf_on_its_own_4_bit_blocks(default_llm, tiny_model_dir):
     assert LLM(tiny_model_dir("llama")).engine.config.quantization == "none"      # safetensors: float
 
 
+def test_auto_picks_the_integer_path_nearest_the_files_precision():
+    from kvloom.engine.engine import auto_quantization
+    assert auto_quantization({"Q4_1"}, True, True) == "gguf"
+    assert auto_quantization({"Q4_K", "Q6_K"}, True, True) == "gguf"       # Q4_K_M: the Q6_K layers in w8a8
+    assert auto_quantization({"Q8_0"}, False, True) == "w8a8"
+    assert auto_quantization({"F16", "F32"}, False, True) == "none"
+    assert auto_quantization(set(), False, True) == "none"                  # safetensors
+    assert auto_quantization({"Q4_1"}, True, False) == "none"               # no native kernels: float, logged
+
+
 def test_gguf_on_a_model_without_4_bit_blocks_is_a_clear_error(tiny_model_dir):
     with pytest.raises(KvloomError, match="needs a GGUF"):
         LLM(tiny_model_dir("llama"), quantization="gguf")

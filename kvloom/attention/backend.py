@@ -150,11 +150,24 @@ class DecodeStackAttention:
 
     name = "decode-stack"
 
-    def __init__(self, stack, block_size: int, device: torch.device):
+    def __init__(self, stack, block_size: int, device: torch.device, int8_kv=None):
         self.stack = stack
         self.block_size, self.device = block_size, device
+        self.int8_kv = int8_kv                    # the Int8KVCache the stack reads, if the pool is int8
+        self._staging_slots = 0
+        self._sync_int8_staging()
+
+    def _sync_int8_staging(self) -> None:
+        """Hand the stack the int8 pools' scales and key staging; again after the staging grew (new tensors)."""
+        kv = self.int8_kv
+        if kv is not None and kv.num_slots != self._staging_slots:
+            self.stack.set_int8_kv([l.k_scale for l in kv.layers], [l.v_scale for l in kv.layers],
+                                   [l.k_stage for l in kv.layers])
+            self._staging_slots = kv.num_slots
 
     def supports(self, plan: SchedulerOutput) -> bool:
+        if self.int8_kv is not None:              # draft trees over int8 KV take the module path
+            return not plan.spans
         return all(c.num_draft_tokens and len(c.token_ids) <= STACK_MAX_CHUNK for c in plan.spans)
 
     def build(self, plan: SchedulerOutput) -> AttentionMetadata:
@@ -180,7 +193,9 @@ class DecodeStackAttention:
 
     def run_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata):
         r = meta.rows
-        return self.stack.forward(h, cos, sin, meta.write_blocks, meta.write_offsets, r.tables, r.lens, r.masks)
+        self._sync_int8_staging()                 # prepare() may have grown the staging this step
+        return self.stack.forward(h, cos, sin, meta.write_blocks, meta.write_offsets, r.tables, r.lens, r.masks,
+                                  meta.write_slots, r.slots)
 
     def decode(self, q, layer_kv, meta, scale):
         raise RuntimeError("the decode stack runs whole steps; it has no per-layer decode")

@@ -69,6 +69,7 @@ class StackRows:
     lens: torch.Tensor                    # [T] context length up to and including the row
     masks: torch.Tensor | None            # [T] int64: which of the last 64 positions the row sees (-1: all);
                                           # None: plain decodes only
+    slots: torch.Tensor | None = None     # int8 KV: [T, max_blocks] staging slot per table entry, -1 where sealed
 
 
 @dataclass

@@ -50,7 +50,15 @@ from kvloom.structured.matcher import RequestMatcher
 from kvloom.system_info import inference_paths
 from kvloom.tokenizer import Tokenizer
 
+_FLOAT_GGUF_TYPES = {"F32", "F16", "BF16"}
 log = logging.getLogger(__name__)
+
+
+def auto_quantization(projection_types: set[str], has_4bit_blocks: bool, integer_kernels: bool) -> str:
+    """What quantization "auto" runs, from a GGUF's projection weight types (empty for safetensors)."""
+    if not integer_kernels or not projection_types - _FLOAT_GGUF_TYPES:
+        return "none"
+    return "gguf" if has_4bit_blocks else "w8a8"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,20 +102,22 @@ class Engine:
         self.tokenizer = Tokenizer.load(self.source, self.hf_config, self.config.tokenizer)
 
     def _resolve_quantization(self) -> str:
-        """auto -> gguf when the file's 4-bit blocks can run on the native kernel, else none."""
+        """auto -> the integer path nearest the file's own precision: gguf for a GGUF's 4-bit projections,
+        w8a8 for 8-bit (or 5-6 bit) ones, both only on the native kernels (elsewhere they are slower than
+        float); float weights (safetensors, F16/F32 GGUF) run as stored: none, the reference mode."""
         asked = self.config.quantization
         if asked == "gguf" and not self.source.gguf_file:
             raise KvloomError(f"quantization gguf needs a GGUF model; {self.source.name} is not one")
         if asked != "auto":
             return asked
-        if not self.model.gguf_blocks:
-            return "none"
-        if self.config.dtype != "float32" or not self.config.native_kernels or kernels() is None:
-            log.warning("quantization auto: %s runs as stored in float (the 4-bit kernel needs float32 and the "
-                     "native kernels)", self.source.name)
+        integer_ok = self.config.dtype == "float32" and self.config.native_kernels and kernels() is not None
+        chosen = auto_quantization(self.model.gguf_projection_types, bool(self.model.gguf_blocks), integer_ok)
+        if chosen == "none" and self.model.gguf_projection_types - _FLOAT_GGUF_TYPES:
+            log.warning("quantization auto: %s runs as stored in float (its integer kernels need float32 and the "
+                        "native kernels)", self.source.name)
+        if chosen != "gguf":
             self.model.gguf_blocks = {}
-            return "none"
-        return "gguf"
+        return chosen
 
     def _size_kv_pool(self) -> None:
         config, shape, bs = self.config, self.model.shape, self.config.block_size

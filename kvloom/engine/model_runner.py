@@ -13,6 +13,7 @@ from kvloom.engine.rng import reseed
 from kvloom.engine.sampler import sample
 from kvloom.engine.scheduler_output import SchedulerOutput
 from kvloom.kernels import kernels
+from kvloom.kv.int8_kv_cache import Int8KVCache
 from kvloom.kv.kv_cache import allocate_kv_cache
 from kvloom.attention.backend import DecodeStackAttention, NativeAttention, TorchAttention
 from kvloom.models.decode_stack import build_decode_stack
@@ -60,7 +61,8 @@ class ModelRunner:
         if stack is None:
             self.why_not["decode-stack"] = why
         else:
-            self.decode_stack = DecodeStackAttention(stack, self.block_size, self.device)
+            int8_kv = self.kv if isinstance(self.kv, Int8KVCache) else None
+            self.decode_stack = DecodeStackAttention(stack, self.block_size, self.device, int8_kv)
 
     def describe_backends(self) -> dict:
         """Which attention backends run steps here, and for each that does not, why."""

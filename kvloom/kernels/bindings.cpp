@@ -27,7 +27,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention_f32", &decode_attention_f32, "paged decode attention, float pool", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("tables"), py::arg("lens"), py::arg("scale"), py::arg("masks") = py::none(),
         nogil);
-  m.def("decode_attention_i8", &decode_attention_i8, "paged decode attention, int8 pool", nogil);
+  m.def("decode_attention_i8", &decode_attention_i8, "paged decode attention, int8 pool", py::arg("q"), py::arg("kq"),
+        py::arg("k_scale"), py::arg("vq"), py::arg("v_scale"), py::arg("k_stage"), py::arg("tables"), py::arg("slots"),
+        py::arg("lens"), py::arg("scale"), py::arg("masks") = py::none(), nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension", nogil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up output", nogil);
   m.def("int8_matmul", &int8_matmul, "int32 = int8 [M, K] @ int8 [K, N] by a named loop (auto, native, int_mm, avx2)",

@@ -12,6 +12,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -42,8 +44,22 @@ struct Linear {
 struct Layer {
   torch::Tensor input_norm, post_norm, q_norm, k_norm;   // q/k norms undefined unless the model has them (Qwen3)
   Linear qkv, o, gate_up, down;
-  torch::Tensor k_pool, v_pool;                          // [blocks, kv_heads, block_size, head_dim] float
+  torch::Tensor k_pool, v_pool;                          // [blocks, kv_heads, block_size, head_dim] float or int8
+  // int8 pools (kvloom/kv/int8_kv_cache.py): key scales [blocks, kv_heads, head_dim] (set when a block is
+  // sealed, in Python), value scales [blocks, kv_heads, block_size], float key staging [slots, kv_heads, bs, d]
+  torch::Tensor k_scale, v_scale, k_stage;
+  bool int8() const { return k_pool.scalar_type() == torch::kChar; }
 };
+
+// A value row to int8 with one scale, as int8_kv_cache.quantize_rows does it in PyTorch (the module path
+// writes prompt chunks' values that way): scale = max(absmax, 1e-8) / 127, round half to even, clamp.
+inline void quantize_value_row(const float* x, int8_t* q, float* scale, int64_t d) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = std::max(amax, 1e-8f) / 127.f;
+  for (int64_t i = 0; i < d; ++i) q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] / s))));
+  *scale = s;
+}
 
 // x * cos + rotate_half(x) * sin over one head, as llama.py's apply_rope computes it (sin's first half
 // negated, so rotate_half is a roll). Three roundings, no fused multiply-add: the same bits as the
@@ -68,8 +84,9 @@ class DecodeStack {
                  c10::optional<torch::Tensor> k_norm, std::vector<c10::optional<torch::Tensor>> qkv,
                  std::vector<c10::optional<torch::Tensor>> o, std::vector<c10::optional<torch::Tensor>> gate_up,
                  std::vector<c10::optional<torch::Tensor>> down, torch::Tensor k_pool, torch::Tensor v_pool) {
-    TORCH_CHECK(k_pool.scalar_type() == torch::kFloat && k_pool.is_contiguous() && v_pool.is_contiguous(),
-                "float32 KV pools");
+    TORCH_CHECK((k_pool.scalar_type() == torch::kFloat || k_pool.scalar_type() == torch::kChar) &&
+                v_pool.scalar_type() == k_pool.scalar_type() && k_pool.is_contiguous() && v_pool.is_contiguous(),
+                "float32 or int8 KV pools");
     Layer l;
     l.input_norm = input_norm;
     l.post_norm = post_norm;
@@ -85,21 +102,48 @@ class DecodeStack {
     layers_.push_back(std::move(l));
   }
 
+  // The int8 pools' scales and key staging, one entry a layer; again whenever the staging grows (the
+  // cache then holds new tensors).
+  void set_int8_kv(std::vector<torch::Tensor> k_scales, std::vector<torch::Tensor> v_scales,
+                   std::vector<torch::Tensor> k_stages) {
+    TORCH_CHECK(k_scales.size() == layers_.size() && v_scales.size() == layers_.size() &&
+                k_stages.size() == layers_.size(), "one scale and staging tensor a layer");
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      TORCH_CHECK(layers_[i].int8(), "set_int8_kv on float pools");
+      TORCH_CHECK(k_scales[i].scalar_type() == torch::kFloat && v_scales[i].scalar_type() == torch::kFloat &&
+                  k_stages[i].scalar_type() == torch::kFloat && v_scales[i].is_contiguous() && k_stages[i].is_contiguous(),
+                  "float32 contiguous scales and staging");
+      layers_[i].k_scale = k_scales[i];
+      layers_[i].v_scale = v_scales[i];
+      layers_[i].k_stage = k_stages[i];
+    }
+  }
+
   // h [M, hidden] float, one row per query token, updated in place through every layer. A row is a decode,
   // or one token of a short chunk (a prompt's tail, a draft tree) seeing its own prefix.
   // cos, sin [M, head_dim] (llama.py's tables); write_blocks, write_offsets [M]: where each row's K/V goes;
   // tables [M, W], lens [M]: each row's blocks and context length including itself; masks [M] (optional):
   // which of the last 64 positions a row sees (paged_decode_attention.cpp). Every row's K/V is stored
-  // before any row attends, so a chunk's rows see each other.
+  // before any row attends, so a chunk's rows see each other. int8 pools: write_slots [M], the staging slot
+  // each row's key goes to, and slots [M, W], each table entry's slot (-1: sealed).
   torch::Tensor forward(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, torch::Tensor write_blocks,
                         torch::Tensor write_offsets, torch::Tensor tables, torch::Tensor lens,
-                        c10::optional<torch::Tensor> masks) {
+                        c10::optional<torch::Tensor> masks, c10::optional<torch::Tensor> write_slots,
+                        c10::optional<torch::Tensor> slots) {
     TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat && h.is_contiguous(), "h: contiguous float [M, hidden]");
     TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(-1) == D_, "cos/sin: contiguous [M, head_dim]");
     const int64_t M = h.size(0);
+    const bool int8 = !layers_.empty() && layers_[0].int8();
+    if (int8)
+      TORCH_CHECK(write_slots.has_value() && slots.has_value() && layers_[0].k_stage.defined() &&
+                  write_slots->scalar_type() == torch::kLong && write_slots->numel() == M,
+                  "int8 pools: set_int8_kv first, and write_slots [M] and slots [M, W] each step");
     for (const Layer& l : layers_) {
-      auto q = attention_inputs(l, l.qkv(rms_norm(h, l.input_norm, eps_)), cos, sin, write_blocks, write_offsets);
-      auto attn = decode_attention_f32(q, l.k_pool, l.v_pool, tables, lens, scale_, masks);
+      auto q = attention_inputs(l, l.qkv(rms_norm(h, l.input_norm, eps_)), cos, sin, write_blocks, write_offsets,
+                                int8 ? write_slots->data_ptr<int64_t>() : nullptr);
+      auto attn = int8 ? decode_attention_i8(q, l.k_pool, l.k_scale, l.v_pool, l.v_scale, l.k_stage, tables, *slots,
+                                             lens, scale_, masks)
+                       : decode_attention_f32(q, l.k_pool, l.v_pool, tables, lens, scale_, masks);
       l.o.add_into(attn.view({M, H_ * D_}), h);
       l.down.add_into(silu_mul(l.gate_up(rms_norm(h, l.post_norm, eps_))), h);
     }
@@ -117,10 +161,11 @@ class DecodeStack {
     return lin;
   }
 
-  // q (rotated) as a contiguous [M, H, D] for the attention kernel; k (rotated) and v stored in the pool.
+  // q (rotated) as a contiguous [M, H, D] for the attention kernel; k (rotated) and v stored in the pool
+  // (int8 pools: k in float staging at write_slots, v quantized per row).
   torch::Tensor attention_inputs(const Layer& l, const torch::Tensor& qkv, const torch::Tensor& cos,
                                  const torch::Tensor& sin, const torch::Tensor& write_blocks,
-                                 const torch::Tensor& write_offsets) const {
+                                 const torch::Tensor& write_offsets, const int64_t* write_slots) const {
     const int64_t M = qkv.size(0), H = H_, KVH = KVH_, D = D_;
     auto heads = qkv.view({M, H + 2 * KVH, D});
     torch::Tensor q_in = heads.narrow(1, 0, H), k_in = heads.narrow(1, H, KVH);
@@ -135,15 +180,26 @@ class DecodeStack {
     const int64_t vs0 = qkv.stride(0);
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
     const int64_t *bp = write_blocks.data_ptr<int64_t>(), *op = write_offsets.data_ptr<int64_t>();
-    float *qo = q.data_ptr<float>(), *kpool = l.k_pool.data_ptr<float>(), *vpool = l.v_pool.data_ptr<float>();
+    float* qo = q.data_ptr<float>();
+    const bool int8 = l.int8();
+    float* kpool = int8 ? l.k_stage.data_ptr<float>() : l.k_pool.data_ptr<float>();
+    float* vpool = int8 ? nullptr : l.v_pool.data_ptr<float>();
+    int8_t* vq = int8 ? l.v_pool.data_ptr<int8_t>() : nullptr;
+    float* vscale = int8 ? l.v_scale.data_ptr<float>() : nullptr;
     at::parallel_for(0, M, 8, [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) {
         const float *c = cp + m * D, *s = sp + m * D;
         for (int64_t head = 0; head < H; ++head) rotate(qp + m * qs0 + head * qs1, c, s, qo + (m * H + head) * D, D);
         for (int64_t head = 0; head < KVH; ++head) {
-          const int64_t row = ((bp[m] * KVH + head) * BS + op[m]) * D;
-          rotate(kp + m * ks0 + head * ks1, c, s, kpool + row, D);
-          std::copy(vp + m * vs0 + head * D, vp + m * vs0 + (head + 1) * D, vpool + row);
+          const int64_t row = (bp[m] * KVH + head) * BS + op[m];
+          const float* v = vp + m * vs0 + head * D;
+          if (int8) {
+            rotate(kp + m * ks0 + head * ks1, c, s, kpool + ((write_slots[m] * KVH + head) * BS + op[m]) * D, D);
+            quantize_value_row(v, vq + row * D, vscale + row, D);
+          } else {
+            rotate(kp + m * ks0 + head * ks1, c, s, kpool + row * D, D);
+            std::copy(v, v + D, vpool + row * D);
+          }
         }
       }
     });
@@ -161,6 +217,7 @@ void register_decode_stack(pybind11::module_& m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack", pybind11::module_local())
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, double>())
       .def("add_layer", &DecodeStack::add_layer)
+      .def("set_int8_kv", &DecodeStack::set_int8_kv)
       // The GIL is released for the whole stack: the server's event loop keeps going meanwhile.
       .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -15,7 +15,8 @@ torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tens
                                    torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks);
 torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tensor k_scale, torch::Tensor vq,
                                   torch::Tensor v_scale, torch::Tensor k_stage, torch::Tensor tables,
-                                  torch::Tensor slots, torch::Tensor lens, double scale);
+                                  torch::Tensor slots, torch::Tensor lens, double scale,
+                                  c10::optional<torch::Tensor> masks = c10::nullopt);
 // The float kernel for AVX-512 machines and common head shapes; false (nothing written) where it does not apply.
 bool decode_attention_f32_avx512(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                  const torch::Tensor& tables, const torch::Tensor& lens, double scale,

@@ -95,6 +95,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tabl
   return out;
 }
 
+const int64_t* mask_rows(const c10::optional<torch::Tensor>& masks, const torch::Tensor& q) {
+  if (!masks.has_value()) return nullptr;
+  TORCH_CHECK(masks->scalar_type() == torch::kLong && masks->is_contiguous() && masks->numel() == q.size(0),
+              "masks: contiguous int64, one per sequence");
+  return masks->data_ptr<int64_t>();
+}
+
 }  // namespace
 
 // q [n, H, D]; k, v [NB, KVH, BS, D] float; tables [n, W] int64; lens [n] int64 -> out [n, H, D];
@@ -105,12 +112,7 @@ torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tens
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == torch::kFloat, "float KV pool");
   const int64_t KVH = k.size(1), BS = k.size(2), D = k.size(3);
   auto out = torch::empty_like(q);
-  const int64_t* mp = nullptr;
-  if (masks.has_value()) {
-    TORCH_CHECK(masks->scalar_type() == torch::kLong && masks->is_contiguous() && masks->numel() == q.size(0),
-                "masks: contiguous int64, one per sequence");
-    mp = masks->data_ptr<int64_t>();
-  }
+  const int64_t* mp = mask_rows(masks, q);
   if (decode_attention_f32_avx512(q, k, v, tables, lens, scale, mp, out)) return out;
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -126,10 +128,12 @@ torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tens
 }
 
 // int8 pool: kq, vq [NB, KVH, BS, D] int8; k_scale [NB, KVH, D]; v_scale [NB, KVH, BS] (float);
-// k_stage [S, KVH, BS, D] float; slots [n, W] int64: the staging slot of each table entry, -1 when sealed.
+// k_stage [S, KVH, BS, D] float; slots [n, W] int64: the staging slot of each table entry, -1 when sealed;
+// masks: see decode_attention.
 torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tensor k_scale, torch::Tensor vq,
                                   torch::Tensor v_scale, torch::Tensor k_stage, torch::Tensor tables,
-                                  torch::Tensor slots, torch::Tensor lens, double scale) {
+                                  torch::Tensor slots, torch::Tensor lens, double scale,
+                                  c10::optional<torch::Tensor> masks) {
   check_common(q, tables, lens);
   TORCH_CHECK(kq.is_contiguous() && vq.is_contiguous() && kq.scalar_type() == torch::kChar, "int8 KV pool");
   TORCH_CHECK(k_scale.scalar_type() == torch::kFloat && v_scale.scalar_type() == torch::kFloat &&
@@ -153,5 +157,5 @@ torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tens
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) o[d] += wv * static_cast<float>(vr[d]);
   };
-  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value, torch::empty_like(q));
+  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value, torch::empty_like(q), mask_rows(masks, q));
 }

@@ -201,6 +201,11 @@ class Int8KVCache:
         meta.write_slots = torch.tensor(write_slots, dtype=torch.long, device=self.device)
         if meta.decodes is not None:
             meta.decodes.add_staging(staged_decode, self.device)
+        if meta.rows is not None:           # the decode stack: one row a decode (it takes no prompt spans)
+            slots = torch.full(meta.rows.tables.shape, -1, dtype=torch.long)
+            for row, col, slot in staged_decode:
+                slots[row, col] = slot
+            meta.rows.slots = slots.to(self.device)
         return list(to_seal)
 
     def seal(self, blocks: list[int]) -> None:

@@ -6,8 +6,10 @@ layer around four matrix-vector products. The native stack runs the same
 computation from C++ over the same weights and KV pool, so the model only
 embeds, computes the RoPE tables, and takes the head. Built once the weights
 are final (after quantization); None where it does not apply: no native
-kernels, a non-float32 or non-CPU model, an int8 KV pool, or linear layers
-other than float and w8a8 (the module path then runs every step).
+kernels, a non-float32 or non-CPU model, or linear layers other than float,
+w8a8 and 4-bit GGUF blocks (the module path then runs every step). Over an
+int8 KV pool it writes keys to the float staging and values quantized per row,
+as the module path does, and runs plain decodes (draft trees take the modules).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from kvloom.kernels import kernels
+from kvloom.kv.int8_kv_cache import Int8KVCache
 from kvloom.kv.kv_cache import FloatKVCache
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.quant.q4_linear import Q4Linear
@@ -38,8 +41,8 @@ def build_decode_stack(model: LlamaForCausalLM, kv) -> tuple[object | None, str 
     weight = model.embed_tokens.weight
     if native is None:
         return None, "native kernels are off"
-    if not isinstance(kv, FloatKVCache):
-        return None, "the stack reads float KV pools only (--kv-cache-dtype int8 takes the module path)"
+    if not isinstance(kv, (FloatKVCache, Int8KVCache)):
+        return None, f"the stack reads float and int8 KV pools, not {type(kv).__name__}"
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
         return None, f"the stack runs float32 on the CPU ({weight.dtype}, {weight.device})"
     s = model.shape

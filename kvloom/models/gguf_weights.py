@@ -37,6 +37,11 @@ def open_gguf(path: str) -> GGUFReader:
         raise WeightsError(f"cannot read GGUF file {path}: {e} (truncated or not a GGUF file?)") from e
 
 
+def projection_types(reader: GGUFReader) -> set[str]:
+    """The tensor types of the decoder layers' projection weights (Q4_1, Q8_0, F16, ...)."""
+    return {t.tensor_type.name for t in reader.tensors if (hf_name(t.name) or "").endswith(_PROJECTIONS)}
+
+
 def gguf_architecture(reader: GGUFReader) -> str:
     field = reader.fields.get("general.architecture")
     return field.contents() if field is not None else "unknown"

@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from kvloom.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from kvloom.models.gguf_metadata_cache import converted_dir
-from kvloom.models.gguf_weights import iter_gguf_weights, open_gguf
+from kvloom.models.gguf_weights import iter_gguf_weights, open_gguf, projection_types
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.model_source import ModelSource
 from kvloom.models.registry import shape_for
@@ -63,6 +63,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | Non
     _load_weights(model, bar, source.name)
     model = model.to(dtype).eval().requires_grad_(False)
     model.gguf_blocks = raw_blocks or {}
+    model.gguf_projection_types = projection_types(reader) if reader is not None else set()
     return model, hf_config
 
 
