@@ -115,6 +115,19 @@ def test_a_rows_result_does_not_depend_on_its_batch(kmod):
     assert torch.equal(run(x[5:17]), batched[5:17])
 
 
+@pytest.mark.parametrize("out_f", [37, 48])        # 37: two 16-row pairs, then a lone 8-row group, 5 rows valid
+def test_every_isa_class_gives_the_same_bits(out_f):
+    """512-bit pairs of row groups (AVX-512), 256-bit groups (AVX2 maddubs, VNNI dpbusd): each output runs the
+    same float operations on the same exact integer dots, so every class's build gives identical results."""
+    assert kernels() is not None
+    in_f = 320
+    layer = Q4Linear.from_gguf_parts([(random_blocks("Q4_0", out_f, in_f, seed=5), "Q4_0")], in_f, torch.randn(out_f))
+    x = torch.randn(9, in_f)
+    results = {isa: _module(isa).q4_linear(x, layer.qs, layer.scales, out_f, layer.bias, None)
+               for isa in ("native", "avx2")}
+    assert torch.equal(results["native"], results["avx2"])
+
+
 def test_without_the_kernels_the_layer_runs_on_its_dequantized_weights():
     layer = Q4Linear.from_gguf_parts([(random_blocks("Q4_0", 8, 64), "Q4_0")], 64, None, native=False)
     x = torch.randn(3, 64)

@@ -24,9 +24,12 @@ def _headers(api_key: str | None) -> dict:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-async def _one(h: httpx.AsyncClient, url: str, model: str, req: BenchRequest, rec: RequestRecord) -> None:
+async def _one(h: httpx.AsyncClient, url: str, model: str, req: BenchRequest, rec: RequestRecord,
+               sampling: dict | None = None) -> None:
+    """sampling: temperature, top_p, ... for the body (greedy when None)."""
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": req.ignore_eos}
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": req.ignore_eos,
+            **(sampling or {})}
     rec.start = time.perf_counter()
     chunks = 0
     try:
@@ -66,7 +69,8 @@ async def warm_up(base_url: str, model: str, req: BenchRequest, api_key: str | N
 
 
 async def run_requests(base_url: str, model: str, requests: list[BenchRequest], max_duration: float,
-                       api_key: str | None = None, progress: bool = True) -> tuple[list[RequestRecord], float]:
+                       api_key: str | None = None, progress: bool = True,
+                       sampling: dict | None = None) -> tuple[list[RequestRecord], float]:
     """Send each request at its arrival time; stop sending (and cancel what runs) after max_duration."""
     url = base_url.rstrip("/") + "/v1/completions"
     records = [RequestRecord(len(r.prompt), r.max_tokens) for r in requests]
@@ -80,7 +84,7 @@ async def run_requests(base_url: str, model: str, requests: list[BenchRequest], 
             delay = req.arrival - (time.perf_counter() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
-            await _one(h, url, model, req, rec)
+            await _one(h, url, model, req, rec, sampling)
             bar.update(1)
 
         tasks = [asyncio.create_task(launch(r, rec)) for r, rec in zip(requests, records)]

@@ -48,7 +48,7 @@ async def bench_one(base_url: str, workload: Workload, args, progress: bool = Tr
     model = await fetch_model(base_url, args.api_key)
     await warm_up(base_url, model["id"], workload.requests[0], args.api_key)
     records, duration = await run_requests(base_url, model["id"], workload.requests, args.max_duration,
-                                           args.api_key, progress)
+                                           args.api_key, progress, sampling_body(args))
     result = {
         "base_url": base_url,
         "model": model["id"],
@@ -59,6 +59,14 @@ async def bench_one(base_url: str, workload: Workload, args, progress: bool = Tr
         "client": stack_description(),
     }
     return result, records
+
+
+def sampling_body(args) -> dict | None:
+    """--temperature / --top-p as request fields; None: greedy (temperature 0)."""
+    temperature = getattr(args, "temperature", 0.0)
+    if not temperature:
+        return None
+    return {"temperature": temperature, "top_p": getattr(args, "top_p", 1.0)}
 
 
 def _max_len(args, model_info: dict) -> int:

@@ -131,6 +131,78 @@ void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, f
     }
   }
 }
+
+#if defined(__AVX512BW__)
+constexpr bool kPairs = true;
+
+// Two groups (16 weight rows) at once in 512-bit registers: lanes 0-7 are group g's rows, 8-15 group g + 1's.
+// Each lane runs the same operations as group_tile's (exact integer dot of the block, one rounding for the
+// scale product, one fused multiply-add, the offsets summed after), so a row's result has the same bits
+// whichever tile computes it: this path, the 256-bit one, and the AVX2 build.
+template <int MR>
+void group_pair_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, float* out, int64_t ldo,
+                     int valid) {
+  const int64_t nb = x.nb;
+  const uint8_t *q0 = w.group(g), *q1 = w.group(g + 1);
+  const float *s0 = w.group_scales(g), *s1 = w.group_scales(g + 1);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i dot[MR];
+    for (int i = 0; i < MR; ++i) dot[i] = _mm512_setzero_si512();
+    for (int L = 0; L < 4; ++L) {
+      const __m512i raw = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + b * 128 + L * 32))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q1 + b * 128 + L * 32)), 1);
+      const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+      for (int i = 0; i < MR; ++i) {
+        const int8_t* xb = x.q + (m0 + i) * x.K + b * QK + 4 * L;
+        int32_t a, c;
+        __builtin_memcpy(&a, xb, 4);
+        __builtin_memcpy(&c, xb + 16, 4);
+#if defined(__AVX512VNNI__)
+        dot[i] = _mm512_dpbusd_epi32(dot[i], lo, _mm512_set1_epi32(a));
+        dot[i] = _mm512_dpbusd_epi32(dot[i], hi, _mm512_set1_epi32(c));
+#else
+        dot[i] = _mm512_add_epi16(dot[i], _mm512_add_epi16(_mm512_maddubs_epi16(lo, _mm512_set1_epi32(a)),
+                                                           _mm512_maddubs_epi16(hi, _mm512_set1_epi32(c))));
+#endif
+      }
+    }
+    const __m512 d = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(s0 + b * 16)),
+                                        _mm256_loadu_ps(s1 + b * 16), 1);
+    for (int i = 0; i < MR; ++i) {
+#if defined(__AVX512VNNI__)
+      const __m512i isum = dot[i];
+#else
+      const __m512i isum = _mm512_madd_epi16(dot[i], _mm512_set1_epi16(1));
+#endif
+      const __m512 sc = _mm512_mul_ps(d, _mm512_set1_ps(x.d[(m0 + i) * nb + b]));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    __m512 offs = _mm512_setzero_ps();
+    const float* ds = x.dsum + (m0 + i) * nb;
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512 off = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(s0 + b * 16 + 8)),
+                                            _mm256_loadu_ps(s1 + b * 16 + 8), 1);
+      offs = _mm512_fmadd_ps(off, _mm512_set1_ps(ds[b]), offs);
+    }
+    const __m512 y = _mm512_add_ps(acc[i], offs);
+    if (valid == 16) {
+      _mm512_storeu_ps(out + i * ldo, y);
+    } else {
+      _mm512_mask_storeu_ps(out + i * ldo, static_cast<__mmask16>((1u << valid) - 1), y);
+    }
+  }
+}
+#else
+constexpr bool kPairs = false;
+template <int MR>
+void group_pair_tile(const QuantRows&, int64_t, const Q4Weights&, int64_t, float*, int64_t, int) {}
+#endif
 #else
 inline void quantize_block(const float* x, int8_t* q, float* d, float* dsum) {
   float mx = 0.f;
@@ -145,6 +217,10 @@ inline void quantize_block(const float* x, int8_t* q, float* d, float* dsum) {
   *d = scale;
   *dsum = scale * static_cast<float>(sum);
 }
+
+constexpr bool kPairs = false;
+template <int MR>
+void group_pair_tile(const QuantRows&, int64_t, const Q4Weights&, int64_t, float*, int64_t, int) {}
 
 template <int MR>
 void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, float* out, int64_t ldo, int valid) {
@@ -174,22 +250,30 @@ void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, f
 constexpr int kMR = 4;              // activation rows a tile
 constexpr int64_t kRowChunk = 64;   // activation rows whose int8 copy stays in L2 while the weights pass by
 
-// out [M, N] = x . w for weight groups [g0, g1).
+template <int MR>
+void tile(const QuantRows& x, int64_t m, const Q4Weights& w, int64_t g, bool pair, float* o, int64_t N, int valid) {
+  if (pair) group_pair_tile<MR>(x, m, w, g, o, N, valid);
+  else group_tile<MR>(x, m, w, g, o, N, valid);
+}
+
+// out [M, N] = x . w for weight groups [g0, g1); with 512-bit registers, two groups at a time.
 void product_groups(const QuantRows& x, int64_t M, const Q4Weights& w, int64_t g0, int64_t g1, float* out,
                     int64_t N) {
   for (int64_t mc = 0; mc < M; mc += kRowChunk) {
     const int64_t me = std::min(M, mc + kRowChunk);
-    for (int64_t g = g0; g < g1; ++g) {
-      const int valid = static_cast<int>(std::min<int64_t>(8, N - g * 8));
+    for (int64_t g = g0; g < g1;) {
+      const bool pair = kPairs && g + 1 < g1;
+      const int valid = static_cast<int>(std::min<int64_t>(pair ? 16 : 8, N - g * 8));
       float* o = out + g * 8;
       int64_t m = mc;
-      for (; m + kMR <= me; m += kMR) group_tile<kMR>(x, m, w, g, o + m * N, N, valid);
+      for (; m + kMR <= me; m += kMR) tile<kMR>(x, m, w, g, pair, o + m * N, N, valid);
       switch (me - m) {
-        case 3: group_tile<3>(x, m, w, g, o + m * N, N, valid); break;
-        case 2: group_tile<2>(x, m, w, g, o + m * N, N, valid); break;
-        case 1: group_tile<1>(x, m, w, g, o + m * N, N, valid); break;
+        case 3: tile<3>(x, m, w, g, pair, o + m * N, N, valid); break;
+        case 2: tile<2>(x, m, w, g, pair, o + m * N, N, valid); break;
+        case 1: tile<1>(x, m, w, g, pair, o + m * N, N, valid); break;
         default: break;
       }
+      g += pair ? 2 : 1;
     }
   }
 }
@@ -235,7 +319,10 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
                 "residual: contiguous float [M, N]");
   auto prod = (accumulate || bias.has_value()) ? torch::empty({M, N}, x.options()) : y;
   float* pp = prod.data_ptr<float>();
-  at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) { product_groups(xr, M, wr, b, e, pp, N); });
+  const int64_t step = kPairs ? 2 : 1;      // threads split the groups at pair boundaries
+  at::parallel_for(0, (groups + step - 1) / step, 1, [&](int64_t b, int64_t e) {
+    product_groups(xr, M, wr, b * step, std::min(groups, e * step), pp, N);
+  });
   if (prod.data_ptr() != y.data_ptr()) {
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
@@ -248,8 +335,10 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
 
 // What computes the 4-bit product in this build, for /server_info and the logs.
 std::string q4_gemm_path() {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return "w4a8 blocks of 32, rows by 8 (avx512_vnni vpdpbusd, 256-bit)";
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return "w4a8 blocks of 32, rows by 16 (avx512_vnni vpdpbusd, 512-bit)";
+#elif defined(__AVX512BW__)
+  return "w4a8 blocks of 32, rows by 16 (avx512bw vpmaddubsw, 512-bit)";
 #elif defined(__AVX2__)
   return "w4a8 blocks of 32, rows by 8 (avx2 vpmaddubsw)";
 #else
