@@ -52,7 +52,7 @@ for r in $(seq "$ROUNDS"); do
   serve_runs kvloom "http://127.0.0.1:$PORT" "$r"
   kill "$server"; wait "$server" || true
 
-  "$LLAMA/llama-server" -m "$GGUF" -t 2 -np 16 -c 8192 --port "$PORT" > "$OUT/llama_server_r$r.log" 2>&1 &
+  "$LLAMA/llama-server" -m "$GGUF" -t 2 -np 16 -c 16384 --port "$PORT" > "$OUT/llama_server_r$r.log" 2>&1 &
   server=$!
   wait_for "http://127.0.0.1:$PORT/health"
   serve_runs llama "http://127.0.0.1:$PORT" "$r"
