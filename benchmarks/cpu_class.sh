@@ -21,18 +21,32 @@ python -m kvloom.kernels build > "$OUT/kernels.txt" 2>&1
 
 wait_for() { for _ in $(seq 600); do curl -sf "$1" > /dev/null && return 0; sleep 1; done; return 1; }
 
-serve_runs() {  # $1: label, $2: url, $3: round
-  local label=$1 url=$2 r=$3
-  kvloom bench serve --base-url "$url" --tokenizer "$GGUF" --workload poisson --request-rate inf \
-      --num-requests 48 --input-len 100 --output-len 128 --slo ttft=2s,tpot=100ms \
-      --out "$OUT/burst_greedy_${label}_r$r.json" > "$OUT/burst_greedy_${label}_r$r.log" 2>&1
-  kvloom bench serve --base-url "$url" --tokenizer "$GGUF" --workload poisson --request-rate inf \
-      --num-requests 48 --input-len 100 --output-len 128 --slo ttft=2s,tpot=100ms --temperature 0.7 --top-p 0.95 \
-      --out "$OUT/burst_sampled_${label}_r$r.json" > "$OUT/burst_sampled_${label}_r$r.log" 2>&1
-  # Cold time to first token of a 512-token prompt: one request at a time, a new prompt each.
-  kvloom bench serve --base-url "$url" --tokenizer "$GGUF" --workload poisson --request-rate 0.2 \
-      --num-requests 4 --input-len 512 --output-len 4 --seed "$r" \
-      --out "$OUT/ttft512_${label}_r$r.json" > "$OUT/ttft512_${label}_r$r.log" 2>&1
+start_server() {  # $1: kvloom | llama, $2: log file; a fresh server for every run: no prompt cached from the last
+  if [ "$1" = kvloom ]; then
+    kvloom serve "$GGUF" --port "$PORT" > "$2" 2>&1 &
+  else
+    "$LLAMA/llama-server" -m "$GGUF" -t 2 -np 16 -c 16384 --port "$PORT" > "$2" 2>&1 &
+  fi
+  server=$!
+  wait_for "http://127.0.0.1:$PORT/health"
+}
+
+serve_runs() {  # $1: round; each serving figure for kvloom, then for llama-server
+  local r=$1 url="http://127.0.0.1:$PORT"
+  local burst=(--workload poisson --request-rate inf --num-requests 48 --input-len 100 --output-len 128
+               --slo ttft=2s,tpot=100ms)
+  for mode in greedy sampled ttft512; do for label in kvloom llama; do
+    start_server "$label" "$OUT/${label}_server_${mode}_r$r.log"
+    case $mode in
+      greedy) args=("${burst[@]}") ;;
+      sampled) args=("${burst[@]}" --temperature 0.7 --top-p 0.95) ;;
+      # Cold time to first token of a 512-token prompt: one request at a time, a new prompt each.
+      ttft512) args=(--workload poisson --request-rate 0.2 --num-requests 4 --input-len 512 --output-len 4) ;;
+    esac
+    kvloom bench serve --base-url "$url" --tokenizer "$GGUF" "${args[@]}" --out "$OUT/${mode}_${label}_r$r.json" \
+        > "$OUT/${mode}_${label}_r$r.log" 2>&1
+    kill "$server"; wait "$server" || true
+  done; done
 }
 
 for r in $(seq "$ROUNDS"); do
@@ -46,16 +60,6 @@ for r in $(seq "$ROUNDS"); do
   kvloom bench throughput --model "$GGUF" --num-prompts 32 --input-len 100 --output-len 128 \
       --out "$OUT/throughput32_r$r.json" > "$OUT/throughput32_r$r.log" 2>&1
 
-  kvloom serve "$GGUF" --port "$PORT" > "$OUT/kvloom_server_r$r.log" 2>&1 &
-  server=$!
-  wait_for "http://127.0.0.1:$PORT/health"
-  serve_runs kvloom "http://127.0.0.1:$PORT" "$r"
-  kill "$server"; wait "$server" || true
-
-  "$LLAMA/llama-server" -m "$GGUF" -t 2 -np 16 -c 16384 --port "$PORT" > "$OUT/llama_server_r$r.log" 2>&1 &
-  server=$!
-  wait_for "http://127.0.0.1:$PORT/health"
-  serve_runs llama "http://127.0.0.1:$PORT" "$r"
-  kill "$server"; wait "$server" || true
+  serve_runs "$r"
 done
 echo "done: $OUT"

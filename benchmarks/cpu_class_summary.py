@@ -64,7 +64,7 @@ def summarize(out: str) -> dict:
                              "kvloom_out_tok_s": thr["output_tokens_per_s"],
                              "ratio": thr["output_tokens_per_s"] / b_out}}
         for mode in ("greedy", "sampled"):
-            k, l = _serve(out, f"burst_{mode}_kvloom_r{r}.json"), _serve(out, f"burst_{mode}_llama_r{r}.json")
+            k, l = _serve(out, f"{mode}_kvloom_r{r}.json"), _serve(out, f"{mode}_llama_r{r}.json")
             if k and l:
                 res[f"burst_{mode}"] = {"llama": l, "kvloom": k, "ratio": k["out_tok_s"] / l["out_tok_s"],
                                         "goal": 2.5, "tpot_p99_goal_ms": 100}
