@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cstdlib>
 #include <cmath>
 #include <atomic>
 #include <cstdint>
@@ -212,9 +214,20 @@ constexpr int64_t kGemvMaxRows = 2;
 enum class GemmMode { kAuto = 0, kNative = 1, kIntMm = 2 };
 std::atomic<int> g_gemm_mode{static_cast<int>(GemmMode::kAuto)};
 
+// oneDNN runs its VNNI GEMM only if this CPU has VNNI and DNNL_MAX_CPU_ISA (or ONEDNN_MAX_CPU_ISA) does not
+// cap it below AVX-512 (how a VNNI host stands in for an AVX2-only one: benchmarks/cpu_class.sh avx2).
 bool host_has_vnni() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+  static const bool vnni = [] {
+    if (!__builtin_cpu_supports("avx512vnni")) return false;
+    const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
+    if (!cap) cap = std::getenv("DNNL_MAX_CPU_ISA");
+    if (!cap) return true;
+    std::string isa(cap);
+    for (auto& c : isa) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    return isa == "ALL" || isa.find("AVX512") != std::string::npos || isa.find("AVX10") != std::string::npos ||
+           isa.find("AMX") != std::string::npos;
+  }();
   return vnni;
 #else
   return false;
