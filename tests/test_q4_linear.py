@@ -62,6 +62,14 @@ def test_repack_keeps_the_files_weights_bit_for_bit(type_name):
     assert np.array_equal(ours.numpy(), ref.astype(np.float32))
 
 
+def test_scales_are_float16_where_exact():
+    """Q4_0 / Q4_1 scales and offsets are the file's float16 values: kept as float16 (fewer bytes a step);
+    Q4_K's products of two scales are not, and stay float32."""
+    for type_name, dtype in (("Q4_0", torch.float16), ("Q4_1", torch.float16), ("Q4_K", torch.float32)):
+        layer = Q4Linear.from_gguf_parts([(random_blocks(type_name, 16, 256), type_name)], 256, None)
+        assert layer.scales.dtype == dtype, type_name
+
+
 def test_gguf_quantize_round_trip_through_repack():
     """Tensors gguf itself quantizes (Q4_0, Q4_1), not only random bytes."""
     w = np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32)

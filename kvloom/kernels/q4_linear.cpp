@@ -35,12 +35,27 @@ struct QuantRows {
 // lanes are 8 outputs (no horizontal sums, the unpacked weights shared by every activation row of a tile).
 // Group g, block b: 128 bytes, loads L = 0..3 of 32 bytes each, byte 4 j + t holding row j's value 4 L + t in
 // its low nibble and value 16 + 4 L + t in its high one; then 16 floats: the 8 rows' scales, their offsets.
+// The scales are float16 where the file's are exactly that (Q4_0, Q4_1: a quarter fewer bytes a weight to
+// read), else float32 (Q4_K's products of two scales); either way the kernel computes with the same floats.
 struct Q4Weights {
-  const uint8_t* qs;    // [groups, nb, 128]
-  const float* scales;  // [groups, nb, 2, 8]
+  const uint8_t* qs;      // [groups, nb, 128]
+  const float* scales;    // [groups, nb, 2, 8] float32, or null
+  const uint16_t* half;   // the same as float16 bits, or null
   int64_t nb;
   const uint8_t* group(int64_t g) const { return qs + g * nb * 128; }
-  const float* group_scales(int64_t g) const { return scales + g * nb * 16; }
+  // Entry j (0-7: the rows' scales, 8-15: their offsets) of group g, block b.
+  float scale(int64_t g, int64_t b, int j) const {
+    const int64_t i = (g * nb + b) * 16 + j;
+    return half ? c10::detail::fp16_ieee_to_fp32_value(half[i]) : scales[i];
+  }
+#if defined(__AVX2__)
+  // Eight entries from `first` (0: scales, 8: offsets).
+  __m256 load8(int64_t g, int64_t b, int first) const {
+    const int64_t i = (g * nb + b) * 16 + first;
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(half + i)))
+                : _mm256_loadu_ps(scales + i);
+  }
+#endif
 };
 
 #if defined(__AVX2__)
@@ -85,7 +100,6 @@ template <int MR>
 void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, float* out, int64_t ldo, int valid) {
   const int64_t nb = x.nb;
   const uint8_t* q = w.group(g);
-  const float* sc = w.group_scales(g);
   const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
@@ -106,7 +120,7 @@ void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, f
 #endif
       }
     }
-    const __m256 d = _mm256_loadu_ps(sc + b * 16);
+    const __m256 d = w.load8(g, b, 0);
     for (int i = 0; i < MR; ++i) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
       const __m256i isum = dot[i];
@@ -120,7 +134,7 @@ void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, f
   for (int i = 0; i < MR; ++i) {
     __m256 offs = _mm256_setzero_ps();
     const float* ds = x.dsum + (m0 + i) * nb;
-    for (int64_t b = 0; b < nb; ++b) offs = _mm256_fmadd_ps(_mm256_loadu_ps(sc + b * 16 + 8), _mm256_set1_ps(ds[b]), offs);
+    for (int64_t b = 0; b < nb; ++b) offs = _mm256_fmadd_ps(w.load8(g, b, 8), _mm256_set1_ps(ds[b]), offs);
     const __m256 y = _mm256_add_ps(acc[i], offs);
     if (valid == 8) {
       _mm256_storeu_ps(out + i * ldo, y);
@@ -144,7 +158,6 @@ void group_pair_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t
                      int valid) {
   const int64_t nb = x.nb;
   const uint8_t *q0 = w.group(g), *q1 = w.group(g + 1);
-  const float *s0 = w.group_scales(g), *s1 = w.group_scales(g + 1);
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
@@ -170,8 +183,7 @@ void group_pair_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t
 #endif
       }
     }
-    const __m512 d = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(s0 + b * 16)),
-                                        _mm256_loadu_ps(s1 + b * 16), 1);
+    const __m512 d = _mm512_insertf32x8(_mm512_castps256_ps512(w.load8(g, b, 0)), w.load8(g + 1, b, 0), 1);
     for (int i = 0; i < MR; ++i) {
 #if defined(__AVX512VNNI__)
       const __m512i isum = dot[i];
@@ -186,8 +198,7 @@ void group_pair_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t
     __m512 offs = _mm512_setzero_ps();
     const float* ds = x.dsum + (m0 + i) * nb;
     for (int64_t b = 0; b < nb; ++b) {
-      const __m512 off = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(s0 + b * 16 + 8)),
-                                            _mm256_loadu_ps(s1 + b * 16 + 8), 1);
+      const __m512 off = _mm512_insertf32x8(_mm512_castps256_ps512(w.load8(g, b, 8)), w.load8(g + 1, b, 8), 1);
       offs = _mm512_fmadd_ps(off, _mm512_set1_ps(ds[b]), offs);
     }
     const __m512 y = _mm512_add_ps(acc[i], offs);
@@ -225,7 +236,6 @@ void group_pair_tile(const QuantRows&, int64_t, const Q4Weights&, int64_t, float
 template <int MR>
 void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, float* out, int64_t ldo, int valid) {
   const uint8_t* q = w.group(g);
-  const float* sc = w.group_scales(g);
   for (int i = 0; i < MR; ++i) {
     const int8_t* xq = x.q + (m0 + i) * x.K;
     for (int j = 0; j < valid; ++j) {
@@ -238,9 +248,9 @@ void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, f
             dot += static_cast<int32_t>(byte & 0x0F) * xq[b * QK + 4 * L + t];
             dot += static_cast<int32_t>(byte >> 4) * xq[b * QK + 16 + 4 * L + t];
           }
-        acc = std::fma(static_cast<float>(dot), sc[b * 16 + j] * x.d[(m0 + i) * x.nb + b], acc);
+        acc = std::fma(static_cast<float>(dot), w.scale(g, b, j) * x.d[(m0 + i) * x.nb + b], acc);
       }
-      for (int64_t b = 0; b < x.nb; ++b) offs = std::fma(sc[b * 16 + 8 + j], x.dsum[(m0 + i) * x.nb + b], offs);
+      for (int64_t b = 0; b < x.nb; ++b) offs = std::fma(w.scale(g, b, 8 + j), x.dsum[(m0 + i) * x.nb + b], offs);
       out[i * ldo + j] = acc + offs;
     }
   }
@@ -290,7 +300,8 @@ void epilogue(const float* v, const float* bias, float* y, int64_t n, bool accum
 }  // namespace
 
 // y = x @ dequant(w).T (+ bias) with x quantized per block of 32; `residual`: y is added into it (h += ...).
-// qs [ceil(N / 8), K / 32, 128] uint8 and scales [ceil(N / 8), K / 32, 2, 8] float in the grouped layout above
+// qs [ceil(N / 8), K / 32, 128] uint8 and scales [ceil(N / 8), K / 32, 2, 8] float32 or float16 in the grouped
+// layout above
 // (kvloom/quant/q4_linear.py packs them); n_out = N.
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, int64_t n_out,
                         c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual) {
@@ -299,8 +310,9 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
   TORCH_CHECK(K % QK == 0, "q4_linear: K must be a multiple of 32, got ", K);
   TORCH_CHECK(qs.scalar_type() == torch::kByte && qs.is_contiguous() && qs.numel() == groups * nb * 128,
               "qs: contiguous uint8 [ceil(N / 8), K / 32, 128]");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.numel() == groups * nb * 16,
-              "scales: contiguous float [ceil(N / 8), K / 32, 2, 8]");
+  const bool half = scales.scalar_type() == torch::kHalf;
+  TORCH_CHECK((half || scales.scalar_type() == torch::kFloat) && scales.is_contiguous() &&
+              scales.numel() == groups * nb * 16, "scales: contiguous float32 or float16 [ceil(N / 8), K / 32, 2, 8]");
   if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "bias: contiguous float [N]");
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kChar));
   auto xs = torch::empty({2, M, nb}, x.options());
@@ -311,7 +323,8 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
     for (int64_t i = b; i < e; ++i) quantize_block(xp + i * QK, qp + i * QK, dp + i, sp + i);
   });
   const QuantRows xr{qp, dp, sp, K, nb};
-  const Q4Weights wr{qs.data_ptr<uint8_t>(), scales.data_ptr<float>(), nb};
+  const Q4Weights wr{qs.data_ptr<uint8_t>(), half ? nullptr : scales.data_ptr<float>(),
+                     half ? reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()) : nullptr, nb};
   const bool accumulate = residual.has_value();
   auto y = accumulate ? *residual : torch::empty({M, N}, x.options());
   if (accumulate)

@@ -4,7 +4,7 @@ of 32 to int8 (w4a8, as llama.cpp multiplies its Q4 types on the CPU).
 Every supported type is, per block of 32 inputs, w = d * q + off with q in 0..15: Q4_0 has off = -8 d,
 Q4_1 stores off (its "m"), Q4_K has d = super-block d x 6-bit scale and off = -(dmin x 6-bit min) for each
 of the eight blocks of a 256-value super-block. The load repacks them into one layout — the nibbles in
-GGUF's Q4_0 order, float scales and offsets per block — without rounding anything: the weights are the
+GGUF's Q4_0 order, a scale and an offset per block (float16 where exact, else float32) — without rounding anything: the weights are the
 file's, bit for bit (tests compare with gguf's own dequantization). The kernel is
 kvloom/kernels/q4_linear.cpp; without the native kernels the layer runs on its dequantized float weights.
 """
@@ -84,7 +84,7 @@ def dequantize_grouped(qs: torch.Tensor, scales: torch.Tensor, out_features: int
     b = qs.reshape(groups, nb, 4, 8, 4).to(torch.int32)           # [g, block, L, row, t]
     q = torch.cat([b & 0x0F, b >> 4], dim=2)                       # [g, block, 8 (value / 4), row, t]
     q = q.permute(0, 3, 1, 2, 4).reshape(groups * 8, nb, 32).float()
-    sc = scales.permute(0, 3, 2, 1).reshape(groups * 8, 2, nb)    # [row, (d, off), block]
+    sc = scales.float().permute(0, 3, 2, 1).reshape(groups * 8, 2, nb)    # [row, (d, off), block]
     w = q * sc[:, 0, :, None] + sc[:, 1, :, None]
     return w.reshape(groups * 8, nb * BLOCK)[:out_features]
 
@@ -100,6 +100,11 @@ class Q4Linear(nn.Module):
         self.native = native
         self.source_types = source_types
         grouped_qs, grouped_scales = group_rows(qs.numpy(), scales.float().numpy())
+        # float16 where that holds every scale and offset exactly (Q4_0, Q4_1 come as float16): fewer bytes
+        # to read a step, the same values; Q4_K's products of two scales stay float32.
+        half = grouped_scales.astype(np.float16)
+        if np.all(np.isfinite(half)) and np.array_equal(half.astype(np.float32), grouped_scales):
+            grouped_scales = half
         self.register_buffer("qs", torch.from_numpy(grouped_qs))
         self.register_buffer("scales", torch.from_numpy(grouped_scales))
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
