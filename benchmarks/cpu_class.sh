@@ -19,24 +19,14 @@ grep -o 'avx512[a-z_]*\|avx2\|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ' > 
 "$LLAMA/llama-bench" --version > "$OUT/llama_version.txt" 2>&1 || true
 python -m kvloom.kernels build > "$OUT/kernels.txt" 2>&1
 
-wait_for() { for _ in $(seq 600); do curl -sf "$1" > /dev/null && return 0; sleep 1; done; return 1; }
-
-start_server() {  # $1: kvloom | llama, $2: log file; a fresh server for every run: no prompt cached from the last
-  if [ "$1" = kvloom ]; then
-    kvloom serve "$GGUF" --port "$PORT" > "$2" 2>&1 &
-  else
-    "$LLAMA/llama-server" -m "$GGUF" -t 2 -np 16 -c 16384 --port "$PORT" > "$2" 2>&1 &
-  fi
-  server=$!
-  wait_for "http://127.0.0.1:$PORT/health"
-}
+source "$(dirname "$0")/servers.sh"
 
 serve_runs() {  # $1: round; each serving figure for kvloom, then for llama-server
   local r=$1 url="http://127.0.0.1:$PORT"
   local burst=(--workload poisson --request-rate inf --num-requests 48 --input-len 100 --output-len 128
                --slo ttft=2s,tpot=100ms)
   for mode in greedy sampled ttft512; do for label in kvloom llama; do
-    start_server "$label" "$OUT/${label}_server_${mode}_r$r.log"
+    start_server "$label" "$OUT/${label}_server_${mode}_r$r.log" 16384   # 1,024 tokens a slot
     case $mode in
       greedy) args=("${burst[@]}") ;;
       sampled) args=("${burst[@]}" --temperature 0.7 --top-p 0.95) ;;

@@ -11,7 +11,7 @@ PORT=${PORT:-8138}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
 grep -o 'avx512[a-z_]*\|avx2\|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ' > "$OUT/cpu_flags.txt"
-wait_for() { for _ in $(seq 900); do curl -sf "$1" > /dev/null && return 0; sleep 1; done; return 1; }
+source "$(dirname "$0")/servers.sh"
 
 "$LLAMA/llama-bench" -m "$GGUF" -t 2 -p 512 -n 64 -r 2 -o json > "$OUT/llama_bench.json" 2> "$OUT/llama_bench.log"
 kvloom bench latency --model "$GGUF" --input-len 8 --output-len 64 --iters 2 --out "$OUT/latency.json" \
@@ -23,13 +23,7 @@ kvloom bench latency --model "$GGUF" --input-len 512 --output-len 4 --iters 2 --
 kvloom bench throughput --model "$GGUF" --num-prompts 16 --input-len 100 --output-len 64 \
     --out "$OUT/throughput16.json" > "$OUT/throughput16.log" 2>&1
 for label in kvloom llama; do
-  if [ "$label" = kvloom ]; then
-    kvloom serve "$GGUF" --port "$PORT" > "$OUT/kvloom_server.log" 2>&1 &
-  else
-    "$LLAMA/llama-server" -m "$GGUF" -t 2 -np 16 -c 8192 --port "$PORT" > "$OUT/llama_server.log" 2>&1 &
-  fi
-  server=$!
-  wait_for "http://127.0.0.1:$PORT/health"
+  start_server "$label" "$OUT/${label}_server.log" 8192
   kvloom bench serve --base-url "http://127.0.0.1:$PORT" --tokenizer "$GGUF" --workload poisson --request-rate inf \
       --num-requests 16 --input-len 100 --output-len 64 --out "$OUT/burst_$label.json" > "$OUT/burst_$label.log" 2>&1
   kill "$server"; wait "$server" || true

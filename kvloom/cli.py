@@ -21,7 +21,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     p.add_argument("--tokenizer", default=None, help="tokenizer directory, if not the model's own")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default=d.quantization, choices=list(QUANTIZATIONS),
-                   help="weights: auto (a GGUF's 4-bit blocks on the native kernel, else as stored), none (as "
+                   help="weights: auto (a GGUF's 4-bit blocks on the native kernel, 8-bit GGUFs in w8a8, else as "
+                        "stored), none (as "
                         "stored, fp32: the reference mode), int8/int4 weight-only, w8a8 (int8 weights and "
                         "activations), gguf (the file's Q4 blocks x int8 activations)")
     p.add_argument("--quantization-group-size", type=int, default=d.quantization_group_size, choices=[32, 64, 128],

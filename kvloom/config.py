@@ -24,8 +24,9 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
-# auto: a GGUF whose projections are 4-bit runs them on its own blocks (gguf) when the native kernels are
-# on and the dtype is float32; anything else runs as stored (none, the reference mode: fp32 as transformers).
+# auto: with the native kernels and float32, a GGUF whose projections are 4-bit runs them on its own blocks
+# (gguf), one with 8-bit (or 5-6 bit) projections in w8a8; anything else runs as stored (none, the reference
+# mode: fp32 as transformers).
 # int8 / int4: weight-only; w8a8: int8 weights and activations; gguf: the file's Q4_0/Q4_1/Q4_K blocks x int8
 # activations (as llama.cpp), layers of other types in w8a8.
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "w8a8", "gguf")

@@ -55,10 +55,15 @@ class NativeDecodes:
     masks: torch.Tensor | None = None     # [num_decodes] int64 draft visibility (StackRows.masks); None: all seen
 
     def add_staging(self, staged: list[tuple[int, int, int]], device) -> None:
-        slots = torch.full(self.tables.shape, -1, dtype=torch.long)
-        for row, col, slot in staged:
-            slots[row, col] = slot
-        self.slots = slots.to(device)
+        self.slots = staging_slots(self.tables.shape, staged, device)
+
+
+def staging_slots(shape, staged: list[tuple[int, int, int]], device) -> torch.Tensor:
+    """int8 KV: a table's staging slot per entry ([rows, max_blocks], -1 where sealed) from (row, column, slot)."""
+    slots = torch.full(shape, -1, dtype=torch.long)
+    for row, col, slot in staged:
+        slots[row, col] = slot
+    return slots.to(device)
 
 
 @dataclass

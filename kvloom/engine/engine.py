@@ -111,8 +111,9 @@ class Engine:
         if asked != "auto":
             return asked
         integer_ok = self.config.dtype == "float32" and self.config.native_kernels and kernels() is not None
-        chosen = auto_quantization(self.model.gguf_projection_types, bool(self.model.gguf_blocks), integer_ok)
-        if chosen == "none" and self.model.gguf_projection_types - _FLOAT_GGUF_TYPES:
+        types, blocks = self.model.gguf_projection_types, bool(self.model.gguf_blocks)
+        chosen = auto_quantization(types, blocks, integer_ok)
+        if chosen == "none" and auto_quantization(types, blocks, True) != "none":
             log.warning("quantization auto: %s runs as stored in float (its integer kernels need float32 and the "
                         "native kernels)", self.source.name)
         if chosen != "gguf":

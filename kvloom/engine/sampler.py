@@ -114,11 +114,16 @@ def target_probs(row: torch.Tensor, p) -> torch.Tensor:
 def batched_target_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     """[rows, vocab] distributions: temperature, then top-k, min-p, top-p, each row by its own settings."""
     probs = _filtered_probs(logits, params)
-    top_ps = [p.top_p for p in params]
-    nucleus = [i for i, t in enumerate(top_ps) if t < 1.0]
+    nucleus, top_p = _top_p_rows(params, probs.dtype)
     if nucleus:
-        _top_p(probs, nucleus, torch.tensor([top_ps[i] for i in nucleus], dtype=probs.dtype))
+        _top_p(probs, nucleus, top_p)
     return probs
+
+
+def _top_p_rows(params: list, dtype: torch.dtype) -> tuple[list[int], torch.Tensor]:
+    """The rows with a top-p below 1, and their top-p values."""
+    rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    return rows, torch.tensor([params[i].top_p for i in rows], dtype=dtype)
 
 
 def _draw(probs: torch.Tensor, params: list, uniforms: torch.Tensor) -> torch.Tensor:
@@ -127,16 +132,14 @@ def _draw(probs: torch.Tensor, params: list, uniforms: torch.Tensor) -> torch.Te
     rebuilding a vocabulary-wide distribution: that scatter and a 49k cumulative sum were most of a
     sampled step's sampler time."""
     tokens = torch.empty(len(params), dtype=torch.long)
-    top_ps = [p.top_p for p in params]
-    nucleus = [i for i, t in enumerate(top_ps) if t < 1.0]
-    whole = [i for i, t in enumerate(top_ps) if t >= 1.0]
+    nucleus, top_p = _top_p_rows(params, probs.dtype)
+    whole = [i for i, p in enumerate(params) if p.top_p >= 1.0]
     if whole:
         rows = torch.tensor(whole)
         tokens[rows] = draw_from(probs[rows], uniforms[rows])
     if nucleus:
         rows = torch.tensor(nucleus)
-        tokens[rows] = _draw_nucleus(probs[rows], torch.tensor([top_ps[i] for i in nucleus], dtype=probs.dtype),
-                                     uniforms[rows])
+        tokens[rows] = _draw_nucleus(probs[rows], top_p, uniforms[rows])
     return tokens
 
 

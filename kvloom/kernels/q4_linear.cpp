@@ -209,10 +209,6 @@ void group_pair_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t
     }
   }
 }
-#else
-constexpr bool kPairs = false;
-template <int MR>
-void group_pair_tile(const QuantRows&, int64_t, const Q4Weights&, int64_t, float*, int64_t, int) {}
 #endif
 #else
 inline void quantize_block(const float* x, int8_t* q, float* d, float* dsum) {
@@ -228,10 +224,6 @@ inline void quantize_block(const float* x, int8_t* q, float* d, float* dsum) {
   *d = scale;
   *dsum = scale * static_cast<float>(sum);
 }
-
-constexpr bool kPairs = false;
-template <int MR>
-void group_pair_tile(const QuantRows&, int64_t, const Q4Weights&, int64_t, float*, int64_t, int) {}
 
 template <int MR>
 void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, float* out, int64_t ldo, int valid) {
@@ -255,6 +247,13 @@ void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, f
     }
   }
 }
+#endif
+
+#if !defined(__AVX512BW__)
+// Without 512-bit registers every tile is one group of 8 rows.
+constexpr bool kPairs = false;
+template <int MR>
+void group_pair_tile(const QuantRows&, int64_t, const Q4Weights&, int64_t, float*, int64_t, int) {}
 #endif
 
 constexpr int kMR = 4;              // activation rows a tile

@@ -22,7 +22,7 @@ import torch
 
 from kvloom.kernels import kernels
 from kvloom.models.llama import LlamaShape
-from kvloom.attention.metadata import AttentionMetadata, NativeDecodes, SpanAttention, TorchDecodes
+from kvloom.attention.metadata import AttentionMetadata, NativeDecodes, SpanAttention, TorchDecodes, staging_slots
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +202,7 @@ class Int8KVCache:
         if meta.decodes is not None:
             meta.decodes.add_staging(staged_decode, self.device)
         if meta.rows is not None:           # the decode stack: one row a decode (it takes no prompt spans)
-            slots = torch.full(meta.rows.tables.shape, -1, dtype=torch.long)
-            for row, col, slot in staged_decode:
-                slots[row, col] = slot
-            meta.rows.slots = slots.to(self.device)
+            meta.rows.slots = staging_slots(meta.rows.tables.shape, staged_decode, self.device)
         return list(to_seal)
 
     def seal(self, blocks: list[int]) -> None:

@@ -15,6 +15,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from kvloom.errors import WeightsError
+from kvloom.quant.q4_linear import GGUF_TYPES
 
 _LAYER_PARTS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -25,7 +26,6 @@ _LAYER_PARTS = {
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _SKIPPED = {"rope_freqs"}  # RoPE scaling factors: the config carries them
 _PERMUTED_ARCHS = {"llama"}
-RAW_TYPES = ("Q4_0", "Q4_1", "Q4_K")   # the block types the 4-bit kernel multiplies as they are
 _PROJECTIONS = tuple(f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"))
 
@@ -67,7 +67,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int,
                       raw_blocks: dict[str, tuple[np.ndarray, str]] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, fp32 tensor) for every tensor. With raw_blocks, the decoder layers' 4-bit
-    projection weights (types in RAW_TYPES) are also kept there as the file has them: name -> (rows of
+    projection weights (types in q4_linear.GGUF_TYPES) are also kept there as the file has them: name -> (rows of
     raw block bytes [out, bytes] uint8, type name), for kvloom/quant/q4_linear.py."""
     permute = gguf_architecture(reader) in _PERMUTED_ARCHS
     for t in reader.tensors:
@@ -84,7 +84,7 @@ def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int,
         heads = num_heads if name.endswith("q_proj.weight") else num_kv_heads if name.endswith("k_proj.weight") else 0
         if permute and heads:
             w = _unpermute(w, heads)
-        if raw_blocks is not None and t.tensor_type.name in RAW_TYPES and name.endswith(_PROJECTIONS):
+        if raw_blocks is not None and t.tensor_type.name in GGUF_TYPES and name.endswith(_PROJECTIONS):
             raw = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))     # [out, bytes a row]
             raw_blocks[name] = ((_unpermute(raw, heads) if permute and heads else raw).numpy(), t.tensor_type.name)
         yield name, w

@@ -18,8 +18,8 @@ from kvloom.errors import WeightsError
 from kvloom.kernels import kernels
 
 BLOCK = 32
-GGUF_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 _BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q4_K": (144, 256)}   # bytes, values of a GGUF block
+GGUF_TYPES = tuple(_BYTES)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:

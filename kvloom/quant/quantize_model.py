@@ -5,6 +5,7 @@ import logging
 
 from torch import nn
 
+from kvloom.config import QUANTIZATIONS
 from kvloom.errors import KvloomError
 from kvloom.quant.int4_linear import Int4Linear
 from kvloom.quant.q4_linear import Q4Linear
@@ -13,7 +14,7 @@ from kvloom.quant.int8_linear import Int8Linear
 from kvloom.quant.w8a8_linear import W8A8Linear
 
 log = logging.getLogger(__name__)
-SCHEMES = ("none", "int8", "int4", "w8a8", "gguf")
+SCHEMES = tuple(q for q in QUANTIZATIONS if q != "auto")   # "auto" is resolved by the engine first
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up_proj": ("gate_proj", "up_proj"),
           "down_proj": ("down_proj",)}
 

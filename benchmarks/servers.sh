@@ -1,0 +1,13 @@
+# Sourced by the side-by-side benchmark scripts: start a fresh kvloom or llama-server on $GGUF at $PORT
+# ($LLAMA: llama.cpp's bin folder) and wait until it answers; the caller kills "$server" when done.
+wait_for() { for _ in $(seq 900); do curl -sf "$1" > /dev/null && return 0; sleep 1; done; return 1; }
+
+start_server() {  # $1: kvloom | llama, $2: log file, $3: llama-server's context (tokens over its 16 slots)
+  if [ "$1" = kvloom ]; then
+    kvloom serve "$GGUF" --port "$PORT" > "$2" 2>&1 &
+  else
+    "$LLAMA/llama-server" -m "$GGUF" -t 2 -np 16 -c "$3" --port "$PORT" > "$2" 2>&1 &
+  fi
+  server=$!
+  wait_for "http://127.0.0.1:$PORT/health"
+}
