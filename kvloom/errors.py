@@ -38,3 +38,8 @@ class PromptTooLongError(InvalidRequestError):
 
     def __init__(self, message: str, field: str | None = "prompt"):
         super().__init__(message, field)
+
+
+class RequestFailedError(KvloomError):
+    """The engine ended this request on an internal fault (an error in its step, non-finite logits); the
+    other requests go on. Not the client's fault: servers answer 500."""

@@ -27,6 +27,7 @@ class Completion:
     logprobs: list[TokenLogprobs] | None = None
     stop_reason: str | int | None = None
     tool_calls: list[dict] | None = None   # LLM.chat(tools=...): the calls parsed from text (OpenAI's shape)
+    error: str | None = None               # finish_reason "error": why the engine ended it
 
 
 @dataclass
@@ -144,6 +145,6 @@ class LLM:
         for prompt, rid, p in zip(prompts, ids, per_prompt):
             outs = [finals[(rid, k)] for k in range(p.n)]
             results.append(GenerationResult(prompt, outs[0].prompt_token_ids, [
-                Completion(o.text, o.token_ids, o.finish_reason, o.logprobs, o.stop_reason) for o in outs],
+                Completion(o.text, o.token_ids, o.finish_reason, o.logprobs, o.stop_reason, error=o.error) for o in outs],
                 outs[0].num_cached_tokens))
         return results

@@ -41,9 +41,9 @@ from kvloom.cluster.load import LoadReport
 from kvloom.cluster.rebalance import RebalanceSettings, plan_moves
 from kvloom.config import EngineConfig
 from kvloom.engine.outputs import RequestOutput
-from kvloom.errors import InvalidRequestError, KvloomError
+from kvloom.errors import InvalidRequestError, KvloomError, RequestFailedError
 from kvloom.sampling_params import SamplingParams
-from kvloom.server.async_engine import EngineDeadError
+from kvloom.server.async_engine import EngineDeadError, put_all
 
 log = logging.getLogger(__name__)
 
@@ -729,17 +729,21 @@ class ClusterEngine:
                 record = self._records.get(out.parent_id)
                 if record is not None:
                     record.last[out.index] = out
+                if out.error is not None:    # the instance ended the whole request: its client gets the error
+                    self._forget(out.parent_id)
+                    batches.setdefault(entry[0], []).append((entry[1], RequestFailedError(out.error), out.parent_id))
+                    continue
                 if out.finished:
                     self._unfinished[out.parent_id] -= 1
                     if self._unfinished[out.parent_id] == 0:
                         self._forget(out.parent_id)
-                batches.setdefault(entry[0], []).append((entry[1], out))
+                batches.setdefault(entry[0], []).append((entry[1], out, out.parent_id))
         for loop, items in batches.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(put_all, items)
             except RuntimeError:       # the client's event loop is closed: nobody is listening
-                for _, out in items:
-                    self.abort(out.parent_id)
+                for _, _, rid in items:
+                    self.abort(rid)
 
     def _fail_everything(self, error: BaseException) -> None:
         with self._lock:
@@ -753,7 +757,3 @@ class ClusterEngine:
             except RuntimeError:
                 pass
 
-
-def _put_all(items: list) -> None:
-    for sink, item in items:
-        sink.put_nowait(item)

@@ -24,6 +24,7 @@ import uuid
 import torch
 
 from kvloom.config import EngineConfig
+from kvloom.engine.faults import FaultPlan
 from kvloom.engine.model_runner import ModelRunner
 from kvloom.engine.output_processor import OutputState
 from kvloom.engine.outputs import RequestOutput
@@ -84,6 +85,7 @@ class Engine:
         self._seeds = random.Random(config.seed)
         self._grammars: GrammarCompiler | None = None        # made at the first constrained request
         self._awaiting_grammar: dict[str, tuple] = {}        # parent id -> (grammar future, its samples)
+        self.faults: FaultPlan | None = FaultPlan.from_env()  # injected faults, tests only (engine/faults.py)
         paths = inference_paths(self)
         log.info("inference paths: kernels %s (%s), attention %s%s, linear %s",
                  "on" if paths["kernels"]["native_kernels"] else "off", paths["kernels"].get("isa")
@@ -248,25 +250,24 @@ class Engine:
             del self._awaiting_grammar[rid]
             if fut.exception() is not None:   # cannot happen after validate(); the request ends, never hangs
                 log.error("grammar of request %s failed to compile: %s", rid, fut.exception())
-                failed.extend(self._fail_family(rid, samples))
+                failed.extend(self._fail_family(rid, samples, f"its grammar failed to compile: {fut.exception()}"))
+                self.abort_request(rid)
                 continue
             self._attach_matchers(samples, fut)
             self.scheduler.add(samples[0])
         return failed
 
-    def _fail_family(self, rid: str, samples: list[Request]) -> list[RequestOutput]:
-        self._pending_forks.pop(rid, None)
-        self._family.pop(rid, None)
-        self._tenant_salt.pop(rid, None)
+    def _fail_family(self, rid: str, samples: list[Request], why: str) -> list[RequestOutput]:
+        """Final outputs (finish_reason "error") for the samples of a request that cannot go on. The caller
+        frees whatever they hold: abort_request for requests the scheduler has seen."""
         outs = []
         for req in samples:
-            state = self._states.pop(req.request_id, None)
-            if state is not None:
+            if self._states.get(req.request_id) is not None:
                 outs.append(RequestOutput(request_id=req.request_id, parent_id=rid, index=req.index,
                                           num_cached_tokens=0, prompt_token_ids=req.prompt_token_ids,
                                           delta_text="", delta_token_ids=[], delta_logprobs=None, text="",
-                                          token_ids=[], logprobs=None, finished=True, finish_reason="abort",
-                                          stop_reason=None, metrics={}))
+                                          token_ids=[], logprobs=None, finished=True, finish_reason="error",
+                                          stop_reason=None, metrics={}, error=why))
         return outs
 
     def _check_new_id(self, request_id: str) -> None:
@@ -466,24 +467,43 @@ class Engine:
     # ---- the step loop ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """schedule -> execute (the runner samples) -> update (tokens, forks, text, stops)."""
+        """schedule -> execute (the runner samples) -> update (tokens, forks, text, stops).
+
+        An exception inside the step ends the requests of that step, each with finish_reason "error" and its
+        blocks freed; every other request goes on as if nothing happened."""
         failed = self._admit_compiled() if self._awaiting_grammar else []
         plan = self.scheduler.schedule()
         if plan.is_empty:
             if self._awaiting_grammar and not failed:   # only grammars compiling: wait for one, briefly
                 failed = self._admit_compiled(wait=0.005)
             return failed
+        parents = list(dict.fromkeys(self.scheduler.requests[c.request_id].parent_id for c in plan.chunks))
+        if self.faults is not None:
+            self.faults.begin_step([c.request_id for c in plan.chunks])
+        try:
+            return failed + self._execute(plan)
+        except Exception as e:
+            log.exception("a step failed; ending its %d requests", len(parents))
+            why = f"internal error in the engine step that ran this request ({type(e).__name__}: {e})"
+            return failed + [out for p in parents for out in self._end_with_error(p, why)]
+
+    def _execute(self, plan) -> list[RequestOutput]:
         samplers, forks = self._samplers(plan)
-        result = self.runner.execute(plan, samplers)
+        result = self.runner.execute(plan, samplers, self.faults)
         self._observe_drafts(plan, result)
         self.scheduler.update(plan, result.token_ids, result.kept_drafts)
         for parent, child, now_running in forks:
             self.scheduler.fork(parent, child, running=now_running)
             if now_running:
                 child.append_output(result.token_ids[child.request_id][0])
+        if self.faults is not None:
+            self.faults.fire("detokenizer")
+        broken = {self.scheduler.requests[rid].parent_id: why for rid, why in result.failed.items()}
         now = time.time()
-        outputs = []
+        outputs = [out for parent, why in broken.items() for out in self._end_with_error(parent, why)]
         for rid, tokens in result.token_ids.items():
+            if rid not in self._states:   # its request has just ended with an error
+                continue
             req = self.scheduler.requests[rid]
             state = self._states[rid]
             for used, (token, lp) in enumerate(zip(tokens, result.logprobs[rid]), 1):
@@ -492,7 +512,15 @@ class Engine:
                     req.truncate_output(len(req.output_token_ids) - (len(tokens) - used))
                     break
             outputs.append(self._output(req, state, now))
-        return failed + outputs
+        return outputs
+
+    def _end_with_error(self, parent: str, why: str) -> list[RequestOutput]:
+        """End every sample of a request with finish_reason "error" and free its blocks."""
+        samples = [self.scheduler.requests.get(rid) for rid in self._family.get(parent, ())]
+        samples = [r for r in samples if r is not None] + self._pending_forks.get(parent, [])
+        outs = self._fail_family(parent, samples, why)
+        self.abort_request(parent)
+        return outs
 
     def _samplers(self, plan) -> tuple[dict[str, list[Request]], list[tuple[Request, Request, bool]]]:
         """Who draws from each sampled chunk's last row: its request, and the samples that fork from it now.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from kvloom.engine.faults import FaultPlan
 from kvloom.engine.request import Request
 from kvloom.engine.runner_output import ModelRunnerOutput
 from kvloom.engine.rng import reseed
@@ -70,12 +71,17 @@ class ModelRunner:
         return {"attention_backends": active, "inactive_backends": dict(self.why_not)}
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput, samplers: dict[str, list[Request]]) -> ModelRunnerOutput:
+    def execute(self, plan: SchedulerOutput, samplers: dict[str, list[Request]],
+                faults: FaultPlan | None = None) -> ModelRunnerOutput:
         """Run the step and sample. samplers: for each chunk with sample=True, the requests that draw from its
-        last row: its own, then any samples forked from it this step (they share the prompt's logits)."""
+        last row: its own, then any samples forked from it this step (they share the prompt's logits).
+        faults: injected ones, in tests only (engine/faults.py)."""
         masks = masks_during_forward(plan, samplers)   # constrained rows' grammar masks, while the model runs
         logits = self.logits(plan)
-        return self.sample(plan, logits, samplers, masks)
+        if faults is not None:
+            faults.fire("runner")     # after the forward pass has written KV: the hardest place to fail
+            _poison(logits, plan, faults)
+        return self.sample(plan, logits, samplers, masks, faults)
 
     @torch.inference_mode()
     def logits(self, plan: SchedulerOutput, all_logits: bool = False) -> torch.Tensor:
@@ -93,10 +99,13 @@ class ModelRunner:
         return logits
 
     def sample(self, plan: SchedulerOutput, logits: torch.Tensor,
-               samplers: dict[str, list[Request]], masks=None) -> ModelRunnerOutput:
+               samplers: dict[str, list[Request]], masks=None, faults: FaultPlan | None = None) -> ModelRunnerOutput:
         """Next tokens: drawn by the sampler (one batched call for the plain rows), or accepted by verifying a
-        chunk's draft tree."""
+        chunk's draft tree. A chunk whose logits are not finite samples nothing: it is reported in out.failed."""
         out = ModelRunnerOutput()
+        if faults is not None:
+            faults.fire("sampler")
+        logits = self._drop_non_finite(plan, logits, out)
         rows: list[int] = []
         reqs: list[Request] = []
         row = 0
@@ -131,6 +140,26 @@ class ModelRunner:
                 out.logprobs[req.request_id] = [lp]
         return out
 
+    def _drop_non_finite(self, plan: SchedulerOutput, logits: torch.Tensor, out: ModelRunnerOutput) -> torch.Tensor:
+        """Report chunks with a NaN or inf logit and give them zero rows, so the batch samples on.
+
+        One sum a row finds them: any NaN or inf makes the sum non-finite, and real logits are far too small
+        for a finite row to overflow it."""
+        if logits.numel() == 0 or bool(torch.isfinite(logits.sum()).item()):
+            return logits
+        finite = torch.isfinite(logits.sum(dim=-1)).tolist()
+        row = 0
+        for c in plan.chunks:
+            if not c.sample:
+                continue
+            rows = 1 + c.num_draft_tokens
+            if not all(finite[row:row + rows]):
+                out.failed[c.request_id] = "the model produced non-finite logits (NaN or inf) for this request"
+            row += rows
+        logits = logits.clone()
+        logits[~torch.isfinite(logits)] = 0.0
+        return logits
+
     def _prepare(self, plan: SchedulerOutput):
         """The flat batch (decodes first, then spans), positions, the rows to take logits of, and the step's
         attention metadata from the first backend that supports the step."""
@@ -159,3 +188,12 @@ class ModelRunner:
         dev = self.device
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
                 backend.build(plan), torch.tensor(logits_indices, dtype=torch.long, device=dev))
+
+
+def _poison(logits: torch.Tensor, plan: SchedulerOutput, faults: FaultPlan) -> None:
+    """An injected nan fault: the chosen sampled chunk's logits rows become NaN."""
+    sampled = [c for c in plan.chunks if c.sample]
+    i = faults.poisoned_row([c.request_id for c in sampled])
+    if i is not None:
+        start = sum(1 + c.num_draft_tokens for c in sampled[:i])
+        logits[start:start + 1 + sampled[i].num_draft_tokens] = float("nan")

@@ -25,7 +25,8 @@ class RequestOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None
     finished: bool
-    finish_reason: str | None          # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None          # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: str | int | None = None   # the stop string or token id that ended it
     num_cached_tokens: int = 0             # prompt tokens whose KV came from the prefix cache
     metrics: dict = field(default_factory=dict)
+    error: str | None = None               # why the engine ended it, with finish_reason "error"

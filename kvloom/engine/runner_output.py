@@ -20,3 +20,5 @@ class ModelRunnerOutput:
     # their right KV slots (the leading run of the first branch).
     draft_paths: dict[str, list[int]] = field(default_factory=dict)
     kept_drafts: dict[str, int] = field(default_factory=dict)
+    # Requests whose logits were not finite (NaN or inf): they end with an error, never with a token.
+    failed: dict[str, str] = field(default_factory=dict)

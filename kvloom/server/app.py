@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvloom.system_info import engine_description
-from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError
+from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError, RequestFailedError
 from kvloom.server.async_engine import AsyncEngine, EngineDeadError
 from kvloom.server.cluster_routes import ClusterCollector, cluster_health, cluster_router
 from kvloom.server.metrics import ServerMetrics
@@ -119,6 +119,8 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
             return _error(400, str(exc), "invalid_request_error", exc.field)
         if isinstance(exc, EngineDeadError):
             return _error(503, str(exc), "server_error", code="engine_dead")
+        if isinstance(exc, RequestFailedError):
+            return _error(500, str(exc), "server_error", code="request_failed")
         return _error(400, str(exc), "invalid_request_error")
 
     def check_supported(body) -> None:

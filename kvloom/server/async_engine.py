@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from kvloom.engine.engine import Engine
 from kvloom.engine.outputs import RequestOutput
-from kvloom.errors import KvloomError
+from kvloom.errors import KvloomError, RequestFailedError
 from kvloom.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,8 @@ class AsyncEngine:
                 self._deliver_outputs(outputs)
                 if self._on_step is not None:
                     self._on_step(engine, outputs)
+                if engine.faults is not None:
+                    engine.faults.fire("loop")   # an injected death of this thread (engine/faults.py)
         except BaseException as e:  # anything here is a bug: fail every request loudly, never hang them
             log.exception("engine loop died")
             self._dead = e
@@ -235,17 +237,21 @@ class AsyncEngine:
                 done = self._unfinished[rid] == 0
                 if done:
                     del self._unfinished[rid]
+            if out.error is not None:    # the engine ended the whole request: its client gets the error
+                self._unfinished.pop(rid, None)
+                done = True
             entry = self._sinks.pop(rid, None) if done else self._sinks.get(rid)
             if entry is not None:
-                batches.setdefault(entry[0], []).append((entry[1], out))
+                batches.setdefault(entry[0], []).append(
+                    (entry[1], RequestFailedError(out.error) if out.error is not None else out, rid))
         for loop, items in batches.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(put_all, items)
             except RuntimeError:  # the clients' event loop is closed: nobody is listening
-                for _, out in items:
-                    self.engine.abort_request(out.parent_id)
-                    self._sinks.pop(out.parent_id, None)
-                    self._unfinished.pop(out.parent_id, None)
+                for _, _, rid in items:
+                    self.engine.abort_request(rid)
+                    self._sinks.pop(rid, None)
+                    self._unfinished.pop(rid, None)
 
 
 def _resolve(fut: Future, result=None, error: BaseException | None = None) -> None:
@@ -266,6 +272,7 @@ def _reject(cmd, error: BaseException) -> None:
         _resolve(cmd.done, error=error)
 
 
-def _put_all(items: list) -> None:
-    for sink, item in items:
+def put_all(items: list) -> None:
+    """(sink, item, request id) triples, put in one call of the sinks' event loop."""
+    for sink, item, _ in items:
         sink.put_nowait(item)

@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from kvloom.engine.outputs import RequestOutput
-from kvloom.errors import InvalidRequestError, KvloomError
+from kvloom.errors import InvalidRequestError, KvloomError, RequestFailedError
 from kvloom.sampling_params import SamplingParams
+from kvloom.server.async_engine import EngineDeadError
 from kvloom.server.metrics import ServerMetrics
 from kvloom.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from kvloom.structured.api_fields import constraint_from_request
@@ -187,6 +188,8 @@ class OpenAIServing:
                                               time.time(), 0)
                 raise
             except BaseException as e:
+                if isinstance(e, (RequestFailedError, EngineDeadError)):
+                    self.metrics.requests.labels(outcome="error").inc()
                 await merged.put((sub.first_choice, e))
 
         tasks = [asyncio.create_task(pump(s)) for s in subs]
@@ -364,8 +367,7 @@ class _SSE:
 
 
 def _sse_error(e: KvloomError) -> str:
-    from kvloom.server.async_engine import EngineDeadError
-    kind = "server_error" if isinstance(e, EngineDeadError) else "invalid_request_error"
+    kind = "server_error" if isinstance(e, (EngineDeadError, RequestFailedError)) else "invalid_request_error"
     body = {"error": {"message": str(e), "type": kind, "param": getattr(e, "field", None), "code": None}}
     return f"data: {json.dumps(body)}\n\n"
 
