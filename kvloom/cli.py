@@ -126,7 +126,13 @@ def cmd_chat(args) -> None:
 
 def cmd_serve(args) -> None:
     from kvloom.server.launch import serve
-    serve(engine_config(args), host=args.host, port=args.port, api_key=args.api_key,
+    from kvloom.server.limits import ServerLimits
+    limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                          max_tokens=args.max_tokens_limit, max_n=args.max_n, max_logprobs=args.max_logprobs,
+                          max_stop_strings=args.max_stop_strings, max_stop_length=args.max_stop_length,
+                          max_streams_per_key=args.max_streams_per_key)
+    serve(engine_config(args), host=args.host, port=args.port, api_key=tuple(args.api_key or ()), limits=limits,
+          public_metrics=args.public_metrics,
           served_model_name=args.served_model_name, max_waiting_requests=args.max_waiting_requests,
           graceful_shutdown_s=args.graceful_shutdown, instances=args.instances, dispatch=args.dispatch,
           ray_address=args.ray_address, threads_per_instance=args.threads_per_instance, placement=args.placement,
@@ -197,6 +203,23 @@ def cmd_bench(args) -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2, default=str)
+
+
+def _add_limit_args(s) -> None:
+    """What one request may ask (kvloom/server/limits.py); each breach is a 4xx naming the flag."""
+    from kvloom.server.limits import ServerLimits
+    d = ServerLimits()
+    s.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="request body size (413)")
+    s.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                   help="tokens of one prompt (default: the model's context)")
+    s.add_argument("--max-tokens-limit", type=int, default=d.max_tokens,
+                   help="the largest max_tokens a request may ask (default: what the context leaves)")
+    s.add_argument("--max-n", type=int, default=d.max_n, help="samples per prompt (n)")
+    s.add_argument("--max-logprobs", type=int, default=d.max_logprobs, help="top_logprobs / logprobs")
+    s.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings)
+    s.add_argument("--max-stop-length", type=int, default=d.max_stop_length, help="characters of one stop string")
+    s.add_argument("--max-streams-per-key", type=int, default=d.max_streams_per_key,
+                   help="streaming responses open at once per API key (429 past it)")
 
 
 def _add_serve_bench_args(p) -> None:
@@ -277,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(s, model_positional=True)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None, help="require this bearer key on /v1 endpoints")
+    s.add_argument("--api-key", action="append", default=None,
+                   help="require this bearer key on every route but /health (repeat: one key per tenant)")
+    s.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
+    _add_limit_args(s)
     s.add_argument("--served-model-name", default=None, help="the model name clients use (default: from the path)")
     s.add_argument("--max-waiting-requests", type=int, default=256,
                    help="past this many queued requests, answer 503 with Retry-After")

@@ -11,6 +11,7 @@ from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
 from kvloom.server.app import ServerSettings, build_app
 from kvloom.server.async_engine import AsyncEngine
+from kvloom.server.limits import ServerLimits
 from kvloom.server.metrics import ServerMetrics
 
 
@@ -21,13 +22,14 @@ def free_port() -> int:
 
 
 class ServerThread:
-    def __init__(self, engine: Engine, name: str = "tiny", api_key: str | None = None,
-                 max_waiting_requests: int = 256):
+    def __init__(self, engine: Engine, name: str = "tiny", api_key: str | tuple[str, ...] | None = None,
+                 max_waiting_requests: int = 256, limits: ServerLimits = ServerLimits(), public_metrics: bool = False):
         self.engine = engine
         self.port = free_port()
         self.metrics = ServerMetrics()
         self.async_engine = AsyncEngine(engine, on_step=self.metrics.observe_engine)
-        app = build_app(self.async_engine, ServerSettings(name, api_key, max_waiting_requests), self.metrics)
+        settings = ServerSettings(name, api_key, max_waiting_requests, limits, public_metrics)
+        self.app = app = build_app(self.async_engine, settings, self.metrics)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"

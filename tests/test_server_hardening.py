@@ -188,7 +188,7 @@ def test_harmless_and_default_fields_are_accepted(server):
     assert c.choices
 
 
-# ---- the API key guards every route but /health and /metrics -----------------------------------------------
+# ---- the API key guards every route but /health (and /metrics with --public-metrics) -----------------------
 
 ROUTES = [("GET", "/v1/models", None),
           ("POST", "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}),
@@ -197,8 +197,28 @@ ROUTES = [("GET", "/v1/models", None),
           ("POST", "/tokenize", {"prompt": "hello"}),
           ("POST", "/detokenize", {"tokens": [5, 6]}),
           ("GET", "/server_info", None),
+          ("GET", "/metrics", None),
+          ("GET", "/dashboard/stats", None),
           ("GET", "/openapi.json", None),
-          ("GET", "/docs", None)]
+          ("GET", "/docs", None),
+          ("GET", "/docs/oauth2-redirect", None),
+          ("GET", "/redoc", None)]
+PUBLIC = {"/health", "/", "/dashboard", "/static/{name}"}
+
+
+def _route_paths(routes, prefix=""):
+    for r in routes:
+        if hasattr(r, "path"):
+            yield prefix + r.path
+        else:   # FastAPI >= 0.165 keeps an included router whole (its routes already carry its own prefix)
+            yield from _route_paths(r.original_router.routes, prefix + r.include_context.prefix)
+
+
+def test_every_route_is_in_the_auth_test(tiny_model_dir):
+    # A route added later must be added to ROUTES (or PUBLIC, deliberately): none escapes the test below.
+    s = ServerThread(tiny_engine(tiny_model_dir("llama")), api_key="k")
+    paths = set(_route_paths(s.app.routes))
+    assert paths - PUBLIC == {p.replace("/s1", "/{session_id}") for _, p, _ in ROUTES}
 
 
 def test_api_key_guards_every_route(tiny_model_dir):
@@ -211,7 +231,15 @@ def test_api_key_guards_every_route(tiny_model_dir):
                     assert r.json()["error"]["code"] == "invalid_api_key"
                 r = h.request(method, path, json=body, headers={"Authorization": "Bearer sk-secret"})
                 assert r.status_code == 200, (method, path, r.text)
-            for path in ("/health", "/metrics"):
-                assert h.get(path).status_code == 200
+            assert h.get("/health").status_code == 200
         ok = openai.OpenAI(base_url=s.url + "/v1", api_key="sk-secret", max_retries=0)
         assert [c for c in ok.completions.create(model="tiny", prompt="hi", max_tokens=2, stream=True) if c.choices]
+
+
+def test_public_metrics_and_one_key_per_tenant(tiny_model_dir):
+    with ServerThread(tiny_engine(tiny_model_dir("llama")), api_key=("sk-a", "sk-b"), public_metrics=True) as s:
+        assert httpx.get(s.url + "/metrics").status_code == 200
+        assert httpx.get(s.url + "/server_info").status_code == 401
+        for key in ("sk-a", "sk-b"):
+            assert httpx.get(s.url + "/server_info", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert httpx.get(s.url + "/server_info", headers={"Authorization": "Bearer sk-"}).status_code == 401

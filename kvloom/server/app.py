@@ -6,6 +6,7 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
+import dataclasses
 from dataclasses import dataclass
 
 from fastapi import APIRouter, FastAPI, Request
@@ -16,6 +17,7 @@ from kvloom.system_info import engine_description
 from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError, RequestFailedError
 from kvloom.server.async_engine import AsyncEngine, EngineDeadError
 from kvloom.server.cluster_routes import ClusterCollector, cluster_health, cluster_router
+from kvloom.server.limits import BodySizeLimit, ServerLimits
 from kvloom.server.metrics import ServerMetrics
 from kvloom.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                     error_body)
@@ -28,53 +30,67 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServerSettings:
     model_name: str
-    api_key: str | None = None
+    api_key: str | tuple[str, ...] | None = None   # one key, or one per tenant
     max_waiting_requests: int = 256
+    limits: ServerLimits = ServerLimits()
+    public_metrics: bool = False                    # /metrics without a key (for scrapers that carry none)
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        keys = (self.api_key,) if isinstance(self.api_key, str) else tuple(self.api_key or ())
+        return tuple(k for k in keys if k)
 
 
-# Routes anyone may call when an API key is set (probes and scrapers carry no key).
-PUBLIC_PATHS = frozenset({"/health", "/metrics"}) | PUBLIC_WEB_PATHS  # web pages: kvloom/server/web.py
+# Routes anyone may call when an API key is set (probes carry no key); /metrics too with public_metrics.
+PUBLIC_PATHS = frozenset({"/health"}) | PUBLIC_WEB_PATHS  # web pages: kvloom/server/web.py
 
 
 class _RequireApiKey:
-    """Pure ASGI middleware: every HTTP route but PUBLIC_PATHS needs `Authorization: Bearer <key>`.
+    """Pure ASGI middleware: every HTTP route but the public ones needs `Authorization: Bearer <key>`, one of
+    the server's keys; which one (the tenant) is left in scope["state"]["tenant"].
 
     Middleware rather than a per-router dependency, so no route (tokenize, server_info, the
     OpenAPI docs, ones added later) can be left open by forgetting it; pure ASGI rather than
-    BaseHTTPMiddleware, which would hide client disconnects from the handlers.
+    BaseHTTPMiddleware, which would hide client disconnects from the handlers. Every key is compared, in
+    constant time, whichever matches: the time taken says nothing about any key.
     """
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_keys: tuple[str, ...], public: frozenset[str]):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = [f"Bearer {k}".encode() for k in api_keys]
+        self.public = public
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+        if scope["type"] == "http" and scope["path"] not in self.public:
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+            matches = [secrets.compare_digest(given, key) for key in self.expected]
+            if not any(matches):
                 response = _error(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
                 await response(scope, receive, send)
                 return
+            scope.setdefault("state", {})["tenant"] = matches.index(True)
         await self.app(scope, receive, send)
 
 
 class _EventStream(StreamingResponse):
     """An SSE response that, however it ends (finished, client gone, cancelled), closes its generators
-    at once, which cancels and aborts their engine requests.
+    at once, which cancels and aborts their engine requests, and gives back its stream slot.
 
     Starlette only stops iterating the body when the client goes away; a generator left suspended
     (never started, or parked at a yield while a send was cut short) would hold its engine requests,
     their KV blocks and a batch slot until the garbage collector happened to finalize it.
     """
 
-    def __init__(self, body, stream):
+    def __init__(self, body, stream, release):
         super().__init__(body, media_type="text/event-stream")
         self._stream = stream
+        self._release = release
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self._release()
             await self.body_iterator.aclose()
             await self._stream.aclose()
 
@@ -100,8 +116,14 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     # ---- cross-cutting -----------------------------------------------------------------
 
-    if settings.api_key:
-        app.add_middleware(_RequireApiKey, api_key=settings.api_key)
+    if settings.api_keys:
+        public = PUBLIC_PATHS | ({"/metrics"} if settings.public_metrics else set())
+        app.add_middleware(_RequireApiKey, api_keys=settings.api_keys, public=frozenset(public))
+    limits = settings.limits
+    # Added last, so it runs first: an oversized body is refused before anything else reads it.
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_request_bytes, too_large=lambda: _error(
+        413, f"the request body is over this server's limit of {limits.max_request_bytes} bytes "
+        "(--max-request-bytes)", "invalid_request_error", code="request_too_large"))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -127,6 +149,24 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         if (name := body.unsupported_field()) is not None:
             raise InvalidRequestError(f"{name} is not supported by this server yet; remove it from the request",
                                       field=name)
+        limits.check_body(body)
+
+    # Streaming responses open per tenant (the API key's index; one tenant when the server has no key).
+    open_streams: dict[int, int] = {}
+
+    def stream_slot(request: Request):
+        """A stream slot for the request's tenant, or a 429 when its streams are all open."""
+        tenant = getattr(request.state, "tenant", 0)
+        if open_streams.get(tenant, 0) >= limits.max_streams_per_key:
+            metrics.requests.labels(outcome="rejected").inc()
+            return None, _error(429, f"this API key already has {limits.max_streams_per_key} streams open "
+                                "(--max-streams-per-key); close one or retry shortly", "rate_limit_error",
+                                code="too_many_streams", headers={"Retry-After": "1"})
+        open_streams[tenant] = open_streams.get(tenant, 0) + 1
+
+        def release():
+            open_streams[tenant] -= 1
+        return release, None
 
     def check_model(name: str | None) -> JSONResponse | None:
         if name is not None and name != settings.model_name:
@@ -169,16 +209,34 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     v1 = APIRouter(prefix="/v1")
 
+    async def respond(body, request: Request, subs, stream_body, response_body):
+        """Queue the sub-requests; answer with an event stream (holding one of the tenant's stream slots) or,
+        once all finish, one JSON body."""
+        limits.check_prompts([len(s.prompt_ids) for s in subs])
+        release = None
+        if body.stream:
+            release, err = stream_slot(request)
+            if err is not None:
+                return err
+        try:
+            first, stream = await start(subs)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        if body.stream:
+            return _EventStream(stream_body(first, stream), stream, release)
+        return await until_disconnect(request, response_body(first, stream))
+
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_supported(body)
         if (err := check_model(body.model) or overloaded()) is not None:
             return err
         subs = serving.chat_subrequests(body)
-        first, stream = await start(subs)
-        if body.stream:
-            return _EventStream(serving.chat_stream(subs, first, stream, body.include_usage), stream)
-        return await until_disconnect(request, serving.chat_response(subs, first, stream))
+        return await respond(body, request, subs,
+                             lambda first, stream: serving.chat_stream(subs, first, stream, body.include_usage),
+                             lambda first, stream: serving.chat_response(subs, first, stream))
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -186,11 +244,10 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         if (err := check_model(body.model) or overloaded()) is not None:
             return err
         subs = serving.completion_subrequests(body)
-        first, stream = await start(subs)
-        if body.stream:
-            return _EventStream(serving.completion_stream(subs, first, stream, body.include_usage, body.echo),
-                                stream)
-        return await until_disconnect(request, serving.completion_response(subs, first, stream, body.echo))
+        return await respond(
+            body, request, subs,
+            lambda first, stream: serving.completion_stream(subs, first, stream, body.include_usage, body.echo),
+            lambda first, stream: serving.completion_response(subs, first, stream, body.echo))
 
     @v1.delete("/sessions/{session_id}")
     async def close_session(session_id: str):
@@ -230,6 +287,7 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
     @app.get("/server_info")
     async def server_info():
         info = {"served_model_name": settings.model_name, "max_waiting_requests": settings.max_waiting_requests,
+                "limits": dataclasses.asdict(limits),
                 **engine_description(engine)}
         if clustered:
             info["instances"] = await asyncio.get_running_loop().run_in_executor(None, async_engine.instances)

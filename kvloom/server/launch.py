@@ -1,6 +1,7 @@
 """`kvloom serve`: build the engine, log what is in force, run uvicorn until SIGTERM/SIGINT."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -10,6 +11,7 @@ from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
 from kvloom.server.app import ServerSettings, build_app
 from kvloom.server.async_engine import AsyncEngine
+from kvloom.server.limits import ServerLimits
 from kvloom.server.metrics import ServerMetrics
 
 log = logging.getLogger("kvloom.serve")
@@ -23,7 +25,9 @@ def ray_init_options(address: str | None, cpus_needed: int) -> dict:
     return {"num_cpus": max(os.cpu_count() or 1, cpus_needed), "include_dashboard": False}
 
 
-def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | tuple[str, ...] | None = None, limits: ServerLimits = ServerLimits(),
+          public_metrics: bool = False,
           served_model_name: str | None = None, max_waiting_requests: int = 256,
           graceful_shutdown_s: float = 30.0, instances: int = 1, dispatch: str = "llumnix",
           ray_address: str | None = None, threads_per_instance: int | None = None, placement: str = "SPREAD",
@@ -60,8 +64,11 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_k
     # rather than in the first constrained request's time to first token.
     from kvloom.structured import StructuredOutputs
     engine.grammars.submit(StructuredOutputs(json_object=True))
-    app = build_app(async_engine, ServerSettings(name, api_key, max_waiting_requests), metrics)
-    log.info("serving %s at http://%s:%d/v1%s", name, host, port, " (API key required)" if api_key else "")
+    settings = ServerSettings(name, api_key, max_waiting_requests, limits, public_metrics)
+    app = build_app(async_engine, settings, metrics)
+    log.info("limits: %s", ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(limits).items()))
+    log.info("serving %s at http://%s:%d/v1%s", name, host, port,
+             f" ({len(settings.api_keys)} API key(s) required)" if settings.api_keys else "")
     # uvicorn stops accepting on SIGTERM/SIGINT, lets open requests finish within the grace period,
     # then runs the lifespan shutdown, which stops the engine thread.
     _CleanExitServer(uvicorn.Config(app, host=host, port=port, log_level="info",

@@ -144,7 +144,7 @@ class DetokenizeRequest(BaseModel):
 
 
 ErrorType = Literal["invalid_request_error", "authentication_error", "not_found_error", "server_error",
-                    "overloaded_error"]
+                    "overloaded_error", "rate_limit_error"]
 
 
 def error_body(message: str, type_: ErrorType, param: str | None = None, code: str | None = None) -> dict:
