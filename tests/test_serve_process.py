@@ -78,3 +78,53 @@ def test_default_model_serves_chat():
         assert r.usage.completion_tokens <= 20
     finally:
         assert _stop(proc) == 0, "".join(log)
+
+
+def test_sigkill_mid_request_then_restart_comes_back_clean(tiny_model_dir):
+    # Nothing a killed server leaves behind (kernel build lock, GGUF metadata cache, the port) blocks the next.
+    port = free_port()
+    proc, _ = _start([tiny_model_dir("llama"), "--served-model-name", "tiny"], port)
+    body = {"model": "tiny", "prompt": "stream", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
+        next(r.iter_lines())
+        proc.kill()               # SIGKILL mid-stream: no shutdown code runs
+        proc.wait(30)
+    proc, log = _start([tiny_model_dir("llama"), "--served-model-name", "tiny"], port)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        done = client.completions.create(model="tiny", prompt="again", max_tokens=5, temperature=0)
+        assert done.choices[0].finish_reason in ("length", "stop")
+    finally:
+        assert _stop(proc) == 0, "".join(log)
+
+
+def test_shutdown_refuses_new_work_and_lets_running_streams_finish(tiny_model_dir):
+    from kvloom.server.launch import _CleanExitServer
+    import uvicorn
+    from server_harness import ServerThread, slowed, tiny_engine
+
+    s = ServerThread(slowed(tiny_engine(tiny_model_dir("llama")), 0.02))
+    s.server = _CleanExitServer(uvicorn.Config(s.app, host="127.0.0.1", port=s.port, log_level="warning"))
+    s.thread = threading.Thread(target=s.server.run, daemon=True)
+    with s:
+        body = {"model": "tiny", "prompt": "stream", "max_tokens": 60, "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line and not lines:
+                    s.server.handle_exit(signal.SIGTERM, None)      # what uvicorn's signal handler calls
+                    assert s.app.state.draining
+                lines.append(line)
+        assert "data: [DONE]" in lines, "the running stream was cut short"
+        s.thread.join(30)
+        assert not s.thread.is_alive()
+
+
+def test_a_draining_server_answers_503_to_new_work(tiny_model_dir):
+    from server_harness import ServerThread, tiny_engine
+    with ServerThread(tiny_engine(tiny_model_dir("llama"))) as s:
+        s.app.state.draining = True      # what SIGTERM sets: requests still reaching the app are refused
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(s.url + "/health").status_code == 503
+        s.app.state.draining = False

@@ -113,6 +113,7 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     app = FastAPI(title="kvloom", lifespan=lifespan)
     app.state.async_engine = async_engine
+    app.state.draining = False     # set on SIGTERM (server/launch.py): running requests finish, new ones get 503
 
     # ---- cross-cutting -----------------------------------------------------------------
 
@@ -179,6 +180,10 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
     waiting = {"n": 0}
 
     def overloaded() -> JSONResponse | None:
+        if app.state.draining:
+            metrics.requests.labels(outcome="rejected").inc()
+            return _error(503, "the server is shutting down; send new requests elsewhere", "overloaded_error",
+                          code="shutting_down")
         if waiting["n"] >= settings.max_waiting_requests:
             metrics.requests.labels(outcome="rejected").inc()
             return _error(503, "the server is at capacity; retry shortly", "overloaded_error",
@@ -270,6 +275,8 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     @app.get("/health")
     async def health():
+        if app.state.draining:
+            return _error(503, "the server is shutting down", "server_error", code="shutting_down")
         if async_engine.is_alive and clustered:
             code, body = cluster_health(async_engine)
             return JSONResponse(body, status_code=code)

@@ -83,5 +83,6 @@ class _CleanExitServer(uvicorn.Server):
     """
 
     def handle_exit(self, sig, frame) -> None:
+        self.config.app.state.draining = True   # requests still reaching the app get 503, /health too
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
