@@ -243,3 +243,21 @@ def test_public_metrics_and_one_key_per_tenant(tiny_model_dir):
         for key in ("sk-a", "sk-b"):
             assert httpx.get(s.url + "/server_info", headers={"Authorization": f"Bearer {key}"}).status_code == 200
         assert httpx.get(s.url + "/server_info", headers={"Authorization": "Bearer sk-"}).status_code == 401
+
+
+def test_keys_are_compared_in_constant_time_all_of_them(tiny_model_dir, monkeypatch):
+    # Timing must not tell which key (or how much of one) matched: every key goes through compare_digest,
+    # whether the first one matched or none did.
+    import kvloom.server.app as app_module
+    real = app_module.secrets.compare_digest
+    calls = []
+
+    def spy(a, b):
+        calls.append(b)
+        return real(a, b)
+    monkeypatch.setattr(app_module.secrets, "compare_digest", spy)
+    with ServerThread(tiny_engine(tiny_model_dir("llama")), api_key=("sk-a", "sk-b", "sk-c")) as s:
+        for given in ("Bearer sk-a", "Bearer sk-c", "Bearer nope"):
+            calls.clear()
+            httpx.get(s.url + "/v1/models", headers={"Authorization": given})
+            assert calls == [b"Bearer sk-a", b"Bearer sk-b", b"Bearer sk-c"]

@@ -56,7 +56,10 @@ class ServerLimits:
 
 class BodySizeLimit:
     """Pure ASGI middleware: a body over the limit is answered 413, by its Content-Length before a byte is
-    read, else (chunked uploads) as soon as the bytes received pass it."""
+    read, else (chunked uploads) as soon as the bytes received pass it.
+
+    Not FastAPI's max_body_size: Starlette answers a declared-too-large body there in plain text, and an
+    OpenAI client should get OpenAI's error shape naming the flag to change."""
 
     def __init__(self, app, max_bytes: int, too_large):
         self.app = app
