@@ -121,7 +121,19 @@ def test_draft_tree_masks_follow_each_branch(llm):
     assert len(allowed[4]) == V and len(allowed[6]) == V   # refused drafts' rows: never read, left alone
     assert m.consumed == 0 and not m.m.is_error()
     m.sync([a, c])                           # the matcher was left where it began
-    assert not m.broken
+    assert m.error is None
+
+
+def test_a_grammar_failing_mid_output_ends_the_request_never_unconstrained(llm):
+    # The regex validates and compiles; llguidance's lexer gives up at the first token (LexerTooComplex).
+    # Going on unconstrained would hand back text that breaks the client's constraint.
+    bad = SamplingParams(temperature=0.0, max_tokens=20, structured_outputs={"regex": "(a|aa){1000}{1000}"})
+    good = SamplingParams(temperature=0.0, max_tokens=8, structured_outputs={"regex": "[a-z]{8}"})
+    failed, ok = llm.generate(["hello", "hello"], [bad, good])
+    assert failed.outputs[0].finish_reason == "error" and "too many expressions" in failed.outputs[0].error
+    assert "\n" not in failed.outputs[0].error
+    assert ok.outputs[0].finish_reason in ("stop", "length") and re.fullmatch("[a-z]{8}", ok.outputs[0].text)
+    assert not llm.engine.has_unfinished() and llm.engine.pool.num_used == 0
 
 
 def test_bad_constraints_are_typed_errors_naming_the_field(llm):
@@ -267,7 +279,9 @@ def test_a_grammar_that_fails_to_compile_ends_its_request(tiny_model_dir, monkey
     outs = []
     while engine.has_unfinished():
         outs += engine.step()
-    assert sorted((o.index, o.finish_reason) for o in outs if o.finished) == [(0, "abort"), (1, "abort")]
+    # "error", not "abort": the client asked for nothing to stop; the server failed it (and says why).
+    assert sorted((o.index, o.finish_reason) for o in outs if o.finished) == [(0, "error"), (1, "error")]
+    assert all("library failure" in o.error for o in outs if o.finished)
     assert engine.pool.num_free == engine.num_blocks
 
 

@@ -499,6 +499,10 @@ class Engine:
         if self.faults is not None:
             self.faults.fire("detokenizer")
         broken = {self.scheduler.requests[rid].parent_id: why for rid, why in result.failed.items()}
+        for rid in result.token_ids:    # a grammar that can no longer constrain its output ends the request
+            matcher = self.scheduler.requests[rid].matcher
+            if matcher is not None and matcher.error is not None:
+                broken[self.scheduler.requests[rid].parent_id] = f"the output constraint failed: {matcher.error}"
         now = time.time()
         outputs = [out for parent, why in broken.items() for out in self._end_with_error(parent, why)]
         for rid, tokens in result.token_ids.items():

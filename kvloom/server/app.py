@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvloom.system_info import engine_description
 from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError, RequestFailedError
@@ -134,6 +135,12 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         return _error(400, f"invalid field {param}: {first.get('msg', 'invalid request')}",
                       "invalid_request_error", param)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        # Unknown routes, wrong methods, bodies that are not JSON: OpenAI's error shape like every other error.
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
+
     @app.exception_handler(KvloomError)
     async def on_kvloom_error(request: Request, exc: KvloomError):
         if isinstance(exc, PromptTooLongError):
@@ -190,13 +197,17 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
                           headers={"Retry-After": "1"})
         return None
 
-    async def start(subs):
-        """Submit and wait for the first output (validation errors surface before a 200 is sent)."""
+    def enter_queue():
+        """Count a request as waiting from the moment it passes overloaded() (before any await, so the check
+        and the count cannot be interleaved); returns the idempotent call that stops counting it."""
         waiting["n"] += 1
-        try:
-            return await serving.accepted(subs)
-        finally:
-            waiting["n"] -= 1
+        left = []
+
+        def leave():
+            if not left:
+                left.append(True)
+                waiting["n"] -= 1
+        return leave
 
     async def until_disconnect(request: Request, work):
         """Run work, cancelling it (and so aborting its engine requests) if the client goes away."""
@@ -214,9 +225,24 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     v1 = APIRouter(prefix="/v1")
 
-    async def respond(body, request: Request, subs, stream_body, response_body):
-        """Queue the sub-requests; answer with an event stream (holding one of the tenant's stream slots) or,
-        once all finish, one JSON body."""
+    async def off_loop(fn, *args):
+        """Templates and tokenizers take time in proportion to the input (seconds for a few MB of prompt): run
+        them in a worker thread, so the event loop keeps serving every other client meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def respond(body, request: Request, translate, stream_body, response_body):
+        """Translate the body into engine sub-requests (off the event loop) and queue them; answer with an event
+        stream (holding one of the tenant's stream slots) or, once all finish, one JSON body."""
+        if (err := check_model(body.model) or overloaded()) is not None:
+            return err
+        leave_queue = enter_queue()
+        try:
+            subs = await off_loop(translate, body)
+            return await queued(body, request, subs, stream_body, response_body, leave_queue)
+        finally:
+            leave_queue()
+
+    async def queued(body, request: Request, subs, stream_body, response_body, leave_queue):
         limits.check_prompts([len(s.prompt_ids) for s in subs])
         release = None
         if body.stream:
@@ -224,35 +250,31 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
             if err is not None:
                 return err
         try:
-            first, stream = await start(subs)
+            first, stream = await serving.accepted(subs)   # validation errors surface before a 200 is sent
         except BaseException:
             if release is not None:
                 release()
             raise
+        finally:
+            leave_queue()       # it has its first output (or failed): no longer waiting
         if body.stream:
-            return _EventStream(stream_body(first, stream), stream, release)
-        return await until_disconnect(request, response_body(first, stream))
+            return _EventStream(stream_body(subs, first, stream), stream, release)
+        return await until_disconnect(request, response_body(subs, first, stream))
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_supported(body)
-        if (err := check_model(body.model) or overloaded()) is not None:
-            return err
-        subs = serving.chat_subrequests(body)
-        return await respond(body, request, subs,
-                             lambda first, stream: serving.chat_stream(subs, first, stream, body.include_usage),
-                             lambda first, stream: serving.chat_response(subs, first, stream))
+        return await respond(body, request, serving.chat_subrequests,
+                             lambda subs, first, stream: serving.chat_stream(subs, first, stream, body.include_usage),
+                             lambda subs, first, stream: serving.chat_response(subs, first, stream))
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_supported(body)
-        if (err := check_model(body.model) or overloaded()) is not None:
-            return err
-        subs = serving.completion_subrequests(body)
         return await respond(
-            body, request, subs,
-            lambda first, stream: serving.completion_stream(subs, first, stream, body.include_usage, body.echo),
-            lambda first, stream: serving.completion_response(subs, first, stream, body.echo))
+            body, request, serving.completion_subrequests,
+            lambda subs, first, stream: serving.completion_stream(subs, first, stream, body.include_usage, body.echo),
+            lambda subs, first, stream: serving.completion_response(subs, first, stream, body.echo))
 
     @v1.delete("/sessions/{session_id}")
     async def close_session(session_id: str):
@@ -273,7 +295,7 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         metrics.registry.register(ClusterCollector(async_engine))
         app.include_router(cluster_router(async_engine))
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response)
     async def health():
         if app.state.draining:
             return _error(503, "the server is shutting down", "server_error", code="shutting_down")
@@ -307,9 +329,9 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
             return err
         tok = engine.tokenizer
         if body.messages is not None:
-            ids = tok.apply_chat_template(message_dicts(body.messages), body.add_generation_prompt)
+            ids = await off_loop(tok.apply_chat_template, message_dicts(body.messages), body.add_generation_prompt)
         elif body.prompt is not None:
-            ids = tok.hf.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await off_loop(lambda: tok.hf.encode(body.prompt, add_special_tokens=body.add_special_tokens))
         else:
             raise InvalidRequestError("give a prompt or messages", field="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing_extensions import Required, TypedDict
 
 
 def _unset(v) -> bool:
@@ -76,7 +77,9 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
-    session_id: str | None = None   # an agent program's id: its KV is kept between its calls
+    # An agent program's id: its KV is kept between its calls until DELETE /v1/sessions/{session_id}, so it
+    # must be an id that path can carry: no "/", and not "." or ".." (clients collapse those segments).
+    session_id: str | None = Field(None, pattern=r"^[^/]*$")
     cache_salt: str | None = None   # vLLM's: a tenant's prefix-cache blocks are shared only with its own salt
     priority: int = 0               # vLLM's: lower values are scheduled first (and may preempt higher ones)
     # structured outputs (kvloom/structured): OpenAI's response_format, vLLM's structured_outputs and the
@@ -87,6 +90,13 @@ class _Request(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+
+    @field_validator("session_id")
+    @classmethod
+    def _addressable_session(cls, v: str | None) -> str | None:
+        if v in (".", ".."):
+            raise ValueError("must not be '.' or '..': DELETE /v1/sessions/{session_id} could not name it")
+        return v
 
     @property
     def include_usage(self) -> bool:
@@ -104,10 +114,29 @@ class _Request(BaseModel):
         return None
 
 
+# Typed dicts, not models: pydantic checks their fields (a wrong type is a 400 naming it, not a TypeError deep
+# in serving.py or the tool renderer) and the values stay the dicts serving.py and the chat template read.
+class ContentPart(TypedDict, total=False):
+    type: Required[str]
+    text: str
+
+
+class ToolCallFunction(TypedDict, total=False):
+    name: Required[str]
+    arguments: str | dict[str, Any]     # OpenAI's is a JSON string; an object is taken as is
+
+
+class ToolCall(TypedDict, total=False):
+    id: str
+    type: str
+    function: Required[ToolCallFunction]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None    # an assistant turn's earlier calls
 
 
 class ChatCompletionRequest(_Request):

@@ -66,6 +66,8 @@ class GrammarCompiler:
             raise InvalidRequestError(f"invalid {spec.field}: {matcher.get_error()}", field=spec.field)
         mask = torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32)
         matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)   # builds the lazy lexer states
+        if matcher.is_error():
+            raise InvalidRequestError(f"invalid {spec.field}: {matcher.get_error()}", field=spec.field)
         return matcher
 
     def shutdown(self) -> None:

@@ -6,14 +6,12 @@ touched, so its tokens are exactly those it would draw without the constrained o
 """
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
 
 
 class RequestMatcher:
@@ -23,21 +21,24 @@ class RequestMatcher:
         # ignore_eos: EOS is allowed only once the grammar allows nothing else (the output is complete)
         self.suppress_eos = sorted(suppress_eos)
         self.consumed = 0          # output tokens fed to the matcher so far
-        self.broken = False        # a token the grammar refused (it cannot happen through the masks)
+        # Why the grammar can no longer constrain this output (a refused token, or the library's error, e.g. a
+        # lexer grown too complex mid-output): the engine then ends the request with this error rather than
+        # let it go on unconstrained.
+        self.error: str | None = None
 
     def sync(self, output_token_ids: list[int]) -> None:
         """Feed the output tokens the matcher has not seen."""
         for t in output_token_ids[self.consumed:]:
-            if not self.broken and not self.m.consume_token(t):
-                log.warning("grammar refused token %d (%s); the request continues unconstrained", t,
-                            self.m.get_error())
-                self.broken = True
+            if self.error is None and not self.m.consume_token(t):
+                self.error = f"the grammar refused token {t} ({_headline(self.m.get_error())})"
         self.consumed = len(output_token_ids)
 
     def fill(self, row: torch.Tensor) -> None:
         """row: int32 [words], one bit per token, set when the token is allowed next."""
-        if self.broken or self.m.is_error():
-            row.fill_(-1)
+        if self.error is None and self.m.is_error():
+            self.error = _headline(self.m.get_error())
+        if self.error is not None:
+            row.fill_(-1)    # any token: the request ends with the error after this step
         else:
             self.m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
             if self.m.is_stopped() and not row.any():   # nothing left to emit: let the row pick EOS freely
@@ -51,6 +52,11 @@ class RequestMatcher:
 
     def mask_rows(self, n: int) -> torch.Tensor:
         return torch.empty(n, self.words, dtype=torch.int32)
+
+
+def _headline(library_error: str) -> str:
+    """The library's error without the matcher state dump that follows its first line."""
+    return library_error.strip().splitlines()[0] if library_error.strip() else "the grammar matcher failed"
 
 
 class RowMask:
@@ -132,7 +138,7 @@ def mask_draft_tree(logits: torch.Tensor, tokens: list[int], parents: list[int],
     m.fill(bitmask[0])
     ok = [False] * k
     path: list[int] = []       # draft indices consumed into the matcher, root first
-    if not (m.broken or m.m.is_error()):
+    if m.error is None:
         for i, (t, p) in enumerate(zip(tokens, parents)):
             if p != -1 and not ok[p]:
                 continue              # below a refused draft: unreachable
