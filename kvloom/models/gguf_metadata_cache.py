@@ -16,6 +16,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer
 
 from kvloom.models.model_source import ModelSource
+from kvloom.models.weight_file_checks import check_gguf
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "kvloom", "gguf")
@@ -32,9 +33,11 @@ def converted_dir(source: ModelSource, cache_dir: str = DEFAULT_CACHE_DIR) -> st
     path = _cache_path(source, cache_dir)
     if os.path.isfile(os.path.join(path, "complete")):
         return path
+    check_gguf(source.gguf_path)  # before transformers' reader trusts the header's counts
     try:
-        config = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
-        tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        config = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file,
+                                                  trust_remote_code=False)
         tmp = f"{path}.tmp{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
         config.save_pretrained(tmp)

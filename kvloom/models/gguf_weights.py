@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
 from kvloom.errors import WeightsError
+from kvloom.models.weight_file_checks import check_gguf
 from kvloom.quant.q4_linear import GGUF_TYPES
 
 _LAYER_PARTS = {
@@ -31,6 +32,7 @@ _PROJECTIONS = tuple(f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_pr
 
 
 def open_gguf(path: str) -> GGUFReader:
+    check_gguf(path)  # GGUFReader trusts the header's counts: a lying one never finishes
     try:
         return GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on a short or corrupt file
@@ -44,7 +46,7 @@ def projection_types(reader: GGUFReader) -> set[str]:
 
 def gguf_architecture(reader: GGUFReader) -> str:
     field = reader.fields.get("general.architecture")
-    return field.contents() if field is not None else "unknown"
+    return field.contents() if field is not None and field.types == [GGUFValueType.STRING] else "unknown"
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -59,6 +61,22 @@ def hf_name(gguf_name: str) -> str | None:
     return f"{_GLOBAL[base]}.{suffix}" if base in _GLOBAL else None
 
 
+def _model_name(t, path: str) -> str | None:
+    """The HF name a GGUF tensor loads under; None for tensors the model does not load."""
+    name = hf_name(t.name)
+    if name is None and t.name.split(".")[0] not in _SKIPPED:
+        raise WeightsError(f"{path}: GGUF tensor {t.name!r} has no place in this model")
+    return name
+
+
+def gguf_shapes(reader: GGUFReader) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape as dequantised) of every tensor the model loads, from the header alone."""
+    path = getattr(reader.data, "filename", None) or "GGUF file"
+    for t in reader.tensors:
+        if (name := _model_name(t, path)) is not None:
+            yield name, tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists dimensions fastest first
+
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
@@ -70,18 +88,20 @@ def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int,
     projection weights (types in q4_linear.GGUF_TYPES) are also kept there as the file has them: name -> (rows of
     raw block bytes [out, bytes] uint8, type name), for kvloom/quant/q4_linear.py."""
     permute = gguf_architecture(reader) in _PERMUTED_ARCHS
+    path = getattr(reader.data, "filename", None) or "GGUF file"  # the reader's memmap knows its file
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = _model_name(t, path)
         if name is None:
-            if t.name.split(".")[0] in _SKIPPED:
-                continue
-            raise WeightsError(f"GGUF tensor {t.name!r} has no place in this model")
+            continue
         try:
             arr = dequantize(t.data, t.tensor_type)
         except Exception as e:
-            raise WeightsError(f"cannot dequantise GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from e
+            raise WeightsError(f"{path}: cannot dequantise GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from e
         w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
         heads = num_heads if name.endswith("q_proj.weight") else num_kv_heads if name.endswith("k_proj.weight") else 0
+        if permute and heads and (w.ndim == 0 or w.shape[0] % (2 * heads)):
+            raise WeightsError(f"{path}: GGUF tensor {t.name} has shape {tuple(w.shape)}, not rows for "
+                               f"{heads} heads; the file does not match the config")
         if permute and heads:
             w = _unpermute(w, heads)
         if raw_blocks is not None and t.tensor_type.name in GGUF_TYPES and name.endswith(_PROJECTIONS):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -10,47 +12,72 @@ from transformers import AutoConfig
 
 from kvloom.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from kvloom.models.gguf_metadata_cache import converted_dir
-from kvloom.models.gguf_weights import iter_gguf_weights, open_gguf, projection_types
+from kvloom.models.gguf_weights import gguf_shapes, iter_gguf_weights, open_gguf, projection_types
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.model_source import ModelSource
 from kvloom.models.registry import shape_for
 from kvloom.models.rope import RotaryEmbedding
-from kvloom.models.safetensors_weights import iter_safetensors_weights
+from kvloom.models.safetensors_weights import iter_safetensors_weights, safetensors_shapes
 
 log = logging.getLogger(__name__)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+MAX_POSITIONS = 1 << 22  # 4M: four times the longest context of the families kvloom serves (Qwen2.5-1M)
 
 
 def load_hf_config(source: ModelSource):
+    where = source.gguf_path or source.directory
     try:
         if source.gguf_file:
             converted = converted_dir(source)
             if converted is not None:
-                return AutoConfig.from_pretrained(converted)
-            return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
-        return AutoConfig.from_pretrained(source.directory)
+                return AutoConfig.from_pretrained(converted, trust_remote_code=False)
+            return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file, trust_remote_code=False)
+        # trust_remote_code=False: never run a model directory's Python (no interactive prompt either)
+        return AutoConfig.from_pretrained(source.directory, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         msg = str(e)
-        if "does not recognize this architecture" in msg or "not supported" in msg or isinstance(e, KeyError):
-            raise UnsupportedArchitectureError(f"cannot build a config for {source.name}: {msg}") from e
-        raise ModelNotFoundError(f"cannot read the config of {source.name}: {msg}") from e
+        if ("does not recognize this architecture" in msg or "not supported" in msg or "custom code" in msg
+                or (isinstance(e, KeyError) and not source.gguf_file)):  # a config.json's unknown model_type
+            raise UnsupportedArchitectureError(f"cannot build a config for {where}: {msg}") from e
+        if source.gguf_file:  # a missing or malformed metadata value
+            raise WeightsError(f"cannot read the metadata of GGUF file {where}: {type(e).__name__}: {msg}") from e
+        raise ModelNotFoundError(f"cannot read the config of {where}: {msg}") from e
+    except Exception as e:  # transformers' GGUF conversion trips on malformed metadata in assorted ways
+        if not source.gguf_file:
+            raise
+        raise WeightsError(f"cannot read the metadata of GGUF file {where}: {type(e).__name__}: {e}") from e
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | None = None,
                keep_gguf_blocks: bool = False) -> tuple[LlamaForCausalLM, object]:
     """Returns (model in eval mode with all weights loaded, its transformers config). keep_gguf_blocks: a
     GGUF's 4-bit projection blocks stay on model.gguf_blocks (name -> (raw rows, type)) for the 4-bit path."""
-    hf_config = load_hf_config(source)
+    where = source.gguf_path or source.directory  # errors name the file
+    # The GGUF's header is checked (open_gguf) before transformers parses its metadata for the config.
     reader = open_gguf(source.gguf_path) if source.gguf_file else None
+    hf_config = load_hf_config(source)
     if reader is not None:
         # GGUF drops output.weight when the head is tied to the embedding.
         hf_config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
     cls, shape = shape_for(hf_config)
     max_positions = min(max_positions or shape.max_position_embeddings, shape.max_position_embeddings)
-    rope = RotaryEmbedding(hf_config, shape.head_dim, max_positions)
+    if max_positions > MAX_POSITIONS:  # the RoPE tables below are built for every position
+        raise UnsupportedArchitectureError(
+            f"{where}: the config claims a context of {max_positions} positions, beyond kvloom's {MAX_POSITIONS} "
+            "(a corrupt header?); set max_model_len to serve a shorter context")
+    # Everything the config sizes is checked against the file's tensor table (headers only) before it is
+    # allocated: a header that lies about a dimension is refused, not allocated.
+    file_shapes = list(gguf_shapes(reader) if reader is not None else safetensors_shapes(source.directory))
+    layers_in_file = {m.group(1) for name, _ in file_shapes if (m := _LAYER.match(name))}
+    if shape.num_layers > len(layers_in_file):
+        raise WeightsError(f"{where}: the config claims {shape.num_layers} layers, the file has weights for "
+                           f"{len(layers_in_file)}")
     with torch.device("meta"):  # no time spent on random init: every weight is loaded below
-        model = cls(shape, rope)
+        model = cls(shape, None)
+    _load_weights(model, ((name, SimpleNamespace(shape=s)) for name, s in file_shapes), where)  # shapes only
+    model.rope = RotaryEmbedding(hf_config, shape.head_dim, max_positions)
     model.to_empty(device="cpu")
     if shape.tie_word_embeddings:  # to_empty() gives the two names separate storage
         model.lm_head.weight = model.embed_tokens.weight
@@ -60,14 +87,16 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | Non
     total = len(reader.tensors) if reader is not None else None
     bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=not sys.stderr.isatty(),
                leave=False)
-    _load_weights(model, bar, source.name)
+    _load_weights(model, bar, where)
     model = model.to(dtype).eval().requires_grad_(False)
     model.gguf_blocks = raw_blocks or {}
     model.gguf_projection_types = projection_types(reader) if reader is not None else set()
     return model, hf_config
 
 
-def _load_weights(model: LlamaForCausalLM, weights, model_name: str) -> None:
+def _load_weights(model: LlamaForCausalLM, weights, where: str) -> None:
+    """Copies each (HF name, tensor) into its parameter after checking name and shape; with the model still
+    on the meta device, only the checks run (the tensors need nothing but a .shape)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = model.expected_weight_names()
     seen: set[str] = set()
@@ -77,7 +106,7 @@ def _load_weights(model: LlamaForCausalLM, weights, model_name: str) -> None:
         if name == "lm_head.weight" and model.shape.tie_word_embeddings:
             continue  # some checkpoints store the tied head anyway
         if name not in expected:
-            raise WeightsError(f"{model_name}: unexpected weight {name!r}; the file does not match the config")
+            raise WeightsError(f"{where}: unexpected weight {name!r}; the file does not match the config")
         param_name, part = model.hf_to_param(name)
         param = params[param_name]
         if part is not None:
@@ -87,11 +116,12 @@ def _load_weights(model: LlamaForCausalLM, weights, model_name: str) -> None:
         else:
             target = param.data
         if tuple(tensor.shape) != tuple(target.shape):
-            raise WeightsError(f"{model_name}: weight {name!r} has shape {tuple(tensor.shape)}, "
+            raise WeightsError(f"{where}: weight {name!r} has shape {tuple(tensor.shape)}, "
                                f"the config implies {tuple(target.shape)}")
-        target.copy_(tensor)
+        if not target.is_meta:  # a meta parameter: the header pass, which checks shapes only
+            target.copy_(tensor)
         seen.add(name)
     missing = sorted(expected - seen)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise WeightsError(f"{model_name}: missing weights {', '.join(missing[:5])}{more} (truncated checkpoint?)")
+        raise WeightsError(f"{where}: missing weights {', '.join(missing[:5])}{more} (truncated checkpoint?)")
