@@ -179,6 +179,14 @@ def cmd_bench(args) -> None:
         result = run_migration_bench(engine_config(args), [int(x) for x in args.contexts.split(",")], args.repeats)
         _emit(result, args.out, format_table(result))
         return
+    if args.bench == "soak":
+        from kvloom.bench.soak import cmd_bench_soak
+        cmd_bench_soak(args)
+        return
+    if args.bench == "fuzz":
+        from kvloom.bench.fuzz import cmd_bench_fuzz
+        cmd_bench_fuzz(args)
+        return
     if args.bench in ("serve", "sweep"):
         from kvloom.bench.serve import cmd_bench_serve, cmd_bench_sweep
         (cmd_bench_serve if args.bench == "serve" else cmd_bench_sweep)(args)
@@ -421,6 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
     srv.add_argument("--out", default=None, help="JSON result (and a timeline PNG beside it)")
     srv.add_argument("--save-requests", action="store_true", help="keep every request's timings in the JSON")
+    from kvloom.bench.soak import add_soak_args
+    so = bsub.add_parser("soak", help="a long mixed load (bursts, hang-ups, aborts) against a server it starts on "
+                                      "loopback, then every request, counter, block, byte and thread accounted for")
+    add_soak_args(so)
+    so.set_defaults(func=cmd_bench)
+    from kvloom.bench.fuzz import add_fuzz_args
+    fz = bsub.add_parser("fuzz", help="schemathesis against the server's own OpenAPI document: no 5xx, no hang, "
+                                      "then still serving with no KV block held")
+    add_fuzz_args(fz)
+    fz.set_defaults(func=cmd_bench)
     swp = bsub.add_parser("sweep", help="latency-throughput curves: a workload at several rates, per server")
     _add_serve_bench_args(swp)
     swp.add_argument("--rates", type=_rates, default=_rates("0.5,1,2,4,8,inf"))

@@ -261,3 +261,29 @@ def test_keys_are_compared_in_constant_time_all_of_them(tiny_model_dir, monkeypa
             calls.clear()
             httpx.get(s.url + "/v1/models", headers={"Authorization": given})
             assert calls == [b"Bearer sk-a", b"Bearer sk-b", b"Bearer sk-c"]
+
+
+def test_a_client_leaving_while_queued_frees_its_place_before_its_turn(tiny_model_dir):
+    # One seat, held ~100 steps by a long request; two more queue behind it and their clients give up. Their
+    # requests must be aborted while the long one still runs, not prefilled when their turn comes.
+    engine = slowed(tiny_engine(tiny_model_dir("llama"), max_num_seqs=1), 0.05)
+    with ServerThread(engine, max_waiting_requests=4) as s:
+        url = s.url + "/v1/completions"
+        long_done = threading.Event()
+
+        def long_request():
+            httpx.post(url, json={"model": "tiny", "prompt": "hello", "max_tokens": 100, "ignore_eos": True},
+                       timeout=60)
+            long_done.set()
+        threading.Thread(target=long_request).start()
+        while not engine.scheduler.running:
+            time.sleep(0.01)
+        for stream in (False, True):
+            with pytest.raises(httpx.TimeoutException):   # queued behind it: the client gives up
+                httpx.post(url, json={"model": "tiny", "prompt": "world", "max_tokens": 50, "stream": stream},
+                           timeout=0.3)
+        aborted = s.metrics.requests.labels(outcome="abort")
+        while aborted._value.get() < 2 and not long_done.is_set():
+            time.sleep(0.02)
+        assert aborted._value.get() == 2 and not long_done.is_set(), "queued requests were kept for their turn"
+        assert long_done.wait(60)

@@ -250,13 +250,20 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
             if err is not None:
                 return err
         try:
-            first, stream = await serving.accepted(subs)   # validation errors surface before a 200 is sent
+            # Validation errors surface before a 200 is sent; a client that leaves while its request is still
+            # queued frees its place (and never gets prefilled) at once, not at its first token.
+            accepted = await until_disconnect(request, serving.accepted(subs))
         except BaseException:
             if release is not None:
                 release()
             raise
         finally:
-            leave_queue()       # it has its first output (or failed): no longer waiting
+            leave_queue()       # it has its first output (or failed, or its client left): no longer waiting
+        if isinstance(accepted, Response):
+            if release is not None:
+                release()
+            return accepted
+        first, stream = accepted
         if body.stream:
             return _EventStream(stream_body(subs, first, stream), stream, release)
         return await until_disconnect(request, response_body(subs, first, stream))
