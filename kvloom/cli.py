@@ -51,6 +51,11 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
                    help="run attention and linear layers in plain PyTorch instead of the compiled C++ kernels")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (loadable at run time)")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", type=_lora_module,
+                   help="peft adapter directories served as models NAME (implies --enable-lora)")
+    p.add_argument("--max-loras", type=int, default=d.max_loras, help="adapters in one batch at most (LRU slots)")
+    p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
 
 
 def engine_config(args) -> EngineConfig:
@@ -63,7 +68,16 @@ def engine_config(args) -> EngineConfig:
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
                         num_threads=args.num_threads, enable_prefix_caching=args.enable_prefix_caching,
-                        session_kv_fraction=args.session_kv_fraction, session_ttl=args.session_ttl)
+                        session_kv_fraction=args.session_kv_fraction, session_ttl=args.session_ttl,
+                        enable_lora=args.enable_lora, lora_modules=tuple(args.lora_modules),
+                        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"give NAME=PATH, got {text!r}")
+    return name, path
 
 
 def _sampling(args):

@@ -56,6 +56,12 @@ class EngineConfig:
     native_kernels: bool = True           # the C++ kernels (compiled at install; False: plain PyTorch paths)
     seed: int = 0                         # seeds requests that bring no seed of their own
     num_threads: int | None = None        # torch intra-op threads (None: torch's default)
+    # LoRA adapters (kvloom/lora): served when enable_lora or lora_modules is given; (name, peft directory) pairs
+    # loaded at start, more at run time; max_loras of them in one batch, each of rank max_lora_rank at most.
+    enable_lora: bool = False
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -77,5 +83,7 @@ class EngineConfig:
                 raise KvloomError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.session_kv_fraction <= 1.0:
             raise KvloomError(f"session_kv_fraction must be in [0, 1], got {self.session_kv_fraction}")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise KvloomError("max_loras and max_lora_rank must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise KvloomError(f"max_model_len must be >= 2, got {self.max_model_len}")

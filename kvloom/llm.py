@@ -60,24 +60,36 @@ class LLM:
     """Offline batch generation. `model=None` loads the built-in default (SmolLM2-135M-Instruct, GGUF)."""
 
     def __init__(self, model: str | None = None, **engine_args):
+        """engine_args: EngineConfig's fields; lora_modules may also be a dict {name: peft adapter dir}."""
         if "kv_cache_memory" in engine_args:
             engine_args["kv_cache_memory"] = parse_size(engine_args["kv_cache_memory"])
+        if isinstance(engine_args.get("lora_modules"), dict):
+            engine_args["lora_modules"] = tuple(engine_args["lora_modules"].items())
         self.engine = Engine(EngineConfig(model=model, **engine_args))
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True, session_id: str | None = None) -> list[GenerationResult]:
+                 use_tqdm: bool = True, session_id: str | None = None,
+                 lora: str | list[str | None] | None = None) -> list[GenerationResult]:
         """One result per prompt, in order. A single string or token-id list counts as one prompt.
         sampling_params: one for all prompts, or a list with one per prompt.
 
         session_id marks the call as one step of an agent program: its KV is kept for the next call.
+        lora: a loaded adapter's name for every prompt, or one name (or None: the base model) per prompt.
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
             raise InvalidRequestError("no prompts given", field="prompts")
-        return self._run(list(prompts), sampling_params or SamplingParams(), use_tqdm, session_id)
+        return self._run(list(prompts), sampling_params or SamplingParams(), use_tqdm, session_id, lora)
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Serve a peft adapter directory under `name` from now on."""
+        self.engine.load_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self.engine.unload_lora(name)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True, tools: list[dict] | None = None,
@@ -117,17 +129,20 @@ class LLM:
         return self.engine.close_session(session_id)
 
     def _run(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams], use_tqdm: bool,
-             session_id: str | None = None) -> list[GenerationResult]:
+             session_id: str | None = None, lora: str | list[str | None] | None = None) -> list[GenerationResult]:
         engine = self.engine
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise InvalidRequestError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts",
                                       field="sampling_params")
+        adapters = list(lora) if isinstance(lora, (list, tuple)) else [lora] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise InvalidRequestError(f"{len(adapters)} LoRA names for {len(prompts)} prompts", field="lora")
         ids: list[str] = []
         try:
-            for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+            for i, (prompt, p, adapter) in enumerate(zip(prompts, per_prompt, adapters)):
                 ids.append(engine.add_request(prompt, p, request_id=f"llm-{id(self)}-{i}",
-                                              session_id=session_id))
+                                              session_id=session_id, lora=adapter))
         except Exception:
             for rid in ids:
                 engine.abort_request(rid)

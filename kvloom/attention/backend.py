@@ -195,7 +195,7 @@ class DecodeStackAttention:
         r = meta.rows
         self._sync_int8_staging()                 # prepare() may have grown the staging this step
         return self.stack.forward(h, cos, sin, meta.write_blocks, meta.write_offsets, r.tables, r.lens, r.masks,
-                                  meta.write_slots, r.slots)
+                                  meta.write_slots, r.slots, meta.lora_slots)
 
     def decode(self, q, layer_kv, meta, scale):
         raise RuntimeError("the decode stack runs whole steps; it has no per-layer decode")

@@ -87,6 +87,9 @@ class AttentionMetadata:
     spans: list[SpanAttention] = field(default_factory=list)
     rows: StackRows | None = None         # decode-stack steps only (then decodes and spans are not built)
     write_slots: torch.Tensor | None = None   # int8 KV: [T] staging slot each token's key goes to
+    # Not attention's, but the step's per-token facts travel together: [T] each token's LoRA adapter slot
+    # (-1: none), set only when some row has an adapter (kvloom/lora/tables.py).
+    lora_slots: torch.Tensor | None = None
 
 
 def head_block_rows(block_ids: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -37,6 +37,7 @@ from kvloom.kv.block_pool import BlockPool
 from kvloom.kv.kv_cache import kv_bytes_per_token, num_blocks_for, staging_capacity
 from kvloom.kv.prefix_cache import PrefixCache, salt_bytes
 from kvloom.kv.session_store import SessionStore
+from kvloom.lora import LoraAdapter, LoraManager
 from kvloom.models.loader import load_model
 from kvloom.models.model_source import resolve_model
 from kvloom.quant import quantize_model
@@ -75,6 +76,7 @@ class Engine:
         config = self.config                   # quantization "auto" is resolved by now
         quantize_model(self.model, config.quantization, config.quantization_group_size,
                        lambda: calibration_pass(self), native_kernels=config.native_kernels)
+        self.lora = self._lora_manager()        # LoRA slot tables over the final weights, before the stack reads them
         self.runner.enable_decode_stack()      # backends that read the weights are built over the final ones
         self.speculator = self._measure_speculation() if config.speculative == "lookahead" else None
         self.scheduler.speculator = self.speculator
@@ -154,6 +156,16 @@ class Engine:
                                   num_staging_slots=self.num_staging_slots, use_kernels=config.native_kernels)
         self.pool.on_release = self.runner.kv.release
 
+    def _lora_manager(self) -> LoraManager | None:
+        config = self.config
+        if not (config.enable_lora or config.lora_modules):
+            return None
+        manager = LoraManager(self.model, config.max_loras, config.max_lora_rank)
+        self.scheduler.lora = self.runner.lora = manager
+        for name, path in config.lora_modules:
+            manager.load(name, path)
+        return manager
+
     def _measure_speculation(self) -> LookaheadSpeculator:
         config = self.config
         cost = StepCost.measure(self.runner, self.pool, config.block_size, config.max_num_batched_tokens)
@@ -171,13 +183,16 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None,
-                    session_id: str | None = None, cache_salt: str | None = None, priority: int = 0) -> str:
+                    session_id: str | None = None, cache_salt: str | None = None, priority: int = 0,
+                    lora: str | None = None) -> str:
         """Queue a request; returns its id. Bad input raises a typed error and changes nothing.
 
         With params.n > 1 the n samples share the prompt's KV; their outputs carry this id as
         parent_id and their own index. cache_salt (a tenant's) keeps its prefix-cache blocks apart
-        from everyone with another salt.
+        from everyone with another salt. lora: a loaded adapter's name (None: the base model); its
+        prefix-cache blocks are its own too.
         """
+        lora_key = self._lora_key(lora)
         params = params or SamplingParams()
         if not params.greedy and params.seed is None:   # every sampled request has a seed (engine/rng.py)
             params = dataclasses.replace(params, seed=self._seeds.getrandbits(63))
@@ -191,11 +206,12 @@ class Engine:
                 f"tokens including at least one generated token")
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         arrival = arrival_time or time.time()
-        salt = salt_bytes(self.engine_salt, cache_salt)
+        salt = salt_bytes(self.engine_salt, cache_salt, lora_key)
         samples = []
         for k in range(params.n):
             req = Request(request_id if k == 0 else f"{request_id}#{k}", prompt_ids, _nth_sample(params, k),
                           max_tokens, arrival, None, request_id, k, session_id, salt, priority)
+            req.lora_name = lora
             req.generator = self._generator(req.params)
             self._states[req.request_id] = OutputState(req, self.tokenizer)
             samples.append(req)
@@ -317,6 +333,40 @@ class Engine:
         """Release an agent session's retained KV now. False when the session holds nothing."""
         return self.sessions.release(session_id)
 
+    # ---- LoRA adapters (kvloom/lora) -----------------------------------------------------------
+
+    def _lora_key(self, name: str | None) -> bytes | None:
+        """The adapter's prefix-cache salt part (one per load: a reloaded name never hits the old KV)."""
+        if name is None:
+            return None
+        if self.lora is None:
+            raise InvalidRequestError("this engine serves no LoRA adapters (start it with lora_modules or "
+                                      "enable_lora)", field="lora")
+        if name not in self.lora.adapters:
+            raise InvalidRequestError(f"no LoRA adapter named {name!r} is loaded", field="lora")
+        return self.lora.keys[name]
+
+    def load_lora(self, name: str, path: str) -> None:
+        self.add_lora(self.read_lora(name, path))
+
+    def read_lora(self, name: str, path: str) -> LoraAdapter:
+        """Read and check an adapter directory; safe off the engine's thread (it changes nothing)."""
+        if self.lora is None:
+            raise InvalidRequestError("LoRA is not enabled on this engine (enable_lora)", field="lora_name")
+        return self.lora.read(name, path)
+
+    def add_lora(self, adapter: LoraAdapter) -> None:
+        self.lora.add(adapter)
+
+    def unload_lora(self, name: str) -> None:
+        """Refused while requests of that adapter are queued or running: theirs would change mid-output."""
+        if self.lora is None:
+            raise InvalidRequestError("LoRA is not enabled on this engine (enable_lora)", field="lora_name")
+        in_use = any(r.lora_name == name for r in self.scheduler.requests.values()) or any(
+            r.lora_name == name for _, samples in self._awaiting_grammar.values() for r in samples) or any(
+            r.lora_name == name for pending in self._pending_forks.values() for r in pending)
+        self.lora.unload(name, in_use)
+
     # ---- moving requests (engine/snapshot.py) -------------------------------------------------
 
     def export_request(self, request_id: str, with_kv: bool = True) -> RequestSnapshot:
@@ -352,7 +402,7 @@ class Engine:
             for req, table in zip(members, tables)]
         first = members[0]
         snap = RequestSnapshot(request_id, first.prompt_token_ids, first.arrival_time, samples, first.session_id,
-                               first.priority, self._tenant_salt.get(request_id), kv)
+                               first.priority, self._tenant_salt.get(request_id), kv, lora_name=first.lora_name)
         for req in members:
             if req.request_id not in pending:
                 self.scheduler.detach(req.request_id)
@@ -369,6 +419,7 @@ class Engine:
         Raises InvalidRequestError (and changes nothing) when the id is taken, the KV's layout differs from
         this engine's, or the pool has too few free blocks for the KV (import snap.without_kv() then)."""
         self._check_new_id(snap.request_id)
+        lora_key = self._lora_key(snap.lora_name)
         prompt_ids = self._prompt_ids(snap.prompt_token_ids)
         grammar = self._grammar_future(snap.samples[0].params) if snap.samples else None
         for s in snap.samples:
@@ -376,12 +427,13 @@ class Engine:
                 raise PromptTooLongError(f"request {snap.request_id!r} needs {len(prompt_ids) + s.max_tokens} "
                                          f"tokens of context; this engine serves {self.max_model_len}")
         blocks = self._import_kv(snap.kv) if snap.kv is not None else []
-        salt = salt_bytes(self.engine_salt, snap.cache_salt)
+        salt = salt_bytes(self.engine_salt, snap.cache_salt, lora_key)
         used = [False] * len(blocks)
         samples: list[Request] = []
         for s in snap.samples:
             req = Request(s.request_id, prompt_ids, s.params, s.max_tokens, snap.arrival_time, None,
                           snap.request_id, s.index, snap.session_id, salt, snap.priority)
+            req.lora_name = snap.lora_name
             if s.generator_state is not None:
                 req.generator = torch.Generator()
                 req.generator.set_state(s.generator_state)

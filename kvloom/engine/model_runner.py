@@ -45,6 +45,7 @@ class ModelRunner:
         else:
             self.per_layer = TorchAttention(block_size, model.shape.num_kv_heads, dtype, self.device)
         self.decode_stack: DecodeStackAttention | None = None
+        self.lora = None          # a LoraManager, set before enable_decode_stack when adapters are served
         self.why_not = {}
         if not self.native_decode:
             self.why_not["native"] = ("turned off (--no-native-kernels)" if not use_kernels
@@ -64,6 +65,8 @@ class ModelRunner:
         else:
             int8_kv = self.kv if isinstance(self.kv, Int8KVCache) else None
             self.decode_stack = DecodeStackAttention(stack, self.block_size, self.device, int8_kv)
+            if self.lora is not None:
+                stack.set_lora(self.lora.tables.for_stack())
 
     def describe_backends(self) -> dict:
         """Which attention backends run steps here, and for each that does not, why."""
@@ -186,8 +189,12 @@ class ModelRunner:
         backend = self.decode_stack if self.decode_stack is not None and self.decode_stack.supports(plan) \
             else self.per_layer
         dev = self.device
+        meta = backend.build(plan)
+        if any(c.lora_slot >= 0 for c in plan.chunks):   # rows in flat-batch order: decodes, then spans' tokens
+            slots = [c.lora_slot for c in plan.decodes] + [c.lora_slot for c in plan.spans for _ in c.token_ids]
+            meta.lora_slots = torch.tensor(slots, dtype=torch.long, device=dev)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                backend.build(plan), torch.tensor(logits_indices, dtype=torch.long, device=dev))
+                meta, torch.tensor(logits_indices, dtype=torch.long, device=dev))
 
 
 def _poison(logits: torch.Tensor, plan: SchedulerOutput, faults: FaultPlan) -> None:

@@ -53,6 +53,8 @@ class Request:
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
         self.matcher = None                   # kvloom/structured: its grammar state, when its output is constrained
+        self.lora_name: str | None = None     # the LoRA adapter it runs with (kvloom/lora), None: the base model
+        self.lora_slot = -1                   # the adapter's slot while the request runs (the scheduler pins it)
 
     @property
     def num_prompt_tokens(self) -> int:

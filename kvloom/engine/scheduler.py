@@ -48,6 +48,7 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.sessions = sessions
         self.speculator = speculator
+        self.lora = None           # a LoraManager when adapters are served: running requests pin their slots
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []          # sorted by arrival order
         self.requests: dict[str, Request] = {}
@@ -113,7 +114,23 @@ class Scheduler:
         req = self.requests.pop(request_id, None)
         if req is not None:
             (self.running if req.status == RequestStatus.RUNNING else self.waiting).remove(req)
+            self._drop_adapter(req)
         return req
+
+    def _take_adapter(self, req: Request) -> bool:
+        """Pin a slot for the request's adapter as it starts running; False: every slot is pinned by others."""
+        if req.lora_name is None or self.lora is None:
+            return True
+        slot = self.lora.acquire(req.lora_name)
+        if slot is None:
+            return False
+        req.lora_slot = slot
+        return True
+
+    def _drop_adapter(self, req: Request) -> None:
+        if req.lora_slot >= 0:
+            self.lora.release(req.lora_slot)
+            req.lora_slot = -1
 
     def fork(self, parent: Request, child: Request, running: bool) -> None:
         """Start `child` where `parent` stands now, sharing every block (no KV is copied yet).
@@ -136,6 +153,9 @@ class Scheduler:
         if running:
             child.first_scheduled_time = parent.first_scheduled_time
             child.status = RequestStatus.RUNNING
+            if parent.lora_slot >= 0:       # the same adapter, the same slot, pinned once more
+                child.lora_slot = parent.lora_slot
+                self.lora.pin(child.lora_slot)
             bisect.insort(self.running, child, key=_order)
         else:
             self._queue_front(child)
@@ -175,6 +195,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:   # 3. admissions
             req = self.waiting[0]
+            if not self._take_adapter(req):
+                break                      # its adapter waits for a slot: in order, nobody jumps the queue
             self._take_cached_prefix(req)
             n = min(req.num_uncomputed, budget)
             while self._fits_in_free_blocks(req) < n and self._release_a_session():
@@ -182,6 +204,7 @@ class Scheduler:
             n = min(n, self._fits_in_free_blocks(req))
             if n <= 0:
                 self._release_blocks(req)  # in order: nobody jumps the queue
+                self._drop_adapter(req)
                 break
             self.waiting.popleft()
             if self.prefix_cache is not None and req.first_scheduled_time is None:
@@ -254,7 +277,7 @@ class Scheduler:
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens
         return ScheduledChunk(req.request_id, req.all_token_ids[start:start + n], start,
-                              list(req.block_ids), sample=start + n == req.num_tokens)
+                              list(req.block_ids), sample=start + n == req.num_tokens, lora_slot=req.lora_slot)
 
     def _take_cached_prefix(self, req: Request) -> None:
         """Start from KV already in the pool: the request's session's, else the prefix cache's."""
@@ -352,6 +375,7 @@ class Scheduler:
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
         self._release_blocks(req)
+        self._drop_adapter(req)
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1

@@ -15,6 +15,7 @@ class ScheduledChunk:
     sample: bool              # the last token's logits produce the next token
     num_draft_tokens: int = 0  # trailing speculative tokens: written to the pool, not yet committed
     draft_parents: list[int] | None = None  # each draft token's parent among the drafts (-1: the last committed)
+    lora_slot: int = -1       # the LoRA adapter slot its rows use (kvloom/lora/tables.py), -1: the base model
 
 
 @dataclass

@@ -71,6 +71,7 @@ class RequestSnapshot:
     cache_salt: str | None = None           # the tenant's salt (the engine's own is added where it runs)
     kv: KVBlocks | None = None
     version: int = FORMAT_VERSION
+    lora_name: str | None = None            # its LoRA adapter: the destination must have one of that name
 
     def without_kv(self) -> "RequestSnapshot":
         """The same request, to be recomputed from its tokens where it lands."""

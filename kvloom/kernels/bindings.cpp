@@ -32,6 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lens"), py::arg("scale"), py::arg("masks") = py::none(), nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension", nogil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up output", nogil);
+  m.def("lora_add", &lora_add, "y += B[slot] A[slot] x row by row, each row its own LoRA adapter slot", nogil);
   m.def("int8_matmul", &int8_matmul, "int32 = int8 [M, K] @ int8 [K, N] by a named loop (auto, native, int_mm, avx2)",
         py::arg("xq"), py::arg("w_t"), py::arg("path") = "auto", nogil);
   m.def("set_int8_gemm", &set_int8_gemm, "which loop runs the w8a8 product above 16 rows: auto, native, int_mm");

@@ -48,6 +48,9 @@ struct Layer {
   // int8 pools (kvloom/kv/int8_kv_cache.py): key scales [blocks, kv_heads, head_dim] (set when a block is
   // sealed, in Python), value scales [blocks, kv_heads, block_size], float key staging [slots, kv_heads, bs, d]
   torch::Tensor k_scale, v_scale, k_stage;
+  // LoRA adapter slots (kvloom/lora/tables.py) of qkv, o, gate_up, down: a [S, R, in], b [S, out, R]; undefined
+  // until set_lora.
+  torch::Tensor lora_a[4], lora_b[4];
   bool int8() const { return k_pool.scalar_type() == torch::kChar; }
 };
 
@@ -119,6 +122,19 @@ class DecodeStack {
     }
   }
 
+  // The LoRA slot tables, one entry a layer: (a, b) of qkv, o, gate_up and down, in that order. The tables are
+  // written in place when an adapter takes a slot, so this is called once.
+  void set_lora(std::vector<std::vector<torch::Tensor>> tables) {
+    TORCH_CHECK(tables.size() == layers_.size(), "one LoRA table set a layer");
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      TORCH_CHECK(tables[i].size() == 8, "LoRA tables: (a, b) of qkv, o, gate_up, down");
+      for (int j = 0; j < 4; ++j) {
+        layers_[i].lora_a[j] = tables[i][2 * j];
+        layers_[i].lora_b[j] = tables[i][2 * j + 1];
+      }
+    }
+  }
+
   // h [M, hidden] float, one row per query token, updated in place through every layer. A row is a decode,
   // or one token of a short chunk (a prompt's tail, a draft tree) seeing its own prefix.
   // cos, sin [M, head_dim] (llama.py's tables); write_blocks, write_offsets [M]: where each row's K/V goes;
@@ -129,7 +145,7 @@ class DecodeStack {
   torch::Tensor forward(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, torch::Tensor write_blocks,
                         torch::Tensor write_offsets, torch::Tensor tables, torch::Tensor lens,
                         c10::optional<torch::Tensor> masks, c10::optional<torch::Tensor> write_slots,
-                        c10::optional<torch::Tensor> slots) {
+                        c10::optional<torch::Tensor> slots, c10::optional<torch::Tensor> lora_slots) {
     TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat && h.is_contiguous(), "h: contiguous float [M, hidden]");
     TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(-1) == D_, "cos/sin: contiguous [M, head_dim]");
     const int64_t M = h.size(0);
@@ -138,14 +154,27 @@ class DecodeStack {
       TORCH_CHECK(write_slots.has_value() && slots.has_value() && layers_[0].k_stage.defined() &&
                   write_slots->scalar_type() == torch::kLong && write_slots->numel() == M,
                   "int8 pools: set_int8_kv first, and write_slots [M] and slots [M, W] each step");
+    // lora_slots [M]: each row's adapter slot (-1: none); the deltas are added as llama.py adds them: onto
+    // each linear's own output, before the residual add.
+    const bool lora = lora_slots.has_value() && !layers_.empty() && layers_[0].lora_a[0].defined();
+    auto with_lora = [&](const Layer& l, int j, const Linear& lin, const torch::Tensor& x) {
+      auto y = lin(x);
+      if (lora) lora_add(x, y, l.lora_a[j], l.lora_b[j], *lora_slots);
+      return y;
+    };
     for (const Layer& l : layers_) {
-      auto q = attention_inputs(l, l.qkv(rms_norm(h, l.input_norm, eps_)), cos, sin, write_blocks, write_offsets,
-                                int8 ? write_slots->data_ptr<int64_t>() : nullptr);
+      auto q = attention_inputs(l, with_lora(l, 0, l.qkv, rms_norm(h, l.input_norm, eps_)), cos, sin, write_blocks,
+                                write_offsets, int8 ? write_slots->data_ptr<int64_t>() : nullptr);
       auto attn = int8 ? decode_attention_i8(q, l.k_pool, l.k_scale, l.v_pool, l.v_scale, l.k_stage, tables, *slots,
                                              lens, scale_, masks)
                        : decode_attention_f32(q, l.k_pool, l.v_pool, tables, lens, scale_, masks);
-      l.o.add_into(attn.view({M, H_ * D_}), h);
-      l.down.add_into(silu_mul(l.gate_up(rms_norm(h, l.post_norm, eps_))), h);
+      if (lora) {
+        h.add_(with_lora(l, 1, l.o, attn.view({M, H_ * D_})));
+        h.add_(with_lora(l, 3, l.down, silu_mul(with_lora(l, 2, l.gate_up, rms_norm(h, l.post_norm, eps_)))));
+      } else {
+        l.o.add_into(attn.view({M, H_ * D_}), h);
+        l.down.add_into(silu_mul(l.gate_up(rms_norm(h, l.post_norm, eps_))), h);
+      }
     }
     return h;
   }
@@ -218,6 +247,7 @@ void register_decode_stack(pybind11::module_& m) {
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, double>())
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_int8_kv", &DecodeStack::set_int8_kv)
+      .def("set_lora", &DecodeStack::set_lora)
       // The GIL is released for the whole stack: the server's event loop keeps going meanwhile.
       .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -14,6 +14,7 @@ from torch import nn
 from kvloom.kernels import kernels
 from kvloom.attention.backend import paged_attention
 from kvloom.attention.metadata import AttentionMetadata
+from kvloom.lora.tables import lora_add
 from kvloom.models.rope import RotaryEmbedding, apply_rope
 
 
@@ -87,12 +88,17 @@ class Attention(nn.Module):
         if shape.qk_norm:
             self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
             self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
+        self.lora = None   # LoRA slot tables of qkv and o, when adapters are served (kvloom/lora/tables.py)
 
     def forward(self, x, rope_cos_sin, meta: AttentionMetadata, kv_cache):
         t = x.shape[0]
         s = self.shape
         h, kvh = s.num_heads, s.num_kv_heads
-        qkv = self.qkv_proj(x).view(t, h + 2 * kvh, s.head_dim)
+        lora = self.lora is not None and meta.lora_slots is not None
+        qkv = self.qkv_proj(x)
+        if lora:
+            lora_add(x, qkv, self.lora["qkv"], meta.lora_slots)
+        qkv = qkv.view(t, h + 2 * kvh, s.head_dim)
         if s.qk_norm:
             qk = torch.cat((self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h:h + kvh])), dim=1)
         else:
@@ -100,8 +106,11 @@ class Attention(nn.Module):
         qk = apply_rope(qk, *rope_cos_sin)           # q and k rotated together: one set of ops
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh:]
         kv_cache.write(k, v, meta)
-        o = paged_attention(q, kv_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        o = paged_attention(q, kv_cache, meta, self.scale).reshape(t, self.q_size)
+        out = self.o_proj(o)
+        if lora:
+            lora_add(o, out, self.lora["o"], meta.lora_slots)
+        return out
 
 
 class MLP(nn.Module):
@@ -111,13 +120,22 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
         self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
         self.native = False   # set by use_native_ops, as RMSNorm's
+        self.lora = None      # LoRA slot tables of gate_up and down, when adapters are served
 
-    def forward(self, x):
+    def forward(self, x, lora_slots: torch.Tensor | None = None):
+        lora = self.lora is not None and lora_slots is not None
         gate_up = self.gate_up_proj(x)
+        if lora:
+            lora_add(x, gate_up, self.lora["gate_up"], lora_slots)
         if self.native and gate_up.dtype == torch.float32 and gate_up.dim() == 2:
-            return self.down_proj(kernels().silu_mul(gate_up.contiguous()))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            act = kernels().silu_mul(gate_up.contiguous())
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            act = F.silu(gate) * up
+        out = self.down_proj(act)
+        if lora:
+            lora_add(act, out, self.lora["down"], lora_slots)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -130,7 +148,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, rope_cos_sin, meta, kv_cache):
         h = h + self.self_attn(self.input_layernorm(h), rope_cos_sin, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), meta.lora_slots)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -46,15 +46,20 @@ def _factors(act: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Ten
 def smooth(model: nn.Module, stats: dict[nn.Linear, torch.Tensor], alpha: float = 0.5) -> None:
     """Rescale weights in place; the model computes the same function afterwards."""
     for layer in model.layers:
-        for norm, lin in ((layer.input_layernorm, layer.self_attn.qkv_proj),
-                          (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+        # Each linear's input is now x / s: kept (by fused linear name) for whatever else reads those inputs,
+        # LoRA adapters (kvloom/lora/tables.py).
+        layer.input_smoothing = {}
+        for name, norm, lin in (("qkv", layer.input_layernorm, layer.self_attn.qkv_proj),
+                                ("gate_up", layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
             s = _factors(stats[lin], lin.weight, alpha)
             norm.weight.div_(s.to(norm.weight.dtype))
             lin.weight.mul_(s.to(lin.weight.dtype))
+            layer.input_smoothing[name] = s.float()
         down, gate_up = layer.mlp.down_proj, layer.mlp.gate_up_proj
         s = _factors(stats[down], down.weight, alpha)
         gate_up.weight[layer.mlp.intermediate_size:].div_(s[:, None].to(gate_up.weight.dtype))  # the `up` rows
         down.weight.mul_(s.to(down.weight.dtype))
+        layer.input_smoothing["down"] = s.float()
     head = model.lm_head
     s = _factors(stats[head], head.weight, alpha)
     if head.weight is model.embed_tokens.weight:  # tied: the head gets its own (rescaled) copy

@@ -20,8 +20,8 @@ from kvloom.server.async_engine import AsyncEngine, EngineDeadError
 from kvloom.server.cluster_routes import ClusterCollector, cluster_health, cluster_router
 from kvloom.server.limits import BodySizeLimit, ServerLimits
 from kvloom.server.metrics import ServerMetrics
-from kvloom.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                                    error_body)
+from kvloom.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoraRequest,
+                                    TokenizeRequest, UnloadLoraRequest, error_body)
 from kvloom.server.serving import OpenAIServing, message_dicts
 from kvloom.server.web import PUBLIC_WEB_PATHS, web_router
 
@@ -176,9 +176,14 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
             open_streams[tenant] -= 1
         return release, None
 
+    def adapters() -> dict:
+        lora = getattr(engine, "lora", None)
+        return lora.adapters if lora is not None else {}
+
     def check_model(name: str | None) -> JSONResponse | None:
-        if name is not None and name != settings.model_name:
-            return _error(404, f"model {name!r} does not exist; this server serves {settings.model_name!r}",
+        if name is not None and name != settings.model_name and name not in adapters():
+            served = [settings.model_name, *adapters()]
+            return _error(404, f"model {name!r} does not exist; this server serves {', '.join(map(repr, served))}",
                           "not_found_error", "model", "model_not_found")
         return None
 
@@ -238,6 +243,8 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         leave_queue = enter_queue()
         try:
             subs = await off_loop(translate, body)
+            for sub in subs:   # a LoRA adapter's name as the model: the base model with that adapter
+                sub.lora = body.model if body.model in adapters() else None
             return await queued(body, request, subs, stream_body, response_body, leave_queue)
         finally:
             leave_queue()
@@ -290,8 +297,29 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "kvloom", "max_model_len": engine.max_model_len}]}
+        now = int(time.time())
+        base = {"id": settings.model_name, "object": "model", "created": now, "owned_by": "kvloom",
+                "max_model_len": engine.max_model_len, "root": engine.source.name, "parent": None}
+        loras = [{"id": name, "object": "model", "created": now, "owned_by": "kvloom",
+                  "max_model_len": engine.max_model_len, "root": adapter.path, "parent": settings.model_name}
+                 for name, adapter in adapters().items()]
+        return {"object": "list", "data": [base, *loras]}
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraRequest):
+        if getattr(engine, "lora", None) is None:
+            raise InvalidRequestError("this server was started without LoRA (--enable-lora or --lora-modules)",
+                                      field="lora_name")
+        if body.lora_name == settings.model_name:
+            raise InvalidRequestError("an adapter cannot take the base model's name", field="lora_name")
+        adapter = await off_loop(engine.read_lora, body.lora_name, body.lora_path)   # file reads off the loop
+        await async_engine.call(lambda e: e.add_lora(adapter))
+        return {"object": "lora_adapter", "id": body.lora_name, "loaded": True}
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraRequest):
+        await async_engine.call(lambda e: e.unload_lora(body.lora_name))
+        return {"object": "lora_adapter", "id": body.lora_name, "loaded": False}
 
     app.include_router(v1)
 

@@ -40,11 +40,20 @@ class _Add:
     session_id: str | None = None
     cache_salt: str | None = None
     priority: int = 0
+    lora: str | None = None
 
 
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _EngineCall:
+    """Run fn(engine) on the loop thread, between steps (adapters loaded or unloaded...); its result or error
+    answers `done`."""
+    fn: object
+    done: Future
 
 
 @dataclass
@@ -105,7 +114,7 @@ class AsyncEngine:
 
     async def generate(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
                        session_id: str | None = None, cache_salt: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the outputs of the request's n samples until all finish; aborts it if the consumer stops early."""
         if self._stopped:
             raise self._dead_error()
@@ -114,7 +123,7 @@ class AsyncEngine:
         sink: asyncio.Queue = asyncio.Queue()
         accepted: Future = Future()
         self._submit(_Add(request_id, prompt, params, time.time(), sink, loop, accepted, session_id, cache_salt,
-                          priority))
+                          priority, lora))
         try:
             await asyncio.wrap_future(accepted)  # raises the engine's validation error, if any
         except asyncio.CancelledError:
@@ -136,6 +145,14 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._submit(_Abort(request_id))
+
+    async def call(self, fn):
+        """fn(engine) on the loop thread between steps; returns its result (raises its error)."""
+        if self._stopped:
+            raise self._dead_error()
+        done: Future = Future()
+        self._submit(_EngineCall(fn, done))
+        return await asyncio.wrap_future(done)
 
     async def close_session(self, session_id: str) -> bool:
         if self._stopped:
@@ -200,7 +217,7 @@ class AsyncEngine:
                 if cmd.accepted.set_running_or_notify_cancel():
                     try:
                         self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id, cmd.arrival_time,
-                                                cmd.session_id, cmd.cache_salt, cmd.priority)
+                                                cmd.session_id, cmd.cache_salt, cmd.priority, cmd.lora)
                     except Exception as e:
                         cmd.accepted.set_exception(e)
                     else:
@@ -208,6 +225,13 @@ class AsyncEngine:
                         self._unfinished[cmd.request_id] = cmd.params.n
                         cmd.accepted.set_result(True)
                         changed = True
+            elif isinstance(cmd, _EngineCall):
+                try:
+                    result = cmd.fn(self.engine)
+                except Exception as e:
+                    _resolve(cmd.done, error=e)
+                else:
+                    _resolve(cmd.done, result)
             elif isinstance(cmd, _CloseSession):
                 released = self.engine.close_session(cmd.session_id)
                 changed = changed or released
@@ -268,7 +292,7 @@ def _resolve(fut: Future, result=None, error: BaseException | None = None) -> No
 def _reject(cmd, error: BaseException) -> None:
     if isinstance(cmd, _Add):
         _resolve(cmd.accepted, error=error)
-    elif isinstance(cmd, _CloseSession):
+    elif isinstance(cmd, (_CloseSession, _EngineCall)):
         _resolve(cmd.done, error=error)
 
 

@@ -167,6 +167,16 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
+class LoadLoraRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body: a peft adapter directory served under lora_name."""
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(BaseModel):
+    lora_name: str = Field(min_length=1)
+
+
 class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[int]

@@ -43,6 +43,7 @@ class SubRequest:
     request_id: str | None = None   # the engine's: the response id, or "<response id>-<k>" for prompt k of several
     priority: int = 0          # vLLM's: lower runs first
     tools: ToolSetup | None = None   # chat: the tools and tool_choice its output is parsed by
+    lora: str | None = None    # the LoRA adapter the request's `model` names (None: the base model)
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -176,7 +177,7 @@ class OpenAIServing:
             try:
                 async for out in self.engine.generate(sub.prompt_ids, sub.params, request_id=sub.request_id,
                                                       session_id=sub.session_id, cache_salt=sub.cache_salt,
-                                                      priority=sub.priority):
+                                                      priority=sub.priority, lora=sub.lora):
                     if out.index not in first_token and out.token_ids:
                         first_token[out.index] = time.time()
                     await merged.put((sub.first_choice + out.index, out))
