@@ -62,3 +62,26 @@ def test_chat_uses_the_template(llm):
     prompt_text = llm.tokenizer.decode(result.prompt_token_ids, skip_special_tokens=False)
     assert prompt_text.endswith("<|im_start|>assistant\n")
     assert result.text and result.finish_reason in ("stop", "length")
+
+
+def test_a_random_adapter_on_the_default_model_matches_peft(reference, tmp_path):
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    tok, model = reference
+    torch.manual_seed(7)
+    config = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, lora_dropout=0.0,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model.save_pretrained(str(tmp_path))
+    assert isinstance(peft_model, PeftModel)
+    llm = LLM(quantization="none", lora_modules={"rand": str(tmp_path)}, kv_cache_memory="256MiB")
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    for prompt in PROMPTS[:2]:
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.inference_mode():
+            want = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=16, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        base = llm.generate([prompt], params)[0].token_ids
+        assert llm.generate([prompt], params, lora="rand")[0].token_ids == want != base, prompt
