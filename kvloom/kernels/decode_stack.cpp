@@ -48,9 +48,9 @@ struct Layer {
   // int8 pools (kvloom/kv/int8_kv_cache.py): key scales [blocks, kv_heads, head_dim] (set when a block is
   // sealed, in Python), value scales [blocks, kv_heads, block_size], float key staging [slots, kv_heads, bs, d]
   torch::Tensor k_scale, v_scale, k_stage;
-  // LoRA adapter slots (kvloom/lora/tables.py) of qkv, o, gate_up, down: a [S, R, in], b [S, out, R]; undefined
+  // LoRA adapter slots (kvloom/lora/tables.py) of qkv, o, gate_up, down: a [S, R, in], b_t [S, R, out]; undefined
   // until set_lora.
-  torch::Tensor lora_a[4], lora_b[4];
+  torch::Tensor lora_a[4], lora_b[4], lora_spans[4];
   bool int8() const { return k_pool.scalar_type() == torch::kChar; }
 };
 
@@ -122,15 +122,16 @@ class DecodeStack {
     }
   }
 
-  // The LoRA slot tables, one entry a layer: (a, b) of qkv, o, gate_up and down, in that order. The tables are
+  // The LoRA slot tables, one entry a layer: (a, b_t, spans) of qkv, o, gate_up and down, in that order. The tables are
   // written in place when an adapter takes a slot, so this is called once.
   void set_lora(std::vector<std::vector<torch::Tensor>> tables) {
     TORCH_CHECK(tables.size() == layers_.size(), "one LoRA table set a layer");
     for (size_t i = 0; i < layers_.size(); ++i) {
-      TORCH_CHECK(tables[i].size() == 8, "LoRA tables: (a, b) of qkv, o, gate_up, down");
+      TORCH_CHECK(tables[i].size() == 12, "LoRA tables: (a, b_t, spans) of qkv, o, gate_up, down");
       for (int j = 0; j < 4; ++j) {
-        layers_[i].lora_a[j] = tables[i][2 * j];
-        layers_[i].lora_b[j] = tables[i][2 * j + 1];
+        layers_[i].lora_a[j] = tables[i][3 * j];
+        layers_[i].lora_b[j] = tables[i][3 * j + 1];
+        layers_[i].lora_spans[j] = tables[i][3 * j + 2];
       }
     }
   }
@@ -159,7 +160,7 @@ class DecodeStack {
     const bool lora = lora_slots.has_value() && !layers_.empty() && layers_[0].lora_a[0].defined();
     auto with_lora = [&](const Layer& l, int j, const Linear& lin, const torch::Tensor& x) {
       auto y = lin(x);
-      if (lora) lora_add(x, y, l.lora_a[j], l.lora_b[j], *lora_slots);
+      if (lora) lora_add(x, y, l.lora_a[j], l.lora_b[j], *lora_slots, l.lora_spans[j]);
       return y;
     };
     for (const Layer& l : layers_) {

@@ -23,4 +23,5 @@ bool decode_attention_f32_avx512(const torch::Tensor& q, const torch::Tensor& k,
                                  const int64_t* masks, torch::Tensor& out);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
-void lora_add(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::Tensor b, torch::Tensor slots);
+void lora_add(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::Tensor b_t, torch::Tensor slots,
+              torch::Tensor spans);

@@ -70,8 +70,8 @@ def load_adapter(name: str, path: str, part_shapes: dict[str, list[tuple[int, in
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         raise bad(f"peft_type {config.get('peft_type') if isinstance(config, dict) else None!r} is not LORA")
     for field, default in _REFUSED.items():
-        value = config.get(field, default)
-        if value not in (default, None) and value != {} and value is not False:
+        value = config.get(field)
+        if value not in (None, default, {}, [], False):   # absent, or set to its no-op value
             raise bad(f"{field}={value!r} is not supported (plain LoRA only)")
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
