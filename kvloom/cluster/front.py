@@ -190,8 +190,11 @@ class ClusterEngine:
 
     async def generate(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
                        session_id: str | None = None, cache_salt: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Yields the outputs of the request's n samples until all finish; aborts it if the consumer stops early."""
+                       priority: int = 0, lora: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields the outputs of the request's n samples until all finish; aborts it if the consumer stops early.
+        lora: instances serve no adapters yet (launch refuses them), so only None is accepted."""
+        if lora is not None:
+            raise InvalidRequestError("LoRA adapters are not served with --instances > 1 yet", field="model")
         if not self.is_alive:
             raise ClusterDeadError("the cluster is not running")
         request_id = request_id or uuid.uuid4().hex

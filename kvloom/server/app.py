@@ -305,11 +305,14 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
                  for name, adapter in adapters().items()]
         return {"object": "list", "data": [base, *loras]}
 
-    @v1.post("/load_lora_adapter")
-    async def load_lora_adapter(body: LoadLoraRequest):
-        if getattr(engine, "lora", None) is None:
+    def require_lora() -> None:
+        if getattr(engine, "lora", None) is None or clustered:
             raise InvalidRequestError("this server was started without LoRA (--enable-lora or --lora-modules)",
                                       field="lora_name")
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraRequest):
+        require_lora()
         if body.lora_name == settings.model_name:
             raise InvalidRequestError("an adapter cannot take the base model's name", field="lora_name")
         adapter = await off_loop(engine.read_lora, body.lora_name, body.lora_path)   # file reads off the loop
@@ -318,6 +321,7 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     @v1.post("/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoraRequest):
+        require_lora()
         await async_engine.call(lambda e: e.unload_lora(body.lora_name))
         return {"object": "lora_adapter", "id": body.lora_name, "loaded": False}
 
