@@ -231,7 +231,8 @@ class _Soak:
                                                                or {}).get("isa"),
                 "elapsed_s": round(time.monotonic() - t0, 1), "soak_s": round(soak_s, 1),
                 "before": before, "after": after, "idle_after_warmup": idle_warm, "idle": idle,
-                "start": start, "end": end, "peak_rss": self.watch.peak_rss, "peak_threads": self.watch.peak_threads}
+                "start": start, "end": end, "peak_rss": self.watch.peak_rss, "peak_threads": self.watch.peak_threads,
+                "watch_lost": self.watch.lost}
 
 
 def _tally(records: list[_Record]) -> dict:
@@ -320,6 +321,7 @@ def audit(s: SoakSettings, records: list[_Record], run: dict, server: ServerProc
     memory = threads = None
     if pid and not (run["start"] and run["end"]):
         checks["server_process_alive"] = False
+        memory = {"not_measured": run.get("watch_lost") or "the server process was not sampled"}
     if pid and run["start"] and run["end"]:
         (rss0, th0), (rss1, th1) = run["start"], run["end"]
         growth = (rss1 - rss0) / MIB
@@ -383,7 +385,9 @@ def format_report(r: dict) -> str:
                  f"{idle.get('kvloom_num_requests_waiting')}, KV blocks in use "
                  f"{idle.get('kvloom_kv_cache_blocks_used')} (of which sessions' "
                  f"{idle.get('kvloom_session_kv_blocks')})")
-    if r["memory"]:
+    if r["memory"] and "not_measured" in r["memory"]:
+        lines.append(f"server RSS and threads not measured: {r['memory']['not_measured']}")
+    elif r["memory"]:
         m, t = r["memory"], r["threads"]
         lines.append(f"server RSS {m['rss_start_mib']} -> {m['rss_end_mib']} MiB (peak {m['rss_peak_mib']}), growth "
                      f"{m['growth_mib']} MiB, bound {m['bound_mib']}; threads {t['start']} -> {t['end']} "

@@ -147,17 +147,20 @@ class ProcessWatch:
     def __init__(self, pid: int | None):
         self.proc = None
         if pid:
-            import psutil   # only where a process is watched (not a kvloom dependency yet)
+            import psutil   # only where a process is watched
             self.proc = psutil.Process(pid)
         self.peak_rss = 0
         self.peak_threads = 0
+        self.lost: str | None = None   # why the process could no longer be sampled (reported with the result)
 
     def sample(self) -> tuple[int, int] | None:
         if self.proc is None:
             return None
+        import psutil
         try:
             rss, threads = self.proc.memory_info().rss, self.proc.num_threads()
-        except Exception:       # the process is gone: nothing more to sample
+        except psutil.Error as e:       # gone, a zombie, or no longer ours to read: the soak's check fails on it
+            self.lost = self.lost or repr(e)
             return None
         self.peak_rss, self.peak_threads = max(self.peak_rss, rss), max(self.peak_threads, threads)
         return rss, threads

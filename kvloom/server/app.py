@@ -231,8 +231,8 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
     v1 = APIRouter(prefix="/v1")
 
     async def off_loop(fn, *args):
-        """Templates and tokenizers take time in proportion to the input (seconds for a few MB of prompt): run
-        them in a worker thread, so the event loop keeps serving every other client meanwhile."""
+        """Blocking work (templates and tokenizers, seconds for a few MB of prompt; file reads; calls to the
+        cluster's actors) in a worker thread, so the event loop keeps serving every other client meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def respond(body, request: Request, translate, stream_body, response_body):
@@ -349,7 +349,7 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
     @app.get("/metrics")
     async def prometheus_metrics():
         if clustered:
-            metrics.observe_cluster(await asyncio.get_running_loop().run_in_executor(None, async_engine.dashboard_stats))
+            metrics.observe_cluster(await off_loop(async_engine.dashboard_stats))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/server_info")
@@ -358,7 +358,7 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
                 "limits": dataclasses.asdict(limits),
                 **engine_description(engine)}
         if clustered:
-            info["instances"] = await asyncio.get_running_loop().run_in_executor(None, async_engine.instances)
+            info["instances"] = await off_loop(async_engine.instances)
             info["dispatch"] = async_engine.policy_name
         return info
 
@@ -388,7 +388,7 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
 
     metrics.set_model_name(settings.model_name)  # label model_name of the vllm:* series
     async def cluster_stats():
-        return await asyncio.get_running_loop().run_in_executor(None, async_engine.dashboard_stats)
+        return await off_loop(async_engine.dashboard_stats)
 
     app.include_router(web_router(settings, metrics, cluster_stats if clustered else None))
 

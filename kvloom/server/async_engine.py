@@ -56,12 +56,6 @@ class _EngineCall:
     done: Future
 
 
-@dataclass
-class _CloseSession:
-    session_id: str
-    done: Future
-
-
 class AsyncEngine:
     """Thread-owning wrapper: `async for out in engine.generate(...)`."""
 
@@ -155,11 +149,7 @@ class AsyncEngine:
         return await asyncio.wrap_future(done)
 
     async def close_session(self, session_id: str) -> bool:
-        if self._stopped:
-            raise self._dead_error()
-        done: Future = Future()
-        self._submit(_CloseSession(session_id, done))
-        return await asyncio.wrap_future(done)
+        return await self.call(lambda engine: engine.close_session(session_id))
 
     # ---- the loop thread -----------------------------------------------------------------
 
@@ -232,10 +222,7 @@ class AsyncEngine:
                     _resolve(cmd.done, error=e)
                 else:
                     _resolve(cmd.done, result)
-            elif isinstance(cmd, _CloseSession):
-                released = self.engine.close_session(cmd.session_id)
-                changed = changed or released
-                _resolve(cmd.done, released)
+                    changed = True   # e.g. a session's KV released: the gauges are refreshed
             elif isinstance(cmd, _Abort):
                 # After the engine is done with a request (finished, or never added) this is a no-op;
                 # any of its outputs still on their way find no sink and are dropped.
@@ -292,7 +279,7 @@ def _resolve(fut: Future, result=None, error: BaseException | None = None) -> No
 def _reject(cmd, error: BaseException) -> None:
     if isinstance(cmd, _Add):
         _resolve(cmd.accepted, error=error)
-    elif isinstance(cmd, (_CloseSession, _EngineCall)):
+    elif isinstance(cmd, _EngineCall):
         _resolve(cmd.done, error=error)
 
 
