@@ -56,6 +56,12 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
                    help="peft adapter directories served as models NAME (implies --enable-lora)")
     p.add_argument("--max-loras", type=int, default=d.max_loras, help="adapters in one batch at most (LRU slots)")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
+    p.add_argument("--enable-fine-tuning", action="store_true",
+                   help="train LoRA adapters while serving (/v1/files, /v1/fine_tuning/jobs; implies --enable-lora)")
+    p.add_argument("--fine-tuning-dir", default=None,
+                   help="where finished adapters are saved (default: a new temporary directory)")
+    p.add_argument("--fine-tuning-step-ms", type=float, default=d.fine_tuning_step_ms,
+                   help="fine-tuning fills each engine step up to this many ms; inference always goes first")
 
 
 def engine_config(args) -> EngineConfig:
@@ -70,7 +76,9 @@ def engine_config(args) -> EngineConfig:
                         num_threads=args.num_threads, enable_prefix_caching=args.enable_prefix_caching,
                         session_kv_fraction=args.session_kv_fraction, session_ttl=args.session_ttl,
                         enable_lora=args.enable_lora, lora_modules=tuple(args.lora_modules),
-                        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+                        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                        enable_fine_tuning=args.enable_fine_tuning, fine_tuning_dir=args.fine_tuning_dir,
+                        fine_tuning_step_ms=args.fine_tuning_step_ms)
 
 
 def _lora_module(text: str) -> tuple[str, str]:

@@ -62,6 +62,11 @@ class EngineConfig:
     lora_modules: tuple[tuple[str, str], ...] = ()
     max_loras: int = 4
     max_lora_rank: int = 16
+    # Fine-tuning while serving (kvloom/finetune): LoRA jobs trained in the time inference leaves of each step,
+    # a step stretched to fine_tuning_step_ms at most; finished adapters are saved under fine_tuning_dir.
+    enable_fine_tuning: bool = False
+    fine_tuning_dir: str | None = None
+    fine_tuning_step_ms: float = 100.0
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -85,5 +90,7 @@ class EngineConfig:
             raise KvloomError(f"session_kv_fraction must be in [0, 1], got {self.session_kv_fraction}")
         if self.max_loras < 1 or self.max_lora_rank < 1:
             raise KvloomError("max_loras and max_lora_rank must be >= 1")
+        if not self.fine_tuning_step_ms > 0:
+            raise KvloomError(f"fine_tuning_step_ms must be > 0, got {self.fine_tuning_step_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise KvloomError(f"max_model_len must be >= 2, got {self.max_model_len}")

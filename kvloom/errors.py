@@ -29,6 +29,10 @@ class InvalidRequestError(KvloomError, ValueError):
         self.field = field
 
 
+class NotFoundError(InvalidRequestError):
+    """The request names a resource (file, job) this server does not have: servers answer 404."""
+
+
 class InvalidSamplingParamsError(InvalidRequestError):
     """A sampling parameter is out of range."""
 

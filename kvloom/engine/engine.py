@@ -37,6 +37,7 @@ from kvloom.kv.block_pool import BlockPool
 from kvloom.kv.kv_cache import kv_bytes_per_token, num_blocks_for, staging_capacity
 from kvloom.kv.prefix_cache import PrefixCache, salt_bytes
 from kvloom.kv.session_store import SessionStore
+from kvloom.finetune.cotrainer import CoTrainer
 from kvloom.lora import LoraAdapter, LoraManager
 from kvloom.models.loader import load_model
 from kvloom.models.model_source import resolve_model
@@ -77,6 +78,8 @@ class Engine:
         quantize_model(self.model, config.quantization, config.quantization_group_size,
                        lambda: calibration_pass(self), native_kernels=config.native_kernels)
         self.lora = self._lora_manager()        # LoRA slot tables over the final weights, before the stack reads them
+        self.trainer = (CoTrainer(self, config.fine_tuning_dir, config.fine_tuning_step_ms)
+                        if config.enable_fine_tuning else None)
         self.runner.enable_decode_stack()      # backends that read the weights are built over the final ones
         self.speculator = self._measure_speculation() if config.speculative == "lookahead" else None
         self.scheduler.speculator = self.speculator
@@ -158,7 +161,7 @@ class Engine:
 
     def _lora_manager(self) -> LoraManager | None:
         config = self.config
-        if not (config.enable_lora or config.lora_modules):
+        if not (config.enable_lora or config.lora_modules or config.enable_fine_tuning):
             return None
         manager = LoraManager(self.model, config.max_loras, config.max_lora_rank)
         self.scheduler.lora = self.runner.lora = manager

@@ -160,8 +160,10 @@ def make_plan(request: str | None = None, src_dir: str = SRC_DIR, root: str | No
         raise KernelBuildError(f"no kernel sources (*.cpp) in {src_dir}: the package is installed incompletely")
     cflags = _BASE_CFLAGS + isa_flags
     h = hashlib.sha256()
+    # The sources' directory counts too: the build rules name the sources by path, so two checkouts sharing
+    # one build directory would rebuild it each time the other loaded it.
     for part in (torch.__version__, sysconfig.get_config_var("SOABI") or sys.version, isa, " ".join(cflags),
-                 " ".join(_LDFLAGS), cpu.fingerprint if request == "native" else ""):
+                 " ".join(_LDFLAGS), cpu.fingerprint if request == "native" else "", os.path.realpath(src_dir)):
         h.update(part.encode() + b"\0")
     for path in cpp + headers:
         h.update(os.path.basename(path).encode() + b"\0")

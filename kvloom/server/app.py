@@ -15,9 +15,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvloom.system_info import engine_description
-from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError, RequestFailedError
+from kvloom.errors import InvalidRequestError, KvloomError, NotFoundError, PromptTooLongError, RequestFailedError
 from kvloom.server.async_engine import AsyncEngine, EngineDeadError
 from kvloom.server.cluster_routes import ClusterCollector, cluster_health, cluster_router
+from kvloom.server.fine_tuning_routes import fine_tuning_router
 from kvloom.server.limits import BodySizeLimit, ServerLimits
 from kvloom.server.metrics import ServerMetrics
 from kvloom.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoraRequest,
@@ -145,6 +146,8 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
     async def on_kvloom_error(request: Request, exc: KvloomError):
         if isinstance(exc, PromptTooLongError):
             return _error(400, str(exc), "invalid_request_error", exc.field, "context_length_exceeded")
+        if isinstance(exc, NotFoundError):
+            return _error(404, str(exc), "not_found_error", exc.field)
         if isinstance(exc, InvalidRequestError):
             return _error(400, str(exc), "invalid_request_error", exc.field)
         if isinstance(exc, EngineDeadError):
@@ -333,6 +336,7 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
     if clustered:
         metrics.registry.register(ClusterCollector(async_engine))
         app.include_router(cluster_router(async_engine))
+    app.include_router(fine_tuning_router(async_engine, settings.model_name, enabled=not clustered))
 
     @app.get("/health", response_class=Response)
     async def health():

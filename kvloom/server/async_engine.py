@@ -155,21 +155,28 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self.engine
+        trainer = getattr(engine, "trainer", None)
         try:
             while not self._stop.is_set():
-                block = not engine.has_unfinished()
+                training = trainer is not None and trainer.active
+                block = not engine.has_unfinished() and not training
                 changed = self._apply_commands(block)
                 if not engine.has_unfinished():
                     if changed and self._on_step is not None:
                         # Aborts emptied the engine between steps: no step follows to refresh the gauges.
                         self._on_step(engine, [])
+                    if training:
+                        trainer.run_slice(0.0)   # idle: a slice of fine-tuning, then look for requests again
                     continue
+                started = time.perf_counter()
                 outputs = engine.step()
                 self._deliver_outputs(outputs)
                 if self._on_step is not None:
                     self._on_step(engine, outputs)
                 if engine.faults is not None:
                     engine.faults.fire("loop")   # an injected death of this thread (engine/faults.py)
+                if training:   # fine-tuning fills what the step left of its time target (finetune/cotrainer.py)
+                    trainer.run_slice(time.perf_counter() - started)
         except BaseException as e:  # anything here is a bug: fail every request loudly, never hang them
             log.exception("engine loop died")
             self._dead = e
