@@ -75,7 +75,7 @@ def follows_format(text: str) -> bool:
 
 
 def start_server(port: int, out_dir: str, log_path: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "kvloom", "serve", "--port", str(port), "--enable-fine-tuning",
+    cmd = [sys.executable, "-m", "kvloom.cli", "serve", "--port", str(port), "--enable-fine-tuning",
            "--fine-tuning-dir", out_dir]
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 600
@@ -120,7 +120,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="kvloom-ft-bench-")
     proc = start_server(args.port, work, os.path.join(work, "server.log"))
     result = {"command": "python benchmarks/fine_tuning_coserve.py " + " ".join(sys.argv[1:]),
-              "cpu": cpu_info().isa_class, "stack": stack_description(), "window_s": args.window,
+              "cpu_class": cpu_info().isa, "stack": stack_description(), "window_s": args.window,
               "load": f"Poisson {args.rate} req/s, 100 in / 64 out, greedy", "windows": []}
     try:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=600)
