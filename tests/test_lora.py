@@ -247,3 +247,59 @@ def test_adapters_under_speculation_and_moves_keep_their_tokens(setup):
         final = next((o for o in dst.step() if o.finished), final)
     assert final.token_ids == reference["mlp"][1]
     assert src.pool.num_used == 0 and dst.lora.pins == [0] * 4
+
+
+def test_load_and_unload_under_sustained_traffic_disturb_no_other_adapter(setup):
+    """Three client threads send requests for two adapters and the base model without pause while a third
+    adapter is loaded, used and unloaded over and over, with max_loras=2 so the slots keep changing hands."""
+    import threading
+
+    import httpx
+    import openai
+    from server_harness import ServerThread, tiny_engine
+
+    base, dirs, prompts, reference = setup
+    engine = tiny_engine(base, quantization="none", lora_modules=(("all", dirs["all"]), ("mlp", dirs["mlp"])),
+                         max_loras=2)
+    want = {}
+    for name in ("all", "mlp", None, "attn"):
+        if name == "attn":
+            engine.load_lora("attn", dirs["attn"])
+        for i, p in enumerate(prompts):
+            engine.add_request(p, GREEDY, request_id=f"{name}-{i}", lora=name)
+        while engine.has_unfinished():
+            want.update({o.request_id: o.text for o in engine.step() if o.finished})
+    engine.unload_lora("attn")
+    stop, seen, problems = threading.Event(), {"all": 0, "mlp": 0, None: 0}, []
+    with ServerThread(engine) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+
+        def traffic(name):
+            k = 0
+            while not stop.is_set():
+                i = k % len(prompts)
+                text = client.completions.create(model=name or "tiny", prompt=prompts[i], max_tokens=MAX_NEW,
+                                                 temperature=0).choices[0].text
+                if text != want[f"{name}-{i}"]:
+                    problems.append((name, i, text))
+                seen[name] += 1
+                k += 1
+        threads = [threading.Thread(target=traffic, args=(n,)) for n in seen]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(5):
+                r = httpx.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "attn", "lora_path": dirs["attn"]})
+                assert r.status_code == 200, r.text
+                for i, p in enumerate(prompts[:2]):
+                    text = client.completions.create(model="attn", prompt=p, max_tokens=MAX_NEW,
+                                                     temperature=0).choices[0].text
+                    assert text == want[f"attn-{i}"]
+                while (r := httpx.post(s.url + "/v1/unload_lora_adapter", json={"lora_name": "attn"})).status_code != 200:
+                    assert "still has requests" in r.text     # refused while in use; retried
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+    assert not problems and all(n >= 5 for n in seen.values()), (problems, seen)
+    assert engine.pool.num_used == 0 and engine.lora.pins == [0, 0]
