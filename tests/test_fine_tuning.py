@@ -7,13 +7,14 @@ import time
 import pytest
 import torch
 
+from conftest import random_prompts
 from kvloom import SamplingParams
 from kvloom.errors import InvalidRequestError
 from kvloom.finetune.dataset import TrainingExample, parse_training_file
 from kvloom.finetune.jobs import FineTuningJob, Hyperparameters
 from kvloom.finetune.lora_forward import DEFAULT_TARGETS, TrainableLora
 from kvloom.finetune.peft_format import save_peft_adapter
-from kvloom.finetune.sliced_trainer import SlicedTrainer
+from kvloom.finetune.sliced_trainer import TRAIN_CHUNK, SlicedTrainer
 from kvloom.models.loader import load_model
 from kvloom.models.model_source import resolve_model
 
@@ -45,7 +46,7 @@ def test_loss_and_gradients_equal_peft(arch, tiny_model_dir, tmp_path):
         for _, b in lora.weights.values():
             b.normal_(0, 0.05)
     save_peft_adapter(lora, str(tmp_path / "ad"), base)
-    ids = list(range(5, 45))
+    ids = random_prompts(1, [150], seed=4)[0]           # three chunks of TRAIN_CHUNK: gradients cross chunks
     targets = [-100] * 10 + ids[11:] + [-100]
     trainer = SlicedTrainer(model, lora, [TrainingExample(ids, targets)], epochs=1, batch_size=1,
                             learning_rate=0.0, seed=0)
@@ -79,28 +80,27 @@ def test_loss_and_gradients_equal_peft(arch, tiny_model_dir, tmp_path):
 def test_slicing_does_not_change_what_is_learned(tiny_model_dir):
     """A job run one piece at a time (as between inference steps) learns bit-identical weights to one run whole."""
     model = base_model(tiny_model_dir("llama"))
-    examples = [TrainingExample(list(range(3 + i, 30 + 2 * i)), [-100] * 5 + list(range(9 + i, 31 + 2 * i)))
-                for i in range(5)]
+    prompts = random_prompts(5, [40, 150, 70, 130, 20], seed=5)
+    examples = [TrainingExample(p, [-100] * 5 + p[6:] + [-100]) for p in prompts]
 
     def train(sliced):
         lora = TrainableLora(model, 4, 8, ("q_proj", "v_proj", "down_proj"), seed=3)
         trainer = SlicedTrainer(model, lora, examples, epochs=2, batch_size=2, learning_rate=1e-2, seed=7)
-        pieces = 0
+        calls = 0
         if sliced:
             while not trainer.done:
                 trainer.run(0.0, at_least_one=True)
-                pieces += 1
+                calls += 1
         else:
             trainer.run_to_end()
-        return lora, pieces
+        return lora, calls, trainer.pieces_done
 
-    whole, _ = train(False)
-    sliced, pieces = train(True)
-    # Every layer's forward and backward, every head chunk and every optimizer step was a piece of its own
-    # (only the first call runs a piece of each kind at once: their costs are not known yet).
-    layers = model.shape.num_layers
-    expected = 2 * len(examples) * (2 * layers + 1) + 5
-    assert expected - 3 <= pieces <= expected
+    whole, _, pieces = train(False)
+    sliced, calls, _ = train(True)
+    # Each call ran one piece (one layer's forward or backward of one chunk, one head chunk, one optimizer
+    # step), except the first of each kind, whose cost was not known yet: 4 kinds.
+    chunks = sum(-(-len(e.input_ids) // TRAIN_CHUNK) for e in examples)
+    assert pieces > 2 * chunks * model.shape.num_layers and pieces - 3 <= calls <= pieces
     for key, (a, b) in whole.weights.items():
         assert torch.equal(a, sliced.weights[key][0]) and torch.equal(b, sliced.weights[key][1]), key
     assert any(b.abs().sum() > 0 for _, b in whole.weights.values())   # something was learned

@@ -204,8 +204,27 @@ ROUTES = [("GET", "/v1/models", None),
           ("GET", "/docs/oauth2-redirect", None),
           ("GET", "/redoc", None),
           ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nowhere"}),
-          ("POST", "/v1/unload_lora_adapter", {"lora_name": "x"})]
-NOT_200 = {"/v1/load_lora_adapter": 400, "/v1/unload_lora_adapter": 400}   # a server without LoRA: past auth
+          ("POST", "/v1/unload_lora_adapter", {"lora_name": "x"}),
+          ("POST", "/v1/files", None),
+          ("GET", "/v1/files", None),
+          ("GET", "/v1/files/f1", None),
+          ("GET", "/v1/files/f1/content", None),
+          ("DELETE", "/v1/files/f1", None),
+          ("POST", "/v1/fine_tuning/jobs", {"model": "tiny", "training_file": "f1"}),
+          ("GET", "/v1/fine_tuning/jobs", None),
+          ("GET", "/v1/fine_tuning/jobs/j1", None),
+          ("GET", "/v1/fine_tuning/jobs/j1/events", None),
+          ("POST", "/v1/fine_tuning/jobs/j1/cancel", None)]
+# Past auth, a server without LoRA or fine-tuning refuses these.
+NOT_200 = {"/v1/load_lora_adapter": 400, "/v1/unload_lora_adapter": 400,
+           **{p: 400 for _, p, _ in ROUTES if p.startswith(("/v1/files", "/v1/fine_tuning"))}}
+IDS = {"/s1": "/{session_id}", "/f1": "/{file_id}", "/j1": "/{job_id}"}
+
+
+def _template(path: str) -> str:
+    for concrete, template in IDS.items():
+        path = path.replace(concrete, template)
+    return path
 PUBLIC = {"/health", "/", "/dashboard", "/static/{name}"}
 
 
@@ -221,7 +240,7 @@ def test_every_route_is_in_the_auth_test(tiny_model_dir):
     # A route added later must be added to ROUTES (or PUBLIC, deliberately): none escapes the test below.
     s = ServerThread(tiny_engine(tiny_model_dir("llama")), api_key="k")
     paths = set(_route_paths(s.app.routes))
-    assert paths - PUBLIC == {p.replace("/s1", "/{session_id}") for _, p, _ in ROUTES}
+    assert paths - PUBLIC == {_template(p) for _, p, _ in ROUTES}
 
 
 def test_api_key_guards_every_route(tiny_model_dir):

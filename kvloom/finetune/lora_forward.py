@@ -1,6 +1,7 @@
 """Trainable LoRA weights and the base model's forward through them, with autograd, for fine-tuning.
 
-One sequence at a time with plain causal attention (no paged KV: training sees each example whole). The base
+One sequence at a time, in chunks of tokens: a chunk attends to its own tokens causally and to the keys and
+values of the chunks before it (no paged KV: training keeps them in the autograd graph). The base
 weights are a frozen float copy of the served model's (kvloom/finetune/cotrainer.py loads it for the job);
 only A and B of each target projection learn. The math is peft's: y = W x + scaling * B (A x), with A
 initialised as peft does (Kaiming-uniform) and B at zero, so a new adapter starts as the base model.
@@ -56,9 +57,11 @@ def _plus(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     return y if delta is None else y + delta
 
 
-def layer_forward(model, i: int, lora: TrainableLora, h: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor) -> torch.Tensor:
-    """Decoder layer i of a kvloom Llama-family model over one whole sequence h [T, hidden], causal."""
+def layer_forward(model, i: int, lora: TrainableLora, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None):
+    """Decoder layer i of a kvloom Llama-family model over one chunk of a sequence: h [T, hidden] holds the
+    chunk's tokens, past_k / past_v [P, kv heads, head dim] the keys and values of the P tokens before it.
+    Returns (the chunk's output, its own keys, its own values), the keys rotated as attention reads them."""
     s = model.shape
     layer = model.layers[i]
     attn, mlp = layer.self_attn, layer.mlp
@@ -72,14 +75,20 @@ def layer_forward(model, i: int, lora: TrainableLora, h: torch.Tensor, cos: torc
     if s.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
-                                       scale=attn.scale, enable_gqa=s.num_heads != s.num_kv_heads)
+    keys, values, mask = k, v, None
+    if past_k is not None and past_k.shape[0]:
+        keys, values = torch.cat((past_k, k)), torch.cat((past_v, v))
+        p = past_k.shape[0]   # the chunk's j-th token sees every earlier token and itself
+        mask = torch.arange(p + t).unsqueeze(0) <= torch.arange(p, p + t).unsqueeze(1)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                       attn_mask=mask, is_causal=mask is None, scale=attn.scale,
+                                       enable_gqa=s.num_heads != s.num_kv_heads)
     o = o.transpose(0, 1).reshape(t, attn.q_size)
     h = h + _plus(F.linear(o, attn.o_proj.weight), lora.delta(i, "o_proj", o))
     x = layer.post_attention_layernorm(h)
     gate, up = F.linear(x, mlp.gate_up_proj.weight).split(mlp.intermediate_size, dim=-1)
     act = F.silu(_plus(gate, lora.delta(i, "gate_proj", x))) * _plus(up, lora.delta(i, "up_proj", x))
-    return h + _plus(F.linear(act, mlp.down_proj.weight), lora.delta(i, "down_proj", act))
+    return h + _plus(F.linear(act, mlp.down_proj.weight), lora.delta(i, "down_proj", act)), k, v
 
 
 def head_loss(model, h: torch.Tensor, targets: torch.Tensor, denominator: int) -> torch.Tensor:

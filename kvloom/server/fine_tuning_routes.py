@@ -58,6 +58,8 @@ def fine_tuning_router(async_engine, model_name: str, enabled: bool) -> APIRoute
     files = FileStore()
 
     def trainer():
+        """The engine's co-trainer; every route here is a 400 on a server without fine-tuning (uploads are
+        kept for fine-tuning only)."""
         if not enabled or getattr(engine, "trainer", None) is None:
             raise InvalidRequestError("this server was started without fine-tuning (--enable-fine-tuning)",
                                       field="model")
@@ -70,18 +72,22 @@ def fine_tuning_router(async_engine, model_name: str, enabled: bool) -> APIRoute
 
     @router.get("/files")
     async def list_files():
+        trainer()
         return {"object": "list", "data": [f.to_api() for f in files.list()], "has_more": False}
 
     @router.get("/files/{file_id}")
     async def get_file(file_id: str):
+        trainer()
         return files.get(file_id).to_api()
 
     @router.get("/files/{file_id}/content")
     async def file_content(file_id: str):
+        trainer()
         return Response(files.get(file_id).content, media_type="application/jsonl")
 
     @router.delete("/files/{file_id}")
     async def delete_file(file_id: str):
+        trainer()
         files.delete(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
 
