@@ -2,10 +2,10 @@
 and a request's tokens do not depend on its batch or its chunking; the grouping by expert equals a per-token loop."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import VOCAB, build_tokenizer, hf_greedy, random_prompts
 from kvloom import LLM, SamplingParams
+from kvloom.bench.moe import per_token_experts
 from kvloom.errors import KvloomError, UnsupportedArchitectureError, WeightsError
 from kvloom.models.moe import GroupedExperts
 from kvloom.models.moe_routing import group_by_expert, route
@@ -80,18 +80,6 @@ def test_alone_batched_and_chunked_agree(moe_dir, arch):
     assert alone == hf_greedy(model_dir, prompts, GREEDY.max_tokens)
 
 
-def _naive_experts(experts: GroupedExperts, x, weights, chosen):
-    """The definition: each token alone, its experts one by one in ascending order, summed left to right."""
-    e, h, i = experts.num_experts, experts.hidden_size, experts.intermediate_size
-    gate_up, down = experts.gate_up_proj.view(e, 2 * i, h), experts.down_proj.view(e, h, i)
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(chosen.shape[1]):
-            gate, up = F.linear(x[t], gate_up[chosen[t, j]]).split(i)
-            out[t] += weights[t, j] * F.linear(F.silu(gate) * up, down[chosen[t, j]])
-    return out
-
-
 def test_grouping_equals_per_token_loop():
     torch.manual_seed(1)
     num_experts, top_k, tokens = 8, 3, 37
@@ -118,7 +106,7 @@ def test_grouping_equals_per_token_loop():
 
     with torch.inference_mode():
         got = experts(x, weights, chosen)
-        want = _naive_experts(experts, x, weights, chosen)
+        want = per_token_experts(experts, x, weights, chosen)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
         # a token's result does not depend on the others: alone (every expert run on one row) it is the same
         for t in (0, 17, 36):
