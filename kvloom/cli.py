@@ -191,7 +191,7 @@ def cmd_bench(args) -> None:
     if args.bench == "moe":
         from kvloom.bench.moe import format_table, run_moe_bench
         result = run_moe_bench(args.hidden, args.intermediate, args.experts, args.top_k,
-                               [int(x) for x in args.batch_sizes.split(",")], args.repeats)
+                               [int(x) for x in args.batch_sizes.split(",")], args.repeats, args.threads)
         _emit(result, args.out, format_table(result))
         return
     if args.bench == "migration":
@@ -446,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--top-k", type=int, default=2)
     moe.add_argument("--batch-sizes", default="1,4,16,64", help="decodes in the step")
     moe.add_argument("--repeats", type=int, default=20, help="runs per side, alternating; the median counts")
+    moe.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     moe.add_argument("--out", default=None)
     moe.set_defaults(func=cmd_bench)
     mig = bsub.add_parser("migration", help="live-migration stall against context length: KV, pre-copy, recompute")

@@ -6,6 +6,7 @@ token. The two give the same outputs (tests/test_moe.py); this measures what gro
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -32,8 +33,11 @@ def per_token_experts(experts: GroupedExperts, x: torch.Tensor, weights: torch.T
 
 
 def run_moe_bench(hidden: int, intermediate: int, num_experts: int, top_k: int, batch_sizes: list[int],
-                  repeats: int) -> dict:
+                  repeats: int, threads: int | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
+    load_before = os.getloadavg()
     experts = GroupedExperts(num_experts, hidden, intermediate)
     torch.nn.init.normal_(experts.gate_up_proj, std=0.02)
     torch.nn.init.normal_(experts.down_proj, std=0.02)
@@ -55,12 +59,13 @@ def run_moe_bench(hidden: int, intermediate: int, num_experts: int, top_k: int, 
                          "grouped_ms": grouped, "per_token_ms": per_token, "speedup": per_token / grouped})
     return {"hidden": hidden, "intermediate": intermediate, "num_experts": num_experts, "top_k": top_k,
             "repeats": repeats, "statistic": "median of alternating runs", "rows": rows,
+            "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
             "stack": stack_description(), "cpu_isa": kernels_status().get("cpu_isa")}
 
 
 def format_table(result: dict) -> str:
     lines = [f"experts {result['num_experts']} (top-{result['top_k']}), hidden {result['hidden']}, "
-             f"expert intermediate {result['intermediate']}",
+             f"expert intermediate {result['intermediate']}, {result['stack']['torch_threads']} thread(s)",
              "| decodes in the step | active experts | grouped (ms) | per token (ms) | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['active_experts']} | {r['grouped_ms']:.3f} | {r['per_token_ms']:.3f} | "
               f"{r['speedup']:.2f}x |" for r in result["rows"]]
