@@ -54,6 +54,9 @@ class MoeShape(LlamaShape):
         dense = set(getattr(cfg, "mlp_only_layers", None) or ())
         sparse = tuple(i for i in range(base.num_layers)
                        if num_experts > 0 and i not in dense and (i + 1) % step == 0)
+        top_k = int(cfg.num_experts_per_tok)
+        if sparse and not 1 <= top_k <= num_experts:
+            raise UnsupportedArchitectureError(f"the config routes each token to {top_k} of {num_experts} experts")
         block, parts = _MIXTRAL_NAMES if mixtral else _QWEN_NAMES
         window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", mixtral) else None
         max_positions = base.max_position_embeddings
@@ -62,7 +65,7 @@ class MoeShape(LlamaShape):
             max_positions = window
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(LlamaShape)}
         fields["max_position_embeddings"] = max_positions
-        return cls(**fields, num_experts=num_experts, top_k=int(cfg.num_experts_per_tok),
+        return cls(**fields, num_experts=num_experts, top_k=top_k,
                    moe_intermediate_size=int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size),
                    shared_expert_intermediate_size=int(getattr(cfg, "shared_expert_intermediate_size", 0) or 0),
                    normalize_top_k=mixtral or bool(getattr(cfg, "norm_topk_prob", False)),
