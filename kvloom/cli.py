@@ -196,6 +196,12 @@ def cmd_bench(args) -> None:
             args.rounds)
         _emit(result, args.out)
         return
+    if args.bench == "moe":
+        from kvloom.bench.moe import format_table, run_moe_bench
+        result = run_moe_bench(args.hidden, args.intermediate, args.experts, args.top_k,
+                               [int(x) for x in args.batch_sizes.split(",")], args.repeats, args.threads)
+        _emit(result, args.out, format_table(result))
+        return
     if args.bench == "migration":
         from kvloom.bench.migration import format_table, run_migration_bench
         result = run_migration_bench(engine_config(args), [int(x) for x in args.contexts.split(",")], args.repeats)
@@ -440,6 +446,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_args(p)
         p.add_argument("--out", default=None, help="also write the JSON result here")
         p.set_defaults(func=cmd_bench)
+    moe = bsub.add_parser("moe", help="one mixture-of-experts layer for a step of decodes: tokens grouped by "
+                          "expert vs each token through its own experts, same run")
+    moe.add_argument("--hidden", type=int, default=1024)
+    moe.add_argument("--intermediate", type=int, default=1408, help="one expert's intermediate size")
+    moe.add_argument("--experts", type=int, default=16)
+    moe.add_argument("--top-k", type=int, default=2)
+    moe.add_argument("--batch-sizes", default="1,4,16,64", help="decodes in the step")
+    moe.add_argument("--repeats", type=int, default=20, help="runs per side, alternating; the median counts")
+    moe.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    moe.add_argument("--out", default=None)
+    moe.set_defaults(func=cmd_bench)
     mig = bsub.add_parser("migration", help="live-migration stall against context length: KV, pre-copy, recompute")
     mig.add_argument("--contexts", default="128,256,512,1024,2048")
     mig.add_argument("--repeats", type=int, default=3)

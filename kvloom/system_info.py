@@ -55,6 +55,7 @@ def inference_paths(engine) -> dict:
 
 
 def _linear_path(module) -> str | None:
+    from kvloom.models.moe import GroupedExperts
     from kvloom.quant.int4_linear import Int4Linear
     from kvloom.quant.int8_linear import Int8Linear
     from kvloom.quant.q4_linear import Q4Linear
@@ -69,4 +70,7 @@ def _linear_path(module) -> str | None:
         return "int4 weight-only: torch _weight_int4pack_mm_for_cpu"
     if type(module) is torch.nn.Linear:
         return f"{str(module.weight.dtype).removeprefix('torch.')}: torch linear"
+    if isinstance(module, GroupedExperts):
+        return (f"{str(module.gate_up_proj.dtype).removeprefix('torch.')} experts: tokens grouped by expert, "
+                "torch linear per active expert")
     return None

@@ -40,6 +40,7 @@ from kvloom.kv.session_store import SessionStore
 from kvloom.finetune.cotrainer import CoTrainer
 from kvloom.lora import LoraAdapter, LoraManager
 from kvloom.models.loader import load_model
+from kvloom.models.moe import has_experts
 from kvloom.models.model_source import resolve_model
 from kvloom.quant import quantize_model
 from kvloom.quant.calibration import calibration_pass
@@ -163,6 +164,8 @@ class Engine:
         config = self.config
         if not (config.enable_lora or config.lora_modules or config.enable_fine_tuning):
             return None
+        if has_experts(self.model):   # the slot tables cover the dense MLP's gate_up and down only
+            raise KvloomError("LoRA adapters on mixture-of-experts models are not supported yet")
         manager = LoraManager(self.model, config.max_loras, config.max_lora_rank)
         self.scheduler.lora = self.runner.lora = manager
         for name, path in config.lora_modules:

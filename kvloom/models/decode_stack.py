@@ -7,7 +7,7 @@ computation from C++ over the same weights and KV pool, so the model only
 embeds, computes the RoPE tables, and takes the head. Built once the weights
 are final (after quantization); None where it does not apply: no native
 kernels, a non-float32 or non-CPU model, or linear layers other than float,
-w8a8 and 4-bit GGUF blocks (the module path then runs every step). Over an
+w8a8 and 4-bit GGUF blocks, or mixture-of-experts layers (the module path then runs every step). Over an
 int8 KV pool it writes keys to the float staging and values quantized per row,
 as the module path does, and runs plain decodes (draft trees take the modules).
 """
@@ -20,6 +20,7 @@ from kvloom.kernels import kernels
 from kvloom.kv.int8_kv_cache import Int8KVCache
 from kvloom.kv.kv_cache import FloatKVCache
 from kvloom.models.llama import LlamaForCausalLM
+from kvloom.models.moe import has_experts
 from kvloom.quant.q4_linear import Q4Linear
 from kvloom.quant.w8a8_linear import W8A8Linear
 
@@ -45,6 +46,8 @@ def build_decode_stack(model: LlamaForCausalLM, kv) -> tuple[object | None, str 
         return None, f"the stack reads float and int8 KV pools, not {type(kv).__name__}"
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
         return None, f"the stack runs float32 on the CPU ({weight.dtype}, {weight.device})"
+    if has_experts(model):
+        return None, "the stack runs dense MLP layers; the mixture-of-experts layers take the module path"
     s = model.shape
     stack = native.DecodeStack(s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size, s.rms_norm_eps,
                                s.head_dim ** -0.5)

@@ -15,6 +15,7 @@ from kvloom.models.gguf_metadata_cache import converted_dir
 from kvloom.models.gguf_weights import gguf_shapes, iter_gguf_weights, open_gguf, projection_types
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.model_source import ModelSource
+from kvloom.models.moe import MoeForCausalLM
 from kvloom.models.registry import shape_for
 from kvloom.models.rope import RotaryEmbedding
 from kvloom.models.safetensors_weights import iter_safetensors_weights, safetensors_shapes
@@ -62,6 +63,9 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | Non
         # GGUF drops output.weight when the head is tied to the embedding.
         hf_config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
     cls, shape = shape_for(hf_config)
+    if reader is not None and issubclass(cls, MoeForCausalLM):   # GGUF's merged expert tensors are not mapped
+        raise UnsupportedArchitectureError(f"{where}: mixture-of-experts models load from safetensors only (not "
+                                           "GGUF) for now")
     max_positions = min(max_positions or shape.max_position_embeddings, shape.max_position_embeddings)
     if max_positions > MAX_POSITIONS:  # the RoPE tables below are built for every position
         raise UnsupportedArchitectureError(

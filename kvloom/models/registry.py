@@ -5,16 +5,22 @@ import dataclasses
 
 from kvloom.errors import UnsupportedArchitectureError
 from kvloom.models.llama import LlamaForCausalLM, LlamaShape
+from kvloom.models.moe import MoeForCausalLM, MoeShape
 
-# name -> extra LlamaShape flags
+# name -> extra LlamaShape flags (moe: the mixture-of-experts model of models/moe.py)
 _ARCHITECTURES: dict[str, dict] = {
     "LlamaForCausalLM": {},
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {"qkv_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
+    # mixture of experts (models/moe.py)
+    "MixtralForCausalLM": {"moe": True},
+    "Qwen2MoeForCausalLM": {"moe": True},
+    "Qwen3MoeForCausalLM": {"moe": True, "qk_norm": True},
 }
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def supported_architectures() -> list[str]:
@@ -34,7 +40,10 @@ def shape_for(hf_config) -> tuple[type[LlamaForCausalLM], LlamaShape]:
     if arch not in _ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"architecture {arch!r} is not supported; supported: {', '.join(supported_architectures())}")
-    shape = LlamaShape.from_hf(hf_config, **_ARCHITECTURES[arch])
+    flags = dict(_ARCHITECTURES[arch])
+    if flags.pop("moe", False):
+        return MoeForCausalLM, MoeShape.from_moe_hf(hf_config, **flags)
+    shape = LlamaShape.from_hf(hf_config, **flags)
     window = getattr(hf_config, "sliding_window", None)
     if arch == "MistralForCausalLM" and window and window < shape.max_position_embeddings:
         # Within the window, sliding attention equals full attention: serve that length exactly.

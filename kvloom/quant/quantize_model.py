@@ -7,6 +7,7 @@ from torch import nn
 
 from kvloom.config import QUANTIZATIONS
 from kvloom.errors import KvloomError
+from kvloom.models.moe import has_experts
 from kvloom.quant.int4_linear import Int4Linear
 from kvloom.quant.q4_linear import Q4Linear
 from kvloom.quant.smoothing import activation_absmax, smooth
@@ -60,6 +61,9 @@ def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibrati
         raise KvloomError(f"quantization must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     if scheme == "none":
         return model
+    if has_experts(model):   # the quantized linears, smoothing and GGUF blocks cover dense MLPs only
+        raise KvloomError(f"quantization {scheme} does not cover mixture-of-experts weights yet; serve this "
+                          "model with quantization none (the default for safetensors)")
     if scheme == "gguf":
         blocks = getattr(model, "gguf_blocks", None)
         if not blocks:
