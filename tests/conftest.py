@@ -99,3 +99,21 @@ def random_prompts(n: int, lengths: list[int] | None = None, seed: int = 0, voca
     g = torch.Generator().manual_seed(seed)
     lengths = lengths or [int(x) for x in torch.randint(3, 60, (n,), generator=g)]
     return [torch.randint(5, vocab, (L,), generator=g).tolist() for L in lengths[:n]]
+
+
+def make_adapter(base_dir: str, out_dir: str, seed: int, rank: int, alpha: float, targets: list[str],
+                 rslora: bool) -> str:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
+                        init_lora_weights=False, lora_dropout=0.0)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():   # large enough deltas that each adapter's greedy tokens differ from the base model's
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(3.0)
+    peft_model.save_pretrained(out_dir)
+    return out_dir

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import random_prompts
+from conftest import make_adapter, random_prompts
 from kvloom import LLM, SamplingParams
 from kvloom.errors import InvalidRequestError
 
@@ -20,24 +20,6 @@ ADAPTERS = {   # name -> (seed, rank, alpha, target modules, rslora)
     "attn": (2, 4, 8, ["q_proj", "v_proj"], False),
     "mlp": (3, 16, 8, ["gate_proj", "up_proj", "down_proj", "o_proj"], True),
 }
-
-
-def make_adapter(base_dir: str, out_dir: str, seed: int, rank: int, alpha: float, targets: list[str],
-                 rslora: bool) -> str:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
-                        init_lora_weights=False, lora_dropout=0.0)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():   # large enough deltas that each adapter's greedy tokens differ from the base model's
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.mul_(3.0)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
 
 
 def peft_greedy(base_dir: str, adapter_dir: str | None, prompts: list[list[int]]) -> list[list[int]]:

@@ -96,12 +96,12 @@ class EngineWorker:
 
     def add_request(self, prompt: list[int] | str, params: SamplingParams, request_id: str,
                     arrival_time: float | None = None, session_id: str | None = None,
-                    cache_salt: str | None = None, priority: int = 0) -> str:
+                    cache_salt: str | None = None, priority: int = 0, lora: str | None = None) -> str:
         with self._lock:
             self.num_add_calls += 1    # counted even when refused: the front's ledger counts calls
             self._check()
             rid = self.engine.add_request(prompt, params, request_id, arrival_time, session_id, cache_salt,
-                                          priority)
+                                          priority, lora)
         self._work.set()
         return rid
 
@@ -135,12 +135,13 @@ class EngineWorker:
         return load_report(self.instance_id, e.scheduler, e.pool, e.config.block_size, e._family,
                            alive=self._error is None, num_add_calls=self.num_add_calls)
 
-    def cached_prefix_blocks(self, token_ids: list[int], cache_salt: str | None = None) -> int:
+    def cached_prefix_blocks(self, token_ids: list[int], cache_salt: str | None = None,
+                             lora: str | None = None) -> int:
         """How many leading full blocks of this token sequence this instance holds KV for (content keys)."""
         e = self.engine
         if e.prefix_cache is None:
             return 0
-        keys = e.prefix_cache.keys(list(token_ids), e.prefix_cache.salt_for(cache_salt))
+        keys = e.prefix_cache.keys(list(token_ids), e.prefix_salt(cache_salt, lora))
         with self._lock:
             n = 0
             for k in keys:
@@ -253,12 +254,12 @@ class EngineWorker:
 
     def resume_request(self, request_id: str, prompt, params: SamplingParams, outputs: dict,
                        arrival_time: float | None, session_id: str | None, cache_salt: str | None,
-                       priority: int) -> str:
+                       priority: int, lora: str | None = None) -> str:
         """Engine.resume_request: continue a request of a lost instance from its streamed tokens."""
         self._check()
         with self._lock:
             rid = self.engine.resume_request(request_id, prompt, params, outputs, arrival_time, session_id,
-                                             cache_salt, priority)
+                                             cache_salt, priority, lora)
         self._work.set()
         return rid
 

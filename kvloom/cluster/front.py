@@ -63,6 +63,7 @@ class _Record:
     session_id: str | None
     cache_salt: str | None
     priority: int
+    lora: str | None = None
     last: dict[int, RequestOutput] = field(default_factory=dict)
 
 
@@ -192,9 +193,7 @@ class ClusterEngine:
                        session_id: str | None = None, cache_salt: str | None = None,
                        priority: int = 0, lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields the outputs of the request's n samples until all finish; aborts it if the consumer stops early.
-        lora: instances serve no adapters yet (launch refuses them), so only None is accepted."""
-        if lora is not None:
-            raise InvalidRequestError("LoRA adapters are not served with --instances > 1 yet", field="model")
+        lora: an adapter every instance loaded at start (the config's lora_modules)."""
         if not self.is_alive:
             raise ClusterDeadError("the cluster is not running")
         request_id = request_id or uuid.uuid4().hex
@@ -209,10 +208,10 @@ class ClusterEngine:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", field="request_id")
             self._sinks[request_id] = (loop, sink)
             self._unfinished[request_id] = params.n
-            self._records[request_id] = _Record(prompt, params, arrival, session_id, cache_salt, priority)
+            self._records[request_id] = _Record(prompt, params, arrival, session_id, cache_salt, priority, lora)
         remaining = params.n
         try:
-            await self._add(prompt, params, request_id, arrival, session_id, cache_salt, priority)
+            await self._add(prompt, params, request_id, arrival, session_id, cache_salt, priority, lora)
             while remaining:
                 item = await sink.get()
                 if isinstance(item, BaseException):
@@ -230,15 +229,15 @@ class ClusterEngine:
                 with self._lock:
                     self._forget(request_id)
 
-    async def _add(self, prompt, params, request_id, arrival, session_id, cache_salt, priority) -> None:
+    async def _add(self, prompt, params, request_id, arrival, session_id, cache_salt, priority, lora) -> None:
         """Place and add the request. An instance found dead on the way is marked down, which resumes its
         requests elsewhere; this one too, unless the poller's resumption got it first."""
         import ray
 
-        target = await self._choose(prompt, request_id, cache_salt)
+        target = await self._choose(prompt, request_id, cache_salt, lora)
         try:
             await self.actors[target].add_request.remote(prompt, params, request_id, arrival, session_id,
-                                                         cache_salt, priority)
+                                                         cache_salt, priority, lora)
         except ray.exceptions.RayActorError:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self._instance_down, target, "an add_request call failed")
@@ -249,13 +248,13 @@ class ClusterEngine:
             if mine:
                 await loop.run_in_executor(None, self._resume, request_id)
 
-    async def _choose(self, prompt, request_id: str, cache_salt: str | None = None) -> int:
+    async def _choose(self, prompt, request_id: str, cache_salt: str | None = None, lora: str | None = None) -> int:
         """The policy's instance for a new request, counted in that instance's load at once (so concurrent
         arrivals see each other)."""
         prefix = None
         if self.policy_name == "llumnix" and not isinstance(prompt, str):
             serving = [i for i, st in enumerate(self.states) if st == "serving"]
-            counts = await asyncio.gather(*[self.actors[i].cached_prefix_blocks.remote(prompt, cache_salt)
+            counts = await asyncio.gather(*[self.actors[i].cached_prefix_blocks.remote(prompt, cache_salt, lora)
                                             for i in serving], return_exceptions=True)
             prefix = {i: c for i, c in zip(serving, counts) if isinstance(c, int)}
         with self._lock:
@@ -586,7 +585,7 @@ class ClusterEngine:
             try:
                 ray.get(self.actors[target].resume_request.remote(
                     request_id, rec.prompt, rec.params, outputs, rec.arrival_time, rec.session_id,
-                    rec.cache_salt, rec.priority))
+                    rec.cache_salt, rec.priority, rec.lora))
                 with self._lock:
                     self.stats.resumed_after_fault += 1
                 return

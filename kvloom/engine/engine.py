@@ -198,7 +198,7 @@ class Engine:
         from everyone with another salt. lora: a loaded adapter's name (None: the base model); its
         prefix-cache blocks are its own too.
         """
-        lora_key = self._lora_key(lora)
+        salt = self.prefix_salt(cache_salt, lora)       # checks the adapter first: a bad name changes nothing
         params = params or SamplingParams()
         if not params.greedy and params.seed is None:   # every sampled request has a seed (engine/rng.py)
             params = dataclasses.replace(params, seed=self._seeds.getrandbits(63))
@@ -212,7 +212,6 @@ class Engine:
                 f"tokens including at least one generated token")
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         arrival = arrival_time or time.time()
-        salt = salt_bytes(self.engine_salt, cache_salt, lora_key)
         samples = []
         for k in range(params.n):
             req = Request(request_id if k == 0 else f"{request_id}#{k}", prompt_ids, _nth_sample(params, k),
@@ -340,6 +339,10 @@ class Engine:
         return self.sessions.release(session_id)
 
     # ---- LoRA adapters (kvloom/lora) -----------------------------------------------------------
+
+    def prefix_salt(self, cache_salt: str | None, lora: str | None) -> bytes:
+        """The prefix-cache salt of a request: this engine's modes, the tenant's salt, the adapter's load."""
+        return salt_bytes(self.engine_salt, cache_salt, self._lora_key(lora))
 
     def _lora_key(self, name: str | None) -> bytes | None:
         """The adapter's prefix-cache salt part (one per load: a reloaded name never hits the old KV)."""
@@ -484,7 +487,8 @@ class Engine:
 
     def resume_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                        outputs: dict[int, tuple[list[int], list | None]], arrival_time: float | None = None,
-                       session_id: str | None = None, cache_salt: str | None = None, priority: int = 0) -> str:
+                       session_id: str | None = None, cache_salt: str | None = None, priority: int = 0,
+                       lora: str | None = None) -> str:
         """Continue a request from nothing but the tokens its samples have streamed (the engine that ran it
         is gone): outputs maps each unfinished sample's index to (its output token ids, their logprobs or
         None). Every sample recomputes its tokens; the prefix cache shares their prompt. The text state is
@@ -492,17 +496,18 @@ class Engine:
         (engine/rng.py) draws what the lost engine would have: the same tokens, greedy or seeded."""
         if not params.greedy and params.seed is None:
             raise InvalidRequestError("a sampled request resumes only with its seed", field="seed")
+        salt = self.prefix_salt(cache_salt, lora)
         self._check_new_id(request_id)
         prompt_ids = self._prompt_ids(prompt)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         if room < 1:
             raise PromptTooLongError(f"request {request_id!r}'s prompt does not fit this engine's context")
-        salt = salt_bytes(self.engine_salt, cache_salt)
         samples = []
         for k, (tokens, logprobs) in sorted(outputs.items()):
             req = Request(request_id if k == 0 else f"{request_id}#{k}", prompt_ids, _nth_sample(params, k),
                           max_tokens, arrival_time or time.time(), None, request_id, k, session_id, salt, priority)
+            req.lora_name = lora
             req.generator = self._generator(req.params)
             state = OutputState(req, self.tokenizer)
             for i, t in enumerate(tokens):

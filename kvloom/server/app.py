@@ -309,8 +309,12 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         return {"object": "list", "data": [base, *loras]}
 
     def require_lora() -> None:
-        if getattr(engine, "lora", None) is None or clustered:
+        if getattr(engine, "lora", None) is None:
             raise InvalidRequestError("this server was started without LoRA (--enable-lora or --lora-modules)",
+                                      field="lora_name")
+        if clustered:   # every instance must hold the same set, and restarted instances load the config's
+            raise InvalidRequestError("with --instances, the adapters are the ones given at start with "
+                                      "--lora-modules; loading and unloading at run time is not supported",
                                       field="lora_name")
 
     @v1.post("/load_lora_adapter")

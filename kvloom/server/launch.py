@@ -46,9 +46,9 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
     log.info("scheduler: max_num_seqs=%d max_num_batched_tokens=%d max_waiting_requests=%d",
              config.max_num_seqs, config.max_num_batched_tokens, max_waiting_requests)
     metrics = ServerMetrics()
-    if (instances > 1 or ray_address) and engine.lora is not None:
-        raise KvloomError("LoRA adapters and fine-tuning are served by a single instance for now; drop "
-                          "--instances/--ray-address or the LoRA and fine-tuning flags")
+    if (instances > 1 or ray_address) and config.enable_fine_tuning:
+        raise KvloomError("fine-tuning runs in a single instance for now; drop --instances/--ray-address or "
+                          "--enable-fine-tuning")
     if instances > 1 or ray_address:
         # Ray actors run the instances; the local engine only answers for the tokenizer and limits.
         from kvloom.cluster.front import ClusterEngine
