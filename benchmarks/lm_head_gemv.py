@@ -48,6 +48,5 @@ def main(out: str, rounds: int = 60) -> None:
     save_kernel_result(out, "benchmarks/lm_head_gemv.py", results, rounds=rounds)
 
 
-
 if __name__ == "__main__":
     main(sys.argv[1])

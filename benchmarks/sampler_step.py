@@ -76,6 +76,5 @@ def main(out: str, rounds: int = 30) -> None:
     save_kernel_result(out, "benchmarks/sampler_step.py", results, rounds=rounds)
 
 
-
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -216,6 +216,8 @@ def _draw_nucleus_native(probs: torch.Tensor, top_p: torch.Tensor, uniforms: tor
     masses = top_p.double() * (1 + _NUCLEUS_MARGIN)
     vals, order, lens = kernels().top_candidates(probs.contiguous(), torch.zeros(len(top_p), dtype=torch.long),
                                                  masses)
+    if not vals.shape[1]:   # no row has a positive probability (every token masked): nothing to order
+        vals, order = torch.zeros(len(top_p), 1), torch.zeros(len(top_p), 1, dtype=torch.long)
     j = torch.minimum(draw_from(_nucleus(vals, top_p), uniforms), (lens - 1).clamp(min=0))
     return order.gather(1, j[:, None]).squeeze(1)
 

@@ -56,7 +56,8 @@ class W8A8Linear(nn.Module):
     @property
     def gemm_path(self) -> str:
         """Which loop runs this layer's int8 product (a string for /server_info and the logs)."""
-        return w8a8_gemm_path(self.native)
+        path = w8a8_gemm_path(self.native)
+        return path if self.packed is None else f"grouped gemv (<=4 rows), then {path}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
