@@ -35,6 +35,8 @@ class ModelRunner:
         # The native decode kernel reads float32 pools (or int8 ones with float32 scales) on the CPU.
         self.native_decode = (use_kernels and dtype == torch.float32 and self.device.type == "cpu"
                               and kernels() is not None)
+        # The sampler's candidate search (kernels/sampler_candidates.cpp) works on any dtype: logits are float32.
+        self.native_sampler = use_kernels and kernels() is not None
         self.kv = allocate_kv_cache(kv_cache_dtype, num_blocks, block_size=block_size, shape=model.shape,
                                     dtype=dtype, device=self.device, num_staging_slots=num_staging_slots)
         # Attention backends (kvloom/attention/backend.py): the decode stack first where it applies, else the
@@ -137,7 +139,7 @@ class ModelRunner:
             row += 1 + k
         if reqs:
             picked = logits if rows == list(range(row)) else logits[torch.tensor(rows)]
-            result = sample(picked, reqs, masks.result() if masks is not None else None)
+            result = sample(picked, reqs, masks.result() if masks is not None else None, native=self.native_sampler)
             for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
                 out.token_ids[req.request_id] = [token]
                 out.logprobs[req.request_id] = [lp]
