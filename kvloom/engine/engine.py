@@ -329,6 +329,65 @@ class Engine:
             self.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
         return True
 
+    # ---- one sample of a family (inference-time scaling: kvloom/scaling) --------------------------
+
+    def abort_sample(self, sample_id: str) -> RequestOutput | None:
+        """End one sample of an n-family now (finish_reason "abort"), freeing the blocks only it holds; the
+        family's other samples go on. Returns its final output, None for an unknown or finished sample."""
+        state = self._states.get(sample_id)
+        if state is None:
+            return None
+        req, parent = state.req, state.req.parent_id
+        pending = self._pending_forks.get(parent, [])
+        awaiting = self._awaiting_grammar.get(parent)
+        if awaiting is not None:            # not queued yet (its grammar compiles): drop it from the list
+            awaiting[1].remove(req)
+            if req in pending:
+                pending.remove(req)
+            elif pending:                   # it was the head: the next sample is, and forks no more
+                pending.pop(0)
+        elif req in pending:
+            pending.remove(req)
+        else:
+            self.scheduler.finish(sample_id, RequestStatus.FINISHED_ABORTED)
+            if pending:   # it was the head, its prompt not done: the next sample computes it (prefix cache helps)
+                self.scheduler.add(pending.pop(0), front=True)
+        if not pending:
+            self._pending_forks.pop(parent, None)
+        if awaiting is not None and not awaiting[1]:
+            del self._awaiting_grammar[parent]
+        state.finish_reason = "abort"
+        return self._output(req, state, time.time())
+
+    def fork_sample(self, sample_id: str, seed: int | None = None) -> str:
+        """A new sample of the family that continues from where sample_id stands, sharing all its blocks
+        (copy-on-write); it draws with `seed` (default: its own index's). Returns the new sample's id. A
+        running source's fork runs at once, even past max_num_seqs (guided search aborts before it forks);
+        any other waits at the head of the queue."""
+        state = self._states.get(sample_id)
+        src = None if state is None else self.scheduler.requests.get(sample_id)
+        if src is None or src.matcher is not None:
+            raise InvalidRequestError(f"sample {sample_id!r} is not a queued or running unconstrained sample",
+                                      field="request_id")
+        family = self._family[src.parent_id]
+        index = len(family)     # every index below it is taken (the family's list keeps finished samples)
+        params = src.params if src.params.greedy else dataclasses.replace(
+            src.params, seed=src.params.seed + index if seed is None else seed)
+        child = Request(f"{src.parent_id}#{index}", src.prompt_token_ids, params, src.max_tokens, src.arrival_time,
+                        None, src.parent_id, index, src.session_id, src.cache_salt, src.priority)
+        child.lora_name = src.lora_name
+        child.generator = self._generator(params)
+        for t in src.output_token_ids:
+            child.append_output(t)
+        child_state = OutputState(child, self.tokenizer)
+        child_state.restore(state.export())
+        child_state.emitted_chars = child_state.emitted_tokens = 0   # its own stream starts at the beginning
+        self._states[child.request_id] = child_state
+        family.append(child.request_id)
+        running = src.status == RequestStatus.RUNNING and src.num_uncomputed == 1
+        self.scheduler.fork(src, child, running=running, computed=src.num_computed_tokens)
+        return child.request_id
+
     def close_session(self, session_id: str) -> bool:
         """Release an agent session's retained KV now. False when the session holds nothing."""
         return self.sessions.release(session_id)
@@ -591,7 +650,8 @@ class Engine:
                 continue
             req = self.scheduler.requests[c.request_id]
             samplers[c.request_id] = [req]
-            pending = self._pending_forks.pop(c.request_id, None)
+            # (keyed by the family: the sample they fork from is sample 0, or the next one if 0 was aborted)
+            pending = self._pending_forks.pop(req.parent_id, None)
             if pending:
                 fit = max(0, min(room, len(pending)))
                 room -= fit
@@ -637,6 +697,7 @@ class Engine:
             stop_reason=state.stop_reason,
             metrics={"arrival_time": req.arrival_time, "first_scheduled_time": req.first_scheduled_time,
                      "now": now, "num_preemptions": req.num_preemptions},
+            cumulative_logprob=None if state.logprobs is None else state.cumulative_logprob,
         )
 
 
