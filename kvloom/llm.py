@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -13,6 +14,8 @@ from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.sampler import TokenLogprobs
 from kvloom.errors import InvalidRequestError
 from kvloom.sampling_params import SamplingParams
+from kvloom.scaling.offline import generate_scaled
+from kvloom.scaling.spec import ScalingSpec
 
 Prompt = str | list[int]
 
@@ -38,6 +41,7 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[Completion]
     num_cached_tokens: int = 0      # prompt tokens found in the prefix cache
+    kvloom: dict | None = None      # best_of / vote / adaptive: the strategy's report (scaling/strategy.py)
 
     @property
     def text(self) -> str:
@@ -71,18 +75,31 @@ class LLM:
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, session_id: str | None = None,
-                 lora: str | list[str | None] | None = None) -> list[GenerationResult]:
+                 lora: str | list[str | None] | None = None, *, best_of: int | None = None,
+                 vote: dict | None = None, adaptive: dict | None = None,
+                 scorer: str | Callable | None = None) -> list[GenerationResult]:
         """One result per prompt, in order. A single string or token-id list counts as one prompt.
         sampling_params: one for all prompts, or a list with one per prompt.
 
         session_id marks the call as one step of an agent program: its KV is kept for the next call.
         lora: a loaded adapter's name for every prompt, or one name (or None: the base model) per prompt.
+
+        Inference-time scaling (kvloom/scaling; the samples of a query share its prompt's KV): best_of=N
+        returns the best n of N samples by cumulative logprob, or by scorer ("mean_logprob", or a callable
+        (prompt, text) -> float); vote={"extract": regex, "n": N} returns the majority answer's first sample;
+        adaptive={"max_n": N, "confidence": p, "round": k, "extract": regex} draws rounds of k samples until
+        the leading answer's posterior reaches p. Each result's .kvloom reports votes, scores, samples used.
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
             raise InvalidRequestError("no prompts given", field="prompts")
-        return self._run(list(prompts), sampling_params or SamplingParams(), use_tqdm, session_id, lora)
+        params = sampling_params or SamplingParams()
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        spec = ScalingSpec.from_fields(per_prompt[0].n, best_of, vote, adaptive, scorer) if per_prompt else None
+        if spec is not None:
+            return self._run_scaled(list(prompts), per_prompt, spec, session_id, lora)
+        return self._run(list(prompts), params, use_tqdm, session_id, lora)
 
     def load_lora(self, name: str, path: str) -> None:
         """Serve a peft adapter directory under `name` from now on."""
@@ -127,6 +144,21 @@ class LLM:
     def close_session(self, session_id: str) -> bool:
         """Release the KV an agent session kept between calls."""
         return self.engine.close_session(session_id)
+
+    def _run_scaled(self, prompts: list[Prompt], params: list[SamplingParams], spec: ScalingSpec,
+                    session_id: str | None, lora) -> list[GenerationResult]:
+        if len(params) != len(prompts) or any(p.n != params[0].n for p in params):
+            raise InvalidRequestError("best_of / vote / adaptive take one n for all prompts and one sampling "
+                                      "params per prompt", field="sampling_params")
+        adapters = list(lora) if isinstance(lora, (list, tuple)) else [lora] * len(prompts)
+        results = generate_scaled(self.engine, prompts, params, spec, f"llm-{id(self)}-scaled", adapters, session_id)
+        out = []
+        for prompt, p, r in zip(prompts, params, results):
+            completions = [Completion(s.text, s.token_ids, s.finish_reason,
+                                      s.output.logprobs if p.logprobs is not None else None, s.output.stop_reason,
+                                      error=s.output.error) for s in r.chosen]
+            out.append(GenerationResult(prompt, r.prompt_token_ids, completions, kvloom=r.extension))
+        return out
 
     def _run(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams], use_tqdm: bool,
              session_id: str | None = None, lora: str | list[str | None] | None = None) -> list[GenerationResult]:

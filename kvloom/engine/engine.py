@@ -29,6 +29,7 @@ from kvloom.engine.model_runner import ModelRunner
 from kvloom.engine.output_processor import OutputState
 from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.request import Request, RequestStatus
+from kvloom.engine.sampler import TokenLogprobs
 from kvloom.engine.scheduler import Scheduler
 from kvloom.engine.snapshot import KVBlocks, RequestSnapshot, SampleSnapshot
 from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError
@@ -387,6 +388,29 @@ class Engine:
         running = src.status == RequestStatus.RUNNING and src.num_uncomputed == 1
         self.scheduler.fork(src, child, running=running, computed=src.num_computed_tokens)
         return child.request_id
+
+    def set_last_token(self, sample_id: str, token_id: int) -> None:
+        """Replace a sample's last output token, drawn but not yet computed (beam search picks another
+        continuation than the one drawn); its text state is rebuilt from its tokens."""
+        state = self._states.get(sample_id)
+        req = None if state is None else self.scheduler.requests.get(sample_id)
+        if req is None or not req.output_token_ids or req.num_uncomputed != 1 or req.matcher is not None:
+            raise InvalidRequestError(f"sample {sample_id!r} has no drawn, uncomputed token to replace",
+                                      field="request_id")
+        if not 0 <= token_id < self.model.shape.vocab_size or token_id in state.eos_ids | state.stop_ids:
+            raise InvalidRequestError(f"token id {token_id} is outside the vocabulary or would end the sample "
+                                      "(abort it instead)", field="token_id")
+        req.output_token_ids[-1] = req.all_token_ids[-1] = token_id
+        rebuilt = OutputState(req, self.tokenizer)
+        old = state.logprobs or []
+        for i, t in enumerate(req.output_token_ids):
+            lp = old[i] if i < len(old) else None
+            if lp is not None and i == len(req.output_token_ids) - 1:   # the new token's, from the same draw's top
+                lp = TokenLogprobs(t, dict(lp.top).get(t, float("nan")), lp.top)
+            rebuilt.add_token(t, lp)
+        rebuilt.emitted_chars = min(state.emitted_chars, len(rebuilt.text))
+        rebuilt.emitted_tokens = len(req.output_token_ids) - 1
+        self._states[sample_id] = rebuilt
 
     def close_session(self, session_id: str) -> bool:
         """Release an agent session's retained KV now. False when the session holds nothing."""

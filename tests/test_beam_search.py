@@ -1,0 +1,56 @@
+"""Beam search over forked KV equals transformers' beam search in the float32 reference mode, and leaks
+nothing."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_prompts
+
+from kvloom.config import EngineConfig
+from kvloom.engine.engine import Engine
+from kvloom.errors import InvalidRequestError
+from kvloom.sampling_params import SamplingParams
+from kvloom.scaling.beam import beam_search
+
+_engines: dict = {}
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    if "e" not in _engines:
+        _engines["e"] = Engine(EngineConfig(model=tiny_model_dir("llama"), kv_cache_memory=4 << 20))
+    eng = _engines["e"]
+    yield eng
+    assert not eng.has_unfinished() and eng.pool.num_free == eng.pool.num_blocks
+
+
+def hf_beams(model_dir, prompt, width, n, length_penalty, max_new_tokens):
+    from transformers import AutoModelForCausalLM
+    model = _engines.setdefault("hf", AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=width,
+                             num_return_sequences=n, length_penalty=length_penalty, max_new_tokens=max_new_tokens,
+                             pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    return [seq[len(prompt):].tolist() for seq in out.sequences], out.sequences_scores.tolist()
+
+
+@pytest.mark.parametrize("width,n,length_penalty", [(2, 1, 1.0), (4, 2, 1.0), (3, 3, 0.0), (4, 2, 2.0)])
+def test_beam_search_equals_transformers(engine, tiny_model_dir, width, n, length_penalty):
+    prompts = random_prompts(3, [9, 23, 40], seed=width * 10 + n)
+    got = beam_search(engine, prompts, SamplingParams(n=n, max_tokens=14), width, length_penalty)
+    for prompt, hyps in zip(prompts, got):
+        ref_seqs, ref_scores = hf_beams(tiny_model_dir("llama"), prompt, width, n, length_penalty, 14)
+        assert len(hyps) == n
+        for (score, tokens), ref, ref_score in zip(hyps, ref_seqs, ref_scores):
+            assert tokens == ref[:len(tokens)] and all(t == 0 for t in ref[len(tokens):])   # (padding after EOS)
+            assert score == pytest.approx(ref_score, abs=1e-4)
+
+
+def test_beam_search_settings_are_checked(engine):
+    with pytest.raises(InvalidRequestError):
+        beam_search(engine, [[5, 6, 7]], SamplingParams(n=3, max_tokens=4), 2)
+    with pytest.raises(InvalidRequestError):
+        beam_search(engine, [[5, 6, 7]], SamplingParams(max_tokens=4), 11)
+    with pytest.raises(InvalidRequestError):
+        beam_search(engine, [[5, 6, 7]], SamplingParams(max_tokens=4, stop=["x"]), 2)
