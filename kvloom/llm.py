@@ -14,6 +14,7 @@ from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.sampler import TokenLogprobs
 from kvloom.errors import InvalidRequestError
 from kvloom.sampling_params import SamplingParams
+from kvloom.scaling.beam import beam_search
 from kvloom.scaling.offline import generate_scaled
 from kvloom.scaling.spec import ScalingSpec
 
@@ -77,7 +78,8 @@ class LLM:
                  use_tqdm: bool = True, session_id: str | None = None,
                  lora: str | list[str | None] | None = None, *, best_of: int | None = None,
                  vote: dict | None = None, adaptive: dict | None = None,
-                 scorer: str | Callable | None = None) -> list[GenerationResult]:
+                 scorer: str | Callable | None = None, use_beam_search: bool = False, beam_width: int = 4,
+                 length_penalty: float = 1.0) -> list[GenerationResult]:
         """One result per prompt, in order. A single string or token-id list counts as one prompt.
         sampling_params: one for all prompts, or a list with one per prompt.
 
@@ -89,6 +91,7 @@ class LLM:
         (prompt, text) -> float); vote={"extract": regex, "n": N} returns the majority answer's first sample;
         adaptive={"max_n": N, "confidence": p, "round": k, "extract": regex} draws rounds of k samples until
         the leading answer's posterior reaches p. Each result's .kvloom reports votes, scores, samples used.
+        use_beam_search: the best n of beam_width beams (transformers' beam search, length_penalty as there).
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -97,6 +100,11 @@ class LLM:
         params = sampling_params or SamplingParams()
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         spec = ScalingSpec.from_fields(per_prompt[0].n, best_of, vote, adaptive, scorer) if per_prompt else None
+        if use_beam_search:
+            if spec is not None or isinstance(params, (list, tuple)):
+                raise InvalidRequestError("beam search takes one sampling params and no best_of / vote / adaptive",
+                                          field="use_beam_search")
+            return self._run_beams(list(prompts), per_prompt[0], beam_width, length_penalty)
         if spec is not None:
             return self._run_scaled(list(prompts), per_prompt, spec, session_id, lora)
         return self._run(list(prompts), params, use_tqdm, session_id, lora)
@@ -144,6 +152,19 @@ class LLM:
     def close_session(self, session_id: str) -> bool:
         """Release the KV an agent session kept between calls."""
         return self.engine.close_session(session_id)
+
+    def _run_beams(self, prompts: list[Prompt], params: SamplingParams, width: int,
+                   length_penalty: float) -> list[GenerationResult]:
+        eos = set(self.tokenizer.eos_token_ids)
+        results = []
+        for prompt, hyps in zip(prompts, beam_search(self.engine, prompts, params, width, length_penalty,
+                                                     f"llm-{id(self)}-beam")):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            completions = [Completion(self.tokenizer.decode(t, skip_special_tokens=params.skip_special_tokens), t,
+                                      "stop" if t and t[-1] in eos else "length") for _, t in hyps]
+            results.append(GenerationResult(prompt, ids, completions,
+                                            kvloom={"strategy": "beam_search", "scores": [s for s, _ in hyps]}))
+        return results
 
     def _run_scaled(self, prompts: list[Prompt], params: list[SamplingParams], spec: ScalingSpec,
                     session_id: str | None, lora) -> list[GenerationResult]:

@@ -57,3 +57,15 @@ def test_beam_search_settings_are_checked(engine):
         beam_search(engine, [[5, 6, 7]], SamplingParams(max_tokens=4), 11)
     with pytest.raises(InvalidRequestError):
         beam_search(engine, [[5, 6, 7]], SamplingParams(max_tokens=4, stop=["x"]), 2)
+
+
+def test_llm_generate_beam_search(tiny_model_dir):
+    from kvloom import LLM
+    llm = LLM(tiny_model_dir("llama"), kv_cache_memory="4MiB")
+    prompt = random_prompts(1, [15], seed=3)[0]
+    got = llm.generate([prompt], SamplingParams(n=2, max_tokens=8), use_beam_search=True, beam_width=3)[0]
+    ref, scores = hf_beams(tiny_model_dir("llama"), prompt, 3, 2, 1.0, 8)
+    assert [o.token_ids for o in got.outputs] == [r[:len(o.token_ids)] for o, r in zip(got.outputs, ref)]
+    assert got.kvloom["scores"] == pytest.approx(scores, abs=1e-4)
+    assert got.outputs[0].text == llm.tokenizer.decode(got.outputs[0].token_ids)
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import logging
 import re
 import statistics
 import time
@@ -24,6 +25,8 @@ from kvloom.scaling.offline import generate_scaled
 from kvloom.scaling.spec import ScalingSpec
 from kvloom.system_info import engine_description
 
+log = logging.getLogger(__name__)
+
 
 def _run(engine: Engine, prompts: list, params: SamplingParams, salts: list | None = None) -> tuple[dict, float, int]:
     """All prompts at once; (request index -> texts of its samples in index order, seconds, tokens)."""
@@ -38,6 +41,7 @@ def _run(engine: Engine, prompts: list, params: SamplingParams, salts: list | No
                 texts[out.parent_id][out.index] = out.text
                 tokens += len(out.token_ids)
     seconds = time.perf_counter() - start
+    log.info("bench scaling: %d requests of n=%d in %.1f s (%d tokens)", len(prompts), params.n, seconds, tokens)
     return {i: [texts[rid][k] for k in sorted(texts[rid])] for i, rid in enumerate(ids)}, seconds, tokens
 
 
@@ -81,6 +85,7 @@ def adaptive_runs(engine: Engine, prompts: list, answers: list[str], max_n: int,
         results = generate_scaled(engine, prompts, [params] * len(prompts), spec, f"adaptive-{uuid.uuid4().hex}")
         seconds = time.perf_counter() - start
         exts = [r.extension for r in results]
+        log.info("bench scaling: adaptive (confidence %s) in %.1f s", p, seconds)
         rows.append({"confidence": p, "seconds": round(seconds, 2),
                      "accuracy": statistics.mean(e["vote"]["answer"] == a for e, a in zip(exts, answers)),
                      "mean_samples": statistics.mean(e["samples_used"] for e in exts),
