@@ -192,9 +192,10 @@ def cmd_bench(args) -> None:
         from kvloom.bench.scaling import format_table, plot, run_scaling_bench
         result = run_scaling_bench(engine_config(args), args.items, args.max_n, args.temperature, args.max_tokens,
                                    [float(x) for x in args.confidences.split(",")], args.share_prompt_len,
-                                   args.share_n, args.share_output_len, args.repeats, args.task_seed)
+                                   args.share_n, args.share_output_len, args.repeats, args.task_seed,
+                                   tuple(args.parts.split(",")))
         _emit(result, args.out, format_table(result))
-        if args.plot:
+        if args.plot and "accuracy" in result:
             plot(result, args.plot)
         return
     if args.bench == "migration":
@@ -453,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--share-n", type=int, default=16)
     sc.add_argument("--share-output-len", type=int, default=32)
     sc.add_argument("--repeats", type=int, default=3, help="alternated repeats of the sharing comparison")
+    sc.add_argument("--parts", default="accuracy,adaptive,sharing", help="which of the three to run")
     sc.add_argument("--out", default=None, help="also write the JSON result here")
     sc.add_argument("--plot", default=None, help="a PNG of accuracy and coverage against N and wall time")
     add_engine_args(sc)

@@ -15,6 +15,7 @@ from kvloom.engine.sampler import TokenLogprobs
 from kvloom.errors import InvalidRequestError
 from kvloom.sampling_params import SamplingParams
 from kvloom.scaling.beam import beam_search
+from kvloom.scaling.guided import ParticleSearch, particle_filter
 from kvloom.scaling.offline import generate_scaled
 from kvloom.scaling.spec import ScalingSpec
 
@@ -79,7 +80,7 @@ class LLM:
                  lora: str | list[str | None] | None = None, *, best_of: int | None = None,
                  vote: dict | None = None, adaptive: dict | None = None,
                  scorer: str | Callable | None = None, use_beam_search: bool = False, beam_width: int = 4,
-                 length_penalty: float = 1.0) -> list[GenerationResult]:
+                 length_penalty: float = 1.0, guided: dict | None = None) -> list[GenerationResult]:
         """One result per prompt, in order. A single string or token-id list counts as one prompt.
         sampling_params: one for all prompts, or a list with one per prompt.
 
@@ -92,6 +93,9 @@ class LLM:
         adaptive={"max_n": N, "confidence": p, "round": k, "extract": regex} draws rounds of k samples until
         the leading answer's posterior reaches p. Each result's .kvloom reports votes, scores, samples used.
         use_beam_search: the best n of beam_width beams (transformers' beam search, length_penalty as there).
+        guided={"particles": K, "step_tokens": T, "temperature": t, "seed": s} with scorer=callable(prompt,
+        partial text) -> float: particle filtering, K particles resampled every T tokens by exp(score / t);
+        the best n finished particles are returned (kvloom/scaling/guided.py).
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -99,7 +103,14 @@ class LLM:
             raise InvalidRequestError("no prompts given", field="prompts")
         params = sampling_params or SamplingParams()
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        spec = ScalingSpec.from_fields(per_prompt[0].n, best_of, vote, adaptive, scorer) if per_prompt else None
+        # (guided search's scorer is its own: best_of's ranking never sees it)
+        spec = ScalingSpec.from_fields(per_prompt[0].n, best_of, vote, adaptive,
+                                       None if guided is not None else scorer)
+        if guided is not None:
+            if not callable(scorer) or spec is not None or use_beam_search or isinstance(params, (list, tuple)):
+                raise InvalidRequestError("guided search takes a callable scorer, one sampling params, and no "
+                                          "best_of / vote / adaptive / beam search", field="guided")
+            return self._run_guided(list(prompts), per_prompt[0], scorer, guided)
         if use_beam_search:
             if spec is not None or isinstance(params, (list, tuple)):
                 raise InvalidRequestError("beam search takes one sampling params and no best_of / vote / adaptive",
@@ -152,6 +163,22 @@ class LLM:
     def close_session(self, session_id: str) -> bool:
         """Release the KV an agent session kept between calls."""
         return self.engine.close_session(session_id)
+
+    def _run_guided(self, prompts: list[Prompt], params: SamplingParams, scorer: Callable,
+                    settings: dict) -> list[GenerationResult]:
+        unknown = set(settings) - {"particles", "step_tokens", "temperature", "seed"}
+        if unknown:
+            raise InvalidRequestError(f"guided has unknown fields {sorted(unknown)}", field="guided")
+        results = []
+        for i, prompt in enumerate(prompts):
+            search = ParticleSearch(**settings)
+            finished = particle_filter(self.engine, prompt, params, scorer, search, f"llm-{id(self)}-guided-{i}")
+            best = finished[:params.n]
+            results.append(GenerationResult(prompt, best[0][1].prompt_token_ids, [
+                Completion(o.text, o.token_ids, o.finish_reason, None, o.stop_reason) for _, o in best],
+                kvloom={"strategy": "guided", "rounds": search.rounds, "scores": [sc for sc, _ in best],
+                        "particles_finished": len(finished)}))
+        return results
 
     def _run_beams(self, prompts: list[Prompt], params: SamplingParams, width: int,
                    length_penalty: float) -> list[GenerationResult]:

@@ -71,7 +71,7 @@ def llm(tiny_model_dir):
     return LLM(tiny_model_dir("llama"), kv_cache_memory="4MiB")
 
 
-def _no_leak(engine):
+def _engine_empty(engine):
     assert not engine.has_unfinished() and engine.pool.num_free == engine.pool.num_blocks
 
 
@@ -88,7 +88,7 @@ def test_best_of_returns_the_top_n_by_cumulative_logprob(llm):
         assert g.outputs[0].logprobs is None                 # not asked for: not returned
         assert len(g.kvloom["scores"]) == 6 and g.kvloom["samples_used"] == 6
         assert g.kvloom["completion_tokens"] == 60
-    _no_leak(llm.engine)
+    _engine_empty(llm.engine)
 
 
 def test_best_of_with_a_callable_scorer(llm):
@@ -115,7 +115,7 @@ def test_vote_returns_the_majority_answer_and_its_first_sample(llm):
         assert vote["answer"] == winner and vote["counts"] == dict(counts)
         assert vote["share"] == pytest.approx(counts[winner] / 8)
         assert g.text == r.outputs[answers.index(winner)].text and len(g.outputs) == 1
-    _no_leak(llm.engine)
+    _engine_empty(llm.engine)
 
 
 def test_adaptive_stops_once_sure_and_aborts_the_round(llm):
@@ -125,7 +125,7 @@ def test_adaptive_stops_once_sure_and_aborts_the_round(llm):
     for g in got:
         assert g.kvloom["samples_used"] == 4 and g.kvloom["samples_aborted"] == 4
         assert g.kvloom["stopped_early"] and g.kvloom["vote"]["posterior"] >= 0.95
-    _no_leak(llm.engine)
+    _engine_empty(llm.engine)
 
 
 def test_adaptive_draws_rounds_up_to_max_n_when_answers_disagree(llm):
@@ -140,7 +140,7 @@ def test_adaptive_draws_rounds_up_to_max_n_when_answers_disagree(llm):
     for r, g in zip(ref, got):
         answers = [extract_answer(o.text, re.compile(r"(.)$")) for o in r.outputs]
         assert g.kvloom["vote"]["counts"] == dict(majority(answers)[1])
-    _no_leak(llm.engine)
+    _engine_empty(llm.engine)
 
 
 def _fields(p: SamplingParams) -> dict:

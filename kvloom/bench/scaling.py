@@ -119,7 +119,8 @@ def _kw(p: SamplingParams) -> dict:
 
 def run_scaling_bench(config: EngineConfig, items: int, max_n: int, temperature: float, max_tokens: int,
                       confidences: list[float], share_prompt_len: int, share_n: int, share_output_len: int,
-                      repeats: int, seed: int = 0) -> dict:
+                      repeats: int, seed: int = 0, parts: tuple[str, ...] = ("accuracy", "adaptive", "sharing")
+                      ) -> dict:
     engine = Engine(config)
     tasks = make_tasks(items, seed)
     prompts = [engine.tokenizer.apply_chat_template(chat_messages(t), True) for t in tasks]
@@ -129,26 +130,35 @@ def run_scaling_bench(config: EngineConfig, items: int, max_n: int, temperature:
     result = {"system": engine_description(engine),
               "settings": {"items": items, "task_seed": seed, "max_n": max_n, "temperature": temperature,
                            "max_tokens": max_tokens, "stop": ["\n"], "answer_regex": ANSWER_REGEX,
-                           "kinds": sorted({t.kind for t in tasks})},
-              "sharing": sharing_cost(engine, share_prompt_len, share_n, share_output_len, repeats, seed),
-              "accuracy": accuracy_curves(engine, prompts, answers, max_n, params),
-              "adaptive": adaptive_runs(engine, prompts, answers, max_n, params, confidences)}
+                           "kinds": sorted({t.kind for t in tasks}), "parts": list(parts)}}
+    if "accuracy" in parts:
+        result["accuracy"] = accuracy_curves(engine, prompts, answers, max_n, params)
+    if "adaptive" in parts:
+        result["adaptive"] = adaptive_runs(engine, prompts, answers, max_n, params, confidences)
+    if "sharing" in parts:
+        result["sharing"] = sharing_cost(engine, share_prompt_len, share_n, share_output_len, repeats, seed)
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
 def format_table(result: dict) -> str:
-    acc = result["accuracy"]
-    lines = [f"{result['settings']['items']} items, greedy accuracy {acc['greedy_accuracy']:.3f}, single-sample "
-             f"accuracy {acc['single_sample_accuracy']:.3f} (T={result['settings']['temperature']})",
-             "| N | coverage | vote accuracy | seconds | completion tokens |", "|---|---|---|---|---|"]
-    lines += [f"| {r['n']} | {r['coverage']:.3f} | {r['vote_accuracy']:.3f} | {r['seconds']} | {r['completion_tokens']} |"
-              for r in acc["runs"]]
-    lines += ["", "| adaptive confidence | accuracy | mean samples (started) | seconds | completion tokens |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {r['confidence']} | {r['accuracy']:.3f} | {r['mean_samples']:.1f} ({r['mean_samples_started']:.1f}) "
-              f"| {r['seconds']} | {r['completion_tokens']} |" for r in result["adaptive"]]
-    s = result["sharing"]
+    lines = []
+    acc = result.get("accuracy")
+    if acc is not None:
+        lines += [f"{result['settings']['items']} items, greedy accuracy {acc['greedy_accuracy']:.3f}, single-sample "
+                  f"accuracy {acc['single_sample_accuracy']:.3f} (T={result['settings']['temperature']})",
+                  "| N | coverage | vote accuracy | seconds | completion tokens |", "|---|---|---|---|---|"]
+        lines += [f"| {r['n']} | {r['coverage']:.3f} | {r['vote_accuracy']:.3f} | {r['seconds']} | "
+                  f"{r['completion_tokens']} |" for r in acc["runs"]]
+    if "adaptive" in result:
+        lines += ["", "| adaptive confidence | accuracy | mean samples (started) | seconds | completion tokens |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['confidence']} | {r['accuracy']:.3f} | {r['mean_samples']:.1f} "
+                  f"({r['mean_samples_started']:.1f}) | {r['seconds']} | {r['completion_tokens']} |"
+                  for r in result["adaptive"]]
+    s = result.get("sharing")
+    if s is None:
+        return "\n".join(lines)
     lines += ["", f"sharing: {s['n']} samples of a {s['prompt_tokens']}-token prompt, {s['output_tokens']} tokens each: "
               f"one request {s['shared_median_s']} s, {s['n']} separate requests {s['separate_median_s']} s, "
               f"ratio {s['ratio']} (goal <= {s['goal_ratio']}: {'met' if s['goal_met'] else 'not met'})"]
@@ -169,8 +179,9 @@ def plot(result: dict, path: str) -> None:
         ax.plot(xs, [r["vote_accuracy"] for r in runs], "s-", label="majority-vote accuracy")
         ax.axhline(acc["greedy_accuracy"], color="gray", ls="--", label="greedy")
         ax.axhline(acc["single_sample_accuracy"], color="gray", ls=":", label="single sample")
-        ad_x = [r["mean_samples"] if key == "n" else r["seconds"] for r in result["adaptive"]]
-        ax.plot(ad_x, [r["accuracy"] for r in result["adaptive"]], "D", color="C3", label="adaptive (mean samples)")
+        adaptive = result.get("adaptive", [])
+        ad_x = [r["mean_samples"] if key == "n" else r["seconds"] for r in adaptive]
+        ax.plot(ad_x, [r["accuracy"] for r in adaptive], "D", color="C3", label="adaptive voting")
         ax.set_xscale("log", base=2 if key == "n" else 10)
         ax.set_xlabel(label)
         ax.set_ylabel("fraction of items")
