@@ -187,7 +187,8 @@ def plot(result: dict, path: str) -> None:
         ax.set_ylabel("fraction of items")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    cpu = result["system"].get("cpu_model", "")
+    system = result["system"]
+    cpu = f"{system.get('cpu_model', '')}, kernels {system['inference_paths']['kernels'].get('isa')}"
     fig.suptitle(f"{result['system'].get('model', '')}: {result['settings']['items']} tasks, {cpu}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
