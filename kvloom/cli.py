@@ -202,6 +202,16 @@ def cmd_bench(args) -> None:
                                [int(x) for x in args.batch_sizes.split(",")], args.repeats, args.threads)
         _emit(result, args.out, format_table(result))
         return
+    if args.bench == "scaling":
+        from kvloom.bench.scaling import format_table, plot, run_scaling_bench
+        result = run_scaling_bench(engine_config(args), args.items, args.max_n, args.temperature, args.max_tokens,
+                                   [float(x) for x in args.confidences.split(",")], args.share_prompt_len,
+                                   args.share_n, args.share_output_len, args.repeats, args.task_seed,
+                                   tuple(args.parts.split(",")))
+        _emit(result, args.out, format_table(result))
+        if args.plot and "accuracy" in result:
+            plot(result, args.plot)
+        return
     if args.bench == "migration":
         from kvloom.bench.migration import format_table, run_migration_bench
         result = run_migration_bench(engine_config(args), [int(x) for x in args.contexts.split(",")], args.repeats)
@@ -457,6 +467,23 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     moe.add_argument("--out", default=None)
     moe.set_defaults(func=cmd_bench)
+    sc = bsub.add_parser("scaling", help="inference-time scaling on a checkable task set: coverage and vote "
+                                         "accuracy against N and time, adaptive sampling, shared-prompt cost")
+    sc.add_argument("--items", type=int, default=120, help="tasks (kvloom/eval/tasks.py)")
+    sc.add_argument("--task-seed", type=int, default=0)
+    sc.add_argument("--max-n", type=int, default=64, help="samples per query; runs at N = 1, 4, 16, ... up to it")
+    sc.add_argument("--temperature", type=float, default=0.8)
+    sc.add_argument("--max-tokens", type=int, default=16)
+    sc.add_argument("--confidences", default="0.8,0.95", help="adaptive sampling's stopping posteriors")
+    sc.add_argument("--share-prompt-len", type=int, default=500)
+    sc.add_argument("--share-n", type=int, default=16)
+    sc.add_argument("--share-output-len", type=int, default=32)
+    sc.add_argument("--repeats", type=int, default=3, help="alternated repeats of the sharing comparison")
+    sc.add_argument("--parts", default="accuracy,adaptive,sharing", help="which of the three to run")
+    sc.add_argument("--out", default=None, help="also write the JSON result here")
+    sc.add_argument("--plot", default=None, help="a PNG of accuracy and coverage against N and wall time")
+    add_engine_args(sc)
+    sc.set_defaults(func=cmd_bench)
     mig = bsub.add_parser("migration", help="live-migration stall against context length: KV, pre-copy, recompute")
     mig.add_argument("--contexts", default="128,256,512,1024,2048")
     mig.add_argument("--repeats", type=int, default=3)
