@@ -125,6 +125,7 @@ def reference():
 REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
+@pytest.mark.timeout(1800)   # loads the model twice (transformers and kvloom) and runs a ~700-token prompt
 def test_gemma3_270m_matches_transformers(reference):
     path, tok, model = reference
     long_prompt = tok.decode(tok.encode(corpus_text()[:6000])[1:700])   # ~700 tokens: past the 512 window
