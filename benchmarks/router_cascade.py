@@ -97,7 +97,7 @@ def bandit_replay(tasks, small, big, lam: float, passes: int, seed: int) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=80)
-    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/results/router")
     args = ap.parse_args()

@@ -171,3 +171,12 @@ def test_bandit_route_and_feedback(dirs):
             assert s.status_code == 200 and s.headers["x-kvloom-route-policy"] == "bandit"
             assert "[DONE]" in "".join(s.iter_text())
         assert sum(_route_counts(server).values()) == 3
+
+
+def test_a_model_that_cannot_load_fails_its_requests_only(dirs, tmp_path):
+    with MultiServerThread({"small": dirs["small"], "broken": str(tmp_path / "missing")}) as server:
+        r = httpx.post(server.url + "/v1/completions", json={"model": "broken", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
+        ok = httpx.post(server.url + "/v1/completions", json={"model": "small", "prompt": "x", "max_tokens": 2})
+        assert ok.status_code == 200
+        assert httpx.get(server.url + "/health").status_code == 200

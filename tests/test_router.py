@@ -79,3 +79,15 @@ def test_bad_routes_are_refused():
                  "x=bandit,bogus=1", "a=bandit"):
         with pytest.raises(KvloomError):
             build_routes([parse_route(text)], ["a", "b"])
+
+
+def test_task_set_is_seeded_and_checkable():
+    from kvloom.router.tasks import make_tasks
+    tasks = make_tasks(8, seed=4)
+    assert tasks == make_tasks(8, seed=4) and tasks != make_tasks(8, seed=5)
+    add = next(t for t in tasks if t.kind == "add1")
+    a, b = (int(x) for x in add.question.split("? ")[0].removeprefix("What is ").split(" + "))
+    assert add.check(f"{a} + {b} = {a + b}") and add.check(f"The answer is {a + b}.")
+    assert not add.check(f"{a} + {b} = ") and not add.check("no number")
+    copy = next(t for t in tasks if t.kind == "copy")
+    assert copy.check(copy.answer.capitalize() + ".") and not copy.check(f'The word "{copy.answer}"')

@@ -19,8 +19,8 @@ class Task:
         if self.kind == "copy":
             words = re.findall(r"[A-Za-z]+", text)
             return bool(words) and words[0].lower() == self.answer
-        numbers = re.findall(r"-?\d+", text)
-        return bool(numbers) and numbers[0] == self.answer
+        numbers = re.findall(r"-?\d+", text)   # the last number: "3 + 7 = 10" and "The answer is 10." both count
+        return bool(numbers) and numbers[-1] == self.answer
 
 
 def make_tasks(n: int, seed: int = 0) -> list[Task]:

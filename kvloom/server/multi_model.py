@@ -19,7 +19,7 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import Metric
 
@@ -213,10 +213,15 @@ def build_multi_model_app(registry: ModelRegistry, route_specs: list[RouteSpec] 
 
     register_error_handlers(front)
 
-    async def forward(name: str, body: bytes, scope, receive, send) -> None:
-        loaded = await registry.acquire(name)
+    async def forward(name: str, body: bytes | None, scope, receive, send) -> None:
         try:
-            await loaded.app(scope, _replayed(body, receive), send)
+            loaded = await registry.acquire(name)
+        except Exception as e:   # noqa: BLE001 - a model that cannot load fails its requests, not the server
+            log.error("model %s: could not be loaded: %s", name, e)
+            return await _error(500, f"model {name!r} could not be loaded: {e}", "server_error",
+                                code="model_load_failed")(scope, receive, send)
+        try:
+            await loaded.app(scope, receive if body is None else _replayed(body, receive), send)
         finally:
             registry.release(name)
 
@@ -327,12 +332,8 @@ def build_multi_model_app(registry: ModelRegistry, route_specs: list[RouteSpec] 
     front_paths = {r.path for r in front.routes}
 
     async def to_default(scope, receive, send):
-        """Any other route (sessions, LoRA, web pages) is the default model's."""
-        loaded = await registry.acquire(registry.default)
-        try:
-            await loaded.app(scope, receive, send)
-        finally:
-            registry.release(registry.default)
+        """Any other route (sessions, LoRA, web pages) is the default model's; its body is read by its app."""
+        await forward(registry.default, None, scope, receive, send)
 
     app = dispatch
     if keys := ServerSettings("", api_key).api_keys:
