@@ -100,14 +100,24 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/results/router")
+    ap.add_argument("--answers-from", default=None,
+                    help="a cascade.json of an earlier run with the same tasks: its answers are re-scored (the "
+                         "checker, the points, the bandit) instead of generated again")
     args = ap.parse_args()
     tasks = make_tasks(args.tasks, args.seed)
-    small_llm = LLM(None, kv_cache_memory="128MiB")
-    small = answer_all(small_llm, tasks, few_shot=False, max_tokens=args.max_tokens)
-    del small_llm
-    big_llm = LLM(None, quantization="none", kv_cache_memory="128MiB")
-    big = answer_all(big_llm, tasks, few_shot=True, max_tokens=args.max_tokens)
-    del big_llm
+    if args.answers_from:
+        with open(args.answers_from) as f:
+            earlier = json.load(f)
+        assert [r["question"] for r in earlier["per_task"]] == [t.question for t in tasks], "not the same tasks"
+        small = [{**r["small"], "correct": t.check(r["small"]["text"])} for r, t in zip(earlier["per_task"], tasks)]
+        big = [{**r["big"], "correct": t.check(r["big"]["text"])} for r, t in zip(earlier["per_task"], tasks)]
+    else:
+        small_llm = LLM(None, kv_cache_memory="128MiB")
+        small = answer_all(small_llm, tasks, few_shot=False, max_tokens=args.max_tokens)
+        del small_llm
+        big_llm = LLM(None, quantization="none", kv_cache_memory="128MiB")
+        big = answer_all(big_llm, tasks, few_shot=True, max_tokens=args.max_tokens)
+        del big_llm
     confs = sorted(s["mean_logprob"] for s in small)
     thresholds = sorted({float(np.quantile(confs, q)) for q in (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)})
     points = [cascade_point(small, big, -np.inf), *[cascade_point(small, big, t) for t in thresholds],

@@ -14,8 +14,9 @@ from kvloom.router.routes import BanditRoute, CascadeRoute, build_routes, parse_
 def test_features_are_cheap_and_bounded():
     code = query_features("def f(x):\n    return x + 1")
     prose = query_features("What is the capital of France?")
-    assert code[2] == 1.0 and prose[2] == 0.0 and prose[5] == 1.0
-    assert query_features("Wie spät ist es, Grüße?")[4] > 0
+    assert code[2] == 1.0 and prose[2] == 0.0 and prose[6] == 1.0
+    assert query_features("What is 3 + 4?")[3] == 1.0 and prose[3] == 0.0
+    assert query_features("Wie spät ist es, Grüße?")[5] > 0
     for x in (code, prose, query_features(""), query_features("9" * 10_000)):
         assert x[0] == 1.0 and np.all((x >= 0) & (x <= 1))
     assert request_text({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) == "a"
@@ -25,7 +26,7 @@ def test_features_are_cheap_and_bounded():
 def _synthetic_run(seed: int, rounds: int = 400):
     """Two arms; 'good' answers code queries well and prose badly, 'cheap' the reverse, each with noise."""
     rng = np.random.default_rng(seed)
-    bandit = LinUCB(["cheap", "good"], dim=6, alpha=0.5, seed=seed)
+    bandit = LinUCB(["cheap", "good"], dim=7, alpha=0.5, seed=seed)
     queries = ["def f(x): return x", "import os\nos.listdir()", "Tell me about rivers.", "Why is the sky blue?"]
     picks = []
     for t in range(rounds):

@@ -8,11 +8,12 @@ import numpy as np
 
 _CODE = re.compile(r"```|\bdef |\bclass |\bimport |\breturn\b|[{};]\s*$|=>|\(\)|#include", re.MULTILINE)
 _DIGITS = re.compile(r"\d")
-FEATURE_NAMES = ("bias", "log_length", "code", "digits", "non_ascii", "question")
+_ARITHMETIC = re.compile(r"\d\s*[-+*/×x^]\s*\d")
+FEATURE_NAMES = ("bias", "log_length", "code", "arithmetic", "digits", "non_ascii", "question")
 
 
 def query_features(text: str) -> np.ndarray:
-    """[bias, log(1 + words)/8, looks like code, share of digits, share of non-ASCII letters (another
+    """[bias, log(1 + words)/8, looks like code, holds arithmetic (3 + 4), share of digits, share of non-ASCII letters (another
     language or script), ends with a question mark]: all in about [0, 1], so one bandit scale fits them."""
     n = max(1, len(text))
     words = len(text.split())
@@ -20,6 +21,7 @@ def query_features(text: str) -> np.ndarray:
         1.0,
         min(1.0, math.log1p(words) / 8.0),
         1.0 if _CODE.search(text) else 0.0,
+        1.0 if _ARITHMETIC.search(text) else 0.0,
         len(_DIGITS.findall(text)) / n,
         sum(1 for c in text if ord(c) > 127) / n,
         1.0 if text.rstrip().endswith("?") else 0.0,
