@@ -1,4 +1,5 @@
 """Several models behind one server: dispatch by name, load on demand, idle unload, LRU, routes, feedback."""
+import math
 import threading
 import time
 
@@ -129,7 +130,8 @@ def test_max_loaded_models_evicts_least_recently_used_idle(dirs):
 
 def test_cascade_route_escalates_below_threshold(dirs):
     routes = [RouteSpec("never", "cascade", {"threshold": "-inf"}), RouteSpec("always", "cascade", {"threshold": "inf"}),
-              RouteSpec("mid", "cascade", {"threshold": "-3.0"})]
+              RouteSpec("mid", "cascade", {"threshold": "-3.0"}),
+              RouteSpec("ent", "cascade", {"threshold": "-1.0", "measure": "neg_entropy"})]
     with MultiServerThread(dirs, routes=routes) as server:
         ask = {"prompt": "The with statement", "max_tokens": 6, "temperature": 0}
         never = httpx.post(server.url + "/v1/completions", json={**ask, "model": "never"}, timeout=60).json()
@@ -143,6 +145,13 @@ def test_cascade_route_escalates_below_threshold(dirs):
         lps = small["choices"][0]["logprobs"]["token_logprobs"]
         mid = httpx.post(server.url + "/v1/completions", json={**ask, "model": "mid"}, timeout=60).json()
         assert mid["kvloom"]["route"]["model"] == ("big" if sum(lps) / len(lps) < -3.0 else "small")
+        # Entropy: escalated exactly when minus small's mean top-5 entropy is below the threshold.
+        top = httpx.post(server.url + "/v1/completions", json={**ask, "model": "small", "logprobs": 5}).json()
+        steps = [list(d.values()) for d in top["choices"][0]["logprobs"]["top_logprobs"]]
+        neg_entropy = -sum(-sum(math.exp(v) * v for v in s) for s in steps) / len(steps)
+        ent = httpx.post(server.url + "/v1/completions", json={**ask, "model": "ent"}, timeout=60).json()
+        assert ent["kvloom"]["route"]["model"] == ("big" if neg_entropy < -1.0 else "small")
+        assert ent["choices"][0]["logprobs"] is None
         chat = httpx.post(server.url + "/v1/chat/completions", timeout=60,
                           json={"model": "always", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert chat.json()["kvloom"]["route"]["model"] == "big"
@@ -150,6 +159,7 @@ def test_cascade_route_escalates_below_threshold(dirs):
         assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
         counts = _route_counts(server)
         assert counts[("never", "small")] == 1 and counts[("always", "big")] == 2
+        assert sum(v for (r, _), v in counts.items() if r == "ent") == 1
 
 
 def test_bandit_route_and_feedback(dirs):

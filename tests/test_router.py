@@ -71,6 +71,10 @@ def test_cascade_escalates_exactly_below_threshold():
     assert should_escalate(lps, -0.5 + 1e-9)
     assert not should_escalate(lps, -0.6)
     assert should_escalate([], -100.0) and confidence([]) == -math.inf
+    sure, unsure = [[0.0, -30.0]], [[math.log(0.5), math.log(0.5)]]     # one step each: p = (1, ~0) / (.5, .5)
+    assert confidence([-0.1], "neg_entropy", sure) == pytest.approx(0.0, abs=1e-9)
+    assert confidence([-0.7], "neg_entropy", unsure) == pytest.approx(-math.log(2))
+    assert should_escalate([-0.7], -0.5, "neg_entropy", unsure) and not should_escalate([-0.1], -0.5, "neg_entropy", sure)
     route = CascadeRoute(parse_route("c=cascade,threshold=-0.5"), ["s", "b"])
     assert route.judge(lps)[0] is False and route.judge([-0.6])[0] is True
 

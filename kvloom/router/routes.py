@@ -2,7 +2,7 @@
 first route) is given a model by it.
 
   bandit[,arms=a+b][,costs=0+1][,lambda=0.2][,alpha=0.5][,seed=0][,warm=rows.json]
-  cascade[,small=a][,big=b][,threshold=-0.5][,measure=mean_logprob|min_logprob]
+  cascade[,small=a][,big=b][,threshold=-0.5][,measure=mean_logprob|min_logprob|neg_entropy]
 
 A bandit's arms default to every served model, in the order given, costing 0 for the first up to 1 for the last;
 a cascade's small model is the first served model, its big one the last.
@@ -118,9 +118,9 @@ class CascadeRoute:
         if self.measure not in CONFIDENCE_MEASURES:
             raise KvloomError(f"--route {spec.name}: measure must be one of {', '.join(CONFIDENCE_MEASURES)}")
 
-    def judge(self, token_logprobs: list[float]) -> tuple[bool, str]:
+    def judge(self, token_logprobs: list[float], top_logprobs: list[list[float]] | None = None) -> tuple[bool, str]:
         """(escalate?, why)."""
-        c = confidence(token_logprobs, self.measure)
+        c = confidence(token_logprobs, self.measure, top_logprobs)
         shown = f"{c:.3f}" if math.isfinite(c) else str(c)
         if c < self.threshold:
             return True, f"{self.small}'s {self.measure} {shown} < threshold {self.threshold:g}: escalated"

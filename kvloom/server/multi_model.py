@@ -26,6 +26,7 @@ from prometheus_client.core import Metric
 from kvloom.config import EngineConfig
 from kvloom.errors import InvalidRequestError, NotFoundError
 from kvloom.router.routes import AUTO, BanditRoute, CascadeRoute, RouteSpec, build_routes
+from kvloom.router.cascade import TOP_FOR_ENTROPY
 from kvloom.router.features import request_text
 from kvloom.server.app import PUBLIC_PATHS, ServerSettings, _error, _RequireApiKey, build_app, register_error_handlers
 from kvloom.server.async_engine import AsyncEngine
@@ -121,12 +122,15 @@ def _replayed(body: bytes, receive):
     return receive_again
 
 
-def _token_logprobs(answer: dict) -> list[float]:
-    """The chosen tokens' logprobs of choice 0, chat or completion shape."""
+def _token_logprobs(answer: dict) -> tuple[list[float], list[list[float]]]:
+    """The chosen tokens' logprobs of choice 0 and each step's top alternatives' logprobs, chat or completion
+    shape."""
     lps = (answer.get("choices") or [{}])[0].get("logprobs") or {}
     if "content" in lps:
-        return [t["logprob"] for t in lps["content"] or []]
-    return [x for x in lps.get("token_logprobs") or [] if x is not None]
+        steps = lps["content"] or []
+        return [t["logprob"] for t in steps], [[a["logprob"] for a in t.get("top_logprobs") or []] for t in steps]
+    return ([x for x in lps.get("token_logprobs") or [] if x is not None],
+            [list(top.values()) for top in lps.get("top_logprobs") or [] if top])
 
 
 def build_multi_model_app(registry: ModelRegistry, route_specs: list[RouteSpec] = (),
@@ -269,15 +273,17 @@ def build_multi_model_app(registry: ModelRegistry, route_specs: list[RouteSpec] 
                                       "answer before it can answer: send stream=false", field="stream")
         chat = scope["path"] == "/v1/chat/completions"
         wants_logprobs = data.get("logprobs") not in (None, False)
-        small_body = {**data, "model": route.small, **({"logprobs": True} if chat else
-                                                        {"logprobs": data.get("logprobs") or 0})}
+        tops = TOP_FOR_ENTROPY if route.measure == "neg_entropy" else 0
+        small_body = {**data, "model": route.small, **({"logprobs": True, "top_logprobs": tops or
+                                                         data.get("top_logprobs")} if chat else
+                                                        {"logprobs": max(tops, data.get("logprobs") or 0)})}
         started = time.perf_counter()
         small = _Capture()
         await forward(route.small, json.dumps(small_body).encode(), scope, receive, small)
         out = small.json()
         if small.status != 200 or not isinstance(out, dict):
             return await small.replay(send)
-        escalate, reason = route.judge(_token_logprobs(out))
+        escalate, reason = route.judge(*_token_logprobs(out))
         small_seconds = time.perf_counter() - started
         info = {"model": route.small, "policy": route.policy, "route": route_name, "reason": reason,
                 "small_usage": out.get("usage"), "small_seconds": small_seconds}
