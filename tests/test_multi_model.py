@@ -1,4 +1,5 @@
 """Several models behind one server: dispatch by name, load on demand, idle unload, LRU, routes, feedback."""
+import json
 import math
 import threading
 import time
@@ -179,7 +180,10 @@ def test_bandit_route_and_feedback(dirs):
         assert httpx.post(server.url + "/v1/feedback", content=b"not json").status_code == 400
         with httpx.stream("POST", server.url + "/v1/completions", json={**ask, "stream": True}) as s:
             assert s.status_code == 200 and s.headers["x-kvloom-route-policy"] == "bandit"
-            assert "[DONE]" in "".join(s.iter_text())
+            text = "".join(s.iter_text())
+        assert "[DONE]" in text
+        stream_id = json.loads(text.split("data: ", 2)[1].split("\n")[0])["id"]
+        assert httpx.post(server.url + "/v1/feedback", json={"id": stream_id, "score": 0}).status_code == 200
         assert sum(_route_counts(server).values()) == 3
 
 
