@@ -194,3 +194,15 @@ def test_a_model_that_cannot_load_fails_its_requests_only(dirs, tmp_path):
         ok = httpx.post(server.url + "/v1/completions", json={"model": "small", "prompt": "x", "max_tokens": 2})
         assert ok.status_code == 200
         assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_api_key_guards_every_route_of_the_front(dirs):
+    with MultiServerThread(dirs, api_key="k") as server:
+        ask = {"model": "big", "prompt": "x", "max_tokens": 2}
+        for method, path, body in (("POST", "/v1/completions", ask), ("POST", "/v1/feedback", {"id": "a", "score": 1}),
+                                   ("GET", "/v1/models", None), ("GET", "/metrics", None),
+                                   ("GET", "/server_info", None), ("POST", "/tokenize", {"prompt": "x"})):
+            assert httpx.request(method, server.url + path, json=body).status_code == 401, path
+        assert httpx.get(server.url + "/health").status_code == 200
+        ok = httpx.post(server.url + "/v1/completions", json=ask, headers={"Authorization": "Bearer k"}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["model"] == "big"
