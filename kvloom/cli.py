@@ -147,12 +147,33 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from kvloom.server.launch import serve
+    from kvloom.server.launch import serve, serve_models
     from kvloom.server.limits import ServerLimits
     limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
                           max_tokens=args.max_tokens_limit, max_n=args.max_n, max_logprobs=args.max_logprobs,
                           max_stop_strings=args.max_stop_strings, max_stop_length=args.max_stop_length,
                           max_streams_per_key=args.max_streams_per_key)
+    if args.models and args.model:
+        raise KvloomError("give the model as a path or as --model NAME=PATH (repeatable), not both")
+    if len(args.models) > 1 or args.route:
+        import dataclasses
+        from kvloom.router.routes import parse_route
+        if args.instances > 1 or args.ray_address:
+            raise KvloomError("several models (--model NAME=PATH repeated, --route) are served by one process for "
+                              "now; drop --instances/--ray-address, or run one server per model")
+        if len({n for n, _ in args.models}) != len(args.models):
+            raise KvloomError("each --model NAME must be different")
+        base = engine_config(args)
+        models = args.models or [(args.served_model_name or "default", None)]
+        serve_models({n: dataclasses.replace(base, model=None if p == "default" else p) for n, p in models},
+                     [parse_route(r) for r in args.route], args.max_loaded_models, args.model_idle_seconds,
+                     host=args.host, port=args.port, api_key=tuple(args.api_key or ()), limits=limits,
+                     public_metrics=args.public_metrics, max_waiting_requests=args.max_waiting_requests,
+                     graceful_shutdown_s=args.graceful_shutdown, tool_call_parser=args.tool_call_parser,
+                     reasoning_parser=args.reasoning_parser)
+        return
+    if args.models:     # one --model NAME=PATH: the single-model server under that name
+        (args.served_model_name, args.model), = args.models
     serve(engine_config(args), host=args.host, port=args.port, api_key=tuple(args.api_key or ()), limits=limits,
           public_metrics=args.public_metrics,
           served_model_name=args.served_model_name, max_waiting_requests=args.max_waiting_requests,
@@ -201,6 +222,16 @@ def cmd_bench(args) -> None:
         result = run_moe_bench(args.hidden, args.intermediate, args.experts, args.top_k,
                                [int(x) for x in args.batch_sizes.split(",")], args.repeats, args.threads)
         _emit(result, args.out, format_table(result))
+        return
+    if args.bench == "scaling":
+        from kvloom.bench.scaling import format_table, plot, run_scaling_bench
+        result = run_scaling_bench(engine_config(args), args.items, args.max_n, args.temperature, args.max_tokens,
+                                   [float(x) for x in args.confidences.split(",")], args.share_prompt_len,
+                                   args.share_n, args.share_output_len, args.repeats, args.task_seed,
+                                   tuple(args.parts.split(",")))
+        _emit(result, args.out, format_table(result))
+        if args.plot and "accuracy" in result:
+            plot(result, args.plot)
         return
     if args.bench == "migration":
         from kvloom.bench.migration import format_table, run_migration_bench
@@ -334,6 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(s, model_positional=True)
+    s.add_argument("--model", dest="models", action="append", default=[], type=_lora_module, metavar="NAME=PATH",
+                   help="serve several models (repeat; the first is the default; PATH 'default' is the built-in "
+                        "model); requests pick one by name, or 'auto' / a --route name lets a router choose")
+    s.add_argument("--max-loaded-models", type=int, default=0,
+                   help="with several --model: at most this many loaded at once, others loaded on demand and the "
+                        "least recently used idle one unloaded (0: all)")
+    s.add_argument("--model-idle-seconds", type=float, default=0.0,
+                   help="with several --model: unload a model after this many seconds without a request (0: never)")
+    s.add_argument("--route", action="append", default=[], metavar="NAME=POLICY",
+                   help="a routing policy clients name as their model: NAME=bandit[,lambda=0.2,...] or "
+                        "NAME=cascade[,small=A,big=B,threshold=-0.5] (kvloom/router/routes.py); 'auto' is the first")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", action="append", default=None,
@@ -457,6 +499,23 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     moe.add_argument("--out", default=None)
     moe.set_defaults(func=cmd_bench)
+    sc = bsub.add_parser("scaling", help="inference-time scaling on a checkable task set: coverage and vote "
+                                         "accuracy against N and time, adaptive sampling, shared-prompt cost")
+    sc.add_argument("--items", type=int, default=120, help="tasks (kvloom/eval/tasks.py)")
+    sc.add_argument("--task-seed", type=int, default=0)
+    sc.add_argument("--max-n", type=int, default=64, help="samples per query; runs at N = 1, 4, 16, ... up to it")
+    sc.add_argument("--temperature", type=float, default=0.8)
+    sc.add_argument("--max-tokens", type=int, default=16)
+    sc.add_argument("--confidences", default="0.8,0.95", help="adaptive sampling's stopping posteriors")
+    sc.add_argument("--share-prompt-len", type=int, default=500)
+    sc.add_argument("--share-n", type=int, default=16)
+    sc.add_argument("--share-output-len", type=int, default=32)
+    sc.add_argument("--repeats", type=int, default=3, help="alternated repeats of the sharing comparison")
+    sc.add_argument("--parts", default="accuracy,adaptive,sharing", help="which of the three to run")
+    sc.add_argument("--out", default=None, help="also write the JSON result here")
+    sc.add_argument("--plot", default=None, help="a PNG of accuracy and coverage against N and wall time")
+    add_engine_args(sc)
+    sc.set_defaults(func=cmd_bench)
     mig = bsub.add_parser("migration", help="live-migration stall against context length: KV, pre-copy, recompute")
     mig.add_argument("--contexts", default="128,256,512,1024,2048")
     mig.add_argument("--repeats", type=int, default=3)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -13,6 +14,10 @@ from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.sampler import TokenLogprobs
 from kvloom.errors import InvalidRequestError
 from kvloom.sampling_params import SamplingParams
+from kvloom.scaling.beam import beam_search
+from kvloom.scaling.guided import ParticleSearch, particle_filter
+from kvloom.scaling.offline import generate_scaled
+from kvloom.scaling.spec import ScalingSpec
 
 Prompt = str | list[int]
 
@@ -38,6 +43,7 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[Completion]
     num_cached_tokens: int = 0      # prompt tokens found in the prefix cache
+    kvloom: dict | None = None      # best_of / vote / adaptive: the strategy's report (scaling/strategy.py)
 
     @property
     def text(self) -> str:
@@ -71,18 +77,48 @@ class LLM:
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, session_id: str | None = None,
-                 lora: str | list[str | None] | None = None) -> list[GenerationResult]:
+                 lora: str | list[str | None] | None = None, *, best_of: int | None = None,
+                 vote: dict | None = None, adaptive: dict | None = None,
+                 scorer: str | Callable | None = None, use_beam_search: bool = False, beam_width: int = 4,
+                 length_penalty: float = 1.0, guided: dict | None = None) -> list[GenerationResult]:
         """One result per prompt, in order. A single string or token-id list counts as one prompt.
         sampling_params: one for all prompts, or a list with one per prompt.
 
         session_id marks the call as one step of an agent program: its KV is kept for the next call.
         lora: a loaded adapter's name for every prompt, or one name (or None: the base model) per prompt.
+
+        Inference-time scaling (kvloom/scaling; the samples of a query share its prompt's KV): best_of=N
+        returns the best n of N samples by cumulative logprob, or by scorer ("mean_logprob", or a callable
+        (prompt, text) -> float); vote={"extract": regex, "n": N} returns the majority answer's first sample;
+        adaptive={"max_n": N, "confidence": p, "round": k, "extract": regex} draws rounds of k samples until
+        the leading answer's posterior reaches p. Each result's .kvloom reports votes, scores, samples used.
+        use_beam_search: the best n of beam_width beams (transformers' beam search, length_penalty as there).
+        guided={"particles": K, "step_tokens": T, "temperature": t, "seed": s} with scorer=callable(prompt,
+        partial text) -> float: particle filtering, K particles resampled every T tokens by exp(score / t);
+        the best n finished particles are returned (kvloom/scaling/guided.py).
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
             raise InvalidRequestError("no prompts given", field="prompts")
-        return self._run(list(prompts), sampling_params or SamplingParams(), use_tqdm, session_id, lora)
+        params = sampling_params or SamplingParams()
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        # (guided search's scorer is its own: best_of's ranking never sees it)
+        spec = ScalingSpec.from_fields(per_prompt[0].n, best_of, vote, adaptive,
+                                       None if guided is not None else scorer)
+        if guided is not None:
+            if not callable(scorer) or spec is not None or use_beam_search or isinstance(params, (list, tuple)):
+                raise InvalidRequestError("guided search takes a callable scorer, one sampling params, and no "
+                                          "best_of / vote / adaptive / beam search", field="guided")
+            return self._run_guided(list(prompts), per_prompt[0], scorer, guided)
+        if use_beam_search:
+            if spec is not None or isinstance(params, (list, tuple)):
+                raise InvalidRequestError("beam search takes one sampling params and no best_of / vote / adaptive",
+                                          field="use_beam_search")
+            return self._run_beams(list(prompts), per_prompt[0], beam_width, length_penalty)
+        if spec is not None:
+            return self._run_scaled(list(prompts), per_prompt, spec, session_id, lora)
+        return self._run(list(prompts), params, use_tqdm, session_id, lora)
 
     def load_lora(self, name: str, path: str) -> None:
         """Serve a peft adapter directory under `name` from now on."""
@@ -127,6 +163,50 @@ class LLM:
     def close_session(self, session_id: str) -> bool:
         """Release the KV an agent session kept between calls."""
         return self.engine.close_session(session_id)
+
+    def _run_guided(self, prompts: list[Prompt], params: SamplingParams, scorer: Callable,
+                    settings: dict) -> list[GenerationResult]:
+        unknown = set(settings) - {"particles", "step_tokens", "temperature", "seed"}
+        if unknown:
+            raise InvalidRequestError(f"guided has unknown fields {sorted(unknown)}", field="guided")
+        results = []
+        for i, prompt in enumerate(prompts):
+            search = ParticleSearch(**settings)
+            finished = particle_filter(self.engine, prompt, params, scorer, search, f"llm-{id(self)}-guided-{i}")
+            best = finished[:params.n]
+            results.append(GenerationResult(prompt, best[0][1].prompt_token_ids, [
+                Completion(o.text, o.token_ids, o.finish_reason, None, o.stop_reason) for _, o in best],
+                kvloom={"strategy": "guided", "rounds": search.rounds, "scores": [sc for sc, _ in best],
+                        "particles_finished": len(finished)}))
+        return results
+
+    def _run_beams(self, prompts: list[Prompt], params: SamplingParams, width: int,
+                   length_penalty: float) -> list[GenerationResult]:
+        eos = set(self.tokenizer.eos_token_ids)
+        results = []
+        for prompt, hyps in zip(prompts, beam_search(self.engine, prompts, params, width, length_penalty,
+                                                     f"llm-{id(self)}-beam")):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            completions = [Completion(self.tokenizer.decode(t, skip_special_tokens=params.skip_special_tokens), t,
+                                      "stop" if t and t[-1] in eos else "length") for _, t in hyps]
+            results.append(GenerationResult(prompt, ids, completions,
+                                            kvloom={"strategy": "beam_search", "scores": [s for s, _ in hyps]}))
+        return results
+
+    def _run_scaled(self, prompts: list[Prompt], params: list[SamplingParams], spec: ScalingSpec,
+                    session_id: str | None, lora) -> list[GenerationResult]:
+        if len(params) != len(prompts) or any(p.n != params[0].n for p in params):
+            raise InvalidRequestError("best_of / vote / adaptive take one n for all prompts and one sampling "
+                                      "params per prompt", field="sampling_params")
+        adapters = list(lora) if isinstance(lora, (list, tuple)) else [lora] * len(prompts)
+        results = generate_scaled(self.engine, prompts, params, spec, f"llm-{id(self)}-scaled", adapters, session_id)
+        out = []
+        for prompt, p, r in zip(prompts, params, results):
+            completions = [Completion(s.text, s.token_ids, s.finish_reason,
+                                      s.output.logprobs if p.logprobs is not None else None, s.output.stop_reason,
+                                      error=s.output.error) for s in r.chosen]
+            out.append(GenerationResult(prompt, r.prompt_token_ids, completions, kvloom=r.extension))
+        return out
 
     def _run(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams], use_tqdm: bool,
              session_id: str | None = None, lora: str | list[str | None] | None = None) -> list[GenerationResult]:

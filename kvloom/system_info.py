@@ -28,6 +28,18 @@ def stack_description() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
+def save_kernel_result(path: str, script: str, results: list, **fields) -> None:
+    """A native-kernel benchmark's result file: its command, the CPU class of the kernels it ran, the stack,
+    `fields` and the results."""
+    import json
+    status = kernels_status()
+    with open(path, "w") as f:
+        json.dump({"command": f"python {script} {path}", "cpu_class": status["isa"], "cpu_isa": status["cpu_isa"],
+                   "isa_request": status["isa_request"],
+                   "note": "2 shared cores; other agents were loading the machine", "stack": stack_description(),
+                   **fields, "results": results}, f, indent=1)
+
+
 def engine_description(engine) -> dict:
     """The server side: model, precision, every scheduler and cache setting."""
     shape = engine.model.shape

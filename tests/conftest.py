@@ -95,6 +95,17 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> 
     return outs
 
 
+def hf_gguf_reference(path: str):
+    """(tokenizer, model) from transformers loading a GGUF file, fp32; generate() runs through EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = os.path.dirname(path), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # generate through EOS, as ignore_eos does
+    return tok, model
+
+
 def random_prompts(n: int, lengths: list[int] | None = None, seed: int = 0, vocab: int = VOCAB) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = lengths or [int(x) for x in torch.randint(3, 60, (n,), generator=g)]

@@ -63,3 +63,20 @@ def slowed(engine, seconds=0.02):
         return step()
     engine.step = slow_step
     return engine
+
+
+class MultiServerThread(ServerThread):
+    """A multi-model server (kvloom/server/multi_model.py) over {name: model directory}, in a background thread."""
+
+    def __init__(self, model_dirs: dict[str, str], routes=(), max_loaded: int = 0, idle_seconds: float = 0.0,
+                 api_key: str | None = None, **engine_kw):
+        from kvloom.server.model_registry import ModelRegistry
+        from kvloom.server.multi_model import build_multi_model_app, model_loader
+        engine_kw.setdefault("kv_cache_memory", 64 << 20)
+        configs = {n: EngineConfig(model=d, **engine_kw) for n, d in model_dirs.items()}
+        self.registry = ModelRegistry(list(configs), model_loader(configs), max_loaded, idle_seconds)
+        self.port = free_port()
+        self.app = build_multi_model_app(self.registry, list(routes), api_key)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"

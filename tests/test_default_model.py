@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import hf_gguf_reference
 from kvloom import LLM, SamplingParams
 from kvloom.models.model_source import default_model_path
 
@@ -10,15 +11,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 @pytest.fixture(scope="module")
 def reference():
-    import os
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = default_model_path()
-    d, f = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # generate through EOS, as ignore_eos does
-    return tok, model
+    return hf_gguf_reference(default_model_path())
 
 
 @pytest.fixture(scope="module")

@@ -254,3 +254,65 @@ def test_rms_norm_and_silu_mul_match_pytorch(kmod):
     gate_up = torch.cat((torch.randn(6, 44) * 30, torch.randn(6, 44)), dim=1)   # large |gate|: no overflow; 44: tails
     gate, up = gate_up.split(44, dim=1)
     assert torch.allclose(kmod.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+def _tie_logits(rows=6, vocab=3000, seed=0):
+    """Rows with repeated values (ties), -inf entries, a row of one finite value and one all -inf but three."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, vocab, generator=g) * 3).round()   # integers: many ties
+    x[1, ::3] = float("-inf")
+    x[2] = float("-inf")
+    x[2, [5, 70, 900]] = torch.tensor([1.0, 1.0, 0.5])
+    x[3, 100:] = 2.0
+    return x
+
+
+@pytest.mark.parametrize("vocab", [3000, 49_152, 1001])   # 1001: a tail past the vector loop
+def test_top_candidates_equal_a_stable_sort(kmod, vocab):
+    """Counts (top-k of logits) and masses (top-p of probabilities): the values and indices of a stable
+    descending sort (equal values lowest index first), as many as the need, and no more for a mass."""
+    x = _tie_logits(vocab=vocab)
+    ks = torch.tensor([50, 1, 3, 200, vocab, 7])
+    vals, idx, lens = kmod.top_candidates(x, ks, torch.zeros(len(x), dtype=torch.float64))
+    want_v, want_i = x.sort(dim=-1, descending=True, stable=True)
+    for r in range(len(x)):
+        n = int(lens[r])
+        assert n >= min(int(ks[r]), vocab), r
+        assert torch.equal(vals[r, :n], want_v[r, :n]) and torch.equal(idx[r, :n], want_i[r, :n]), r
+    probs = torch.softmax(x / 0.8, -1)
+    masses = torch.tensor([0.95, 0.5, 0.999, 1.0, 0.01, 0.9], dtype=torch.float64)
+    vals, idx, lens = kmod.top_candidates(probs, torch.zeros(len(x), dtype=torch.long), masses)
+    want_v, want_i = probs.sort(dim=-1, descending=True, stable=True)
+    for r in range(len(x)):
+        n = int(lens[r])
+        assert torch.equal(vals[r, :n], want_v[r, :n]) and torch.equal(idx[r, :n], want_i[r, :n]), r
+        assert (vals[r, n:] == 0).all()
+        mass = vals[r, :n].double().cumsum(0)
+        # Just enough: the mass is reached at the last candidate, not before (or every positive one is taken).
+        assert (mass[-1] >= masses[r] and (n == 1 or mass[-2] < masses[r])) or n == int((probs[r] > 0).sum()), r
+
+
+@pytest.mark.parametrize("n,k", [(49_152 // 16 + 5, 576), (37, 70), (16, 64)])   # ragged groups, K not of 4
+def test_grouped_gemv_equals_the_int8_product(kmod, n, k):
+    """The grouped GEMV's int32 sums are the exact product's, for 1-6 rows; through w8a8_linear (the LM head's
+    call) a row's output has the same bits with or without the packed weights, alone or batched."""
+    if not kmod.int8_grouped_gemv_available():
+        pytest.skip("this build has no grouped GEMV")
+    g = torch.Generator().manual_seed(n)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    w[0] = -127                                    # extremes: the largest sums, and the sign trick's edge
+    packed, sums = kmod.int8_pack_row_groups(w)
+    assert torch.equal(sums, w.int().sum(1, dtype=torch.int32))
+    for m in range(1, 7):
+        x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+        x[0] = 127
+        want = x.int() @ w.int().t()
+        assert torch.equal(kmod.int8_grouped_gemv(x, packed, sums, n), want), m
+    xf = torch.randn(4, k, generator=g)
+    scales, bias = torch.rand(n, generator=g), torch.randn(n, generator=g)
+    plain = kmod.w8a8_linear(xf, w.t(), scales, bias)
+    batched = kmod.w8a8_linear(xf, w.t(), scales, bias, packed=packed, row_sums=sums)
+    assert torch.equal(batched, plain)
+    for i in range(4):
+        alone = kmod.w8a8_linear(xf[i:i + 1].contiguous(), w.t(), scales, bias, packed=packed, row_sums=sums)
+        assert torch.equal(alone[0], plain[i]), i

@@ -4,11 +4,14 @@
         name: str
         def supports(self, plan) -> bool
         def build(self, plan) -> AttentionMetadata        # the step's metadata, nothing it does not read
-        def decode(self, q, layer_kv, meta, scale)         # decode rows of one layer (module path)
+        def decode(self, q, layer_kv, meta, scale, sliding)   # decode rows of one layer (module path)
 
 The runner tries them in order (decode stack, native, torch) and the first that
 supports a step runs it; which backends exist, and why one is missing, is
-reported in /server_info.
+reported in /server_info. A model with sliding-window layers (Gemma 3) runs on
+the torch backend alone: it builds each step's window masks beside the causal
+ones, and a sliding layer's attention reads those. The window, as the
+reference's: a query at position p sees keys at positions p - window + 1 .. p.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from kvloom.attention.metadata import (AttentionMetadata, NativeDecodes, SpanAttention, StackRows, TorchDecodes,
                                        head_block_rows)
 from kvloom.engine.scheduler_output import SchedulerOutput
-from kvloom.speculation.tree_attention import tree_mask, tree_visibility_bits
+from kvloom.speculation.tree_attention import tree_depths, tree_mask, tree_visibility_bits
 
 # Draft-carrying chunks up to this many tokens run in the stack with the decodes, each token as a decode
 # row over its own prefix; longer ones take the module path, whose attention reads a chunk's context once
@@ -36,12 +39,15 @@ class AttentionBackend(Protocol):
 
     def build(self, plan: SchedulerOutput) -> AttentionMetadata: ...
 
-    def decode(self, q: torch.Tensor, layer_kv, meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
+    def decode(self, q: torch.Tensor, layer_kv, meta: AttentionMetadata, scale: float,
+               sliding: bool = False) -> torch.Tensor: ...
 
 
 class _Layout:
-    def __init__(self, block_size: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, block_size: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device,
+                 sliding_window: int | None = None):
         self.block_size, self.num_kv_heads, self.dtype, self.device = block_size, num_kv_heads, dtype, device
+        self.sliding_window = sliding_window
 
 
 def _writes(plan: SchedulerOutput, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,18 +57,25 @@ def _writes(plan: SchedulerOutput, block_size: int, device) -> tuple[torch.Tenso
             torch.tensor([o for _, o in slots], dtype=torch.long).to(device))
 
 
+def _bias(valid: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """[rows, keys] visibility -> [rows, 1, 1, keys] additive bias: 0 or -inf."""
+    return torch.zeros(valid.shape, dtype=lay.dtype).masked_fill_(~valid, float("-inf"))[:, None, None, :].to(lay.device)
+
+
 def _padded_tables(tables: list[list[int]]) -> torch.Tensor:
     width = max(len(t) for t in tables)
     return torch.tensor([t + [0] * (width - len(t)) for t in tables])
 
 
 class TorchAttention:
-    """Decode rows gathered from the pool and batched (padded, masked); spans through SDPA."""
+    """Decode rows gathered from the pool and batched (padded, masked); spans through SDPA. With a sliding
+    window, each step also carries the masks of the window for the sliding layers."""
 
     name = "torch"
 
-    def __init__(self, block_size: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device):
-        self.layout = _Layout(block_size, num_kv_heads, dtype, device)
+    def __init__(self, block_size: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device,
+                 sliding_window: int | None = None):
+        self.layout = _Layout(block_size, num_kv_heads, dtype, device, sliding_window)
 
     def supports(self, plan: SchedulerOutput) -> bool:
         return True
@@ -83,9 +96,13 @@ class TorchAttention:
         lay = self.layout
         tables = _padded_tables([c.block_ids for c in plan.decodes])
         ctx = torch.tensor([c.start_pos + 1 for c in plan.decodes])
-        valid = torch.arange(tables.shape[1] * lay.block_size)[None, :] < ctx[:, None]
-        bias = torch.zeros(valid.shape, dtype=lay.dtype).masked_fill_(~valid, float("-inf"))[:, None, None, :]
-        return TorchDecodes(head_block_rows(tables, lay.num_kv_heads).to(lay.device), bias.to(lay.device))
+        keys = torch.arange(tables.shape[1] * lay.block_size)[None, :]
+        valid = keys < ctx[:, None]
+        decodes = TorchDecodes(head_block_rows(tables, lay.num_kv_heads).to(lay.device), _bias(valid, lay))
+        window = lay.sliding_window
+        if window is not None and int(ctx.max()) > window:   # the query sits at ctx - 1
+            decodes.window_bias = _bias(valid & (keys > ctx[:, None] - 1 - window), lay)
+        return decodes
 
     def _span(self, c, start: int) -> SpanAttention:
         lay = self.layout
@@ -98,14 +115,27 @@ class TorchAttention:
                 mask[n - k:, ctx_len - k:] = tree_mask(c.draft_parents)
             mask = mask.to(lay.device)
         table = torch.tensor(c.block_ids[:-(-ctx_len // lay.block_size)])
-        return SpanAttention(start, n, ctx_len, head_block_rows(table, lay.num_kv_heads).to(lay.device), mask)
+        span = SpanAttention(start, n, ctx_len, head_block_rows(table, lay.num_kv_heads).to(lay.device), mask)
+        window = lay.sliding_window
+        if window is not None and ctx_len > window:   # some query has keys outside its window
+            # By position, not slot: a draft's position is its depth past the last committed token.
+            committed = n - k
+            q_pos = torch.arange(c.start_pos, c.start_pos + committed)
+            if k:
+                q_pos = torch.cat((q_pos, c.start_pos + committed - 1 + torch.tensor(tree_depths(c.draft_parents))))
+            in_window = torch.arange(ctx_len)[None, :] > (q_pos - window)[:, None]
+            causal = mask if mask is not None else (torch.arange(ctx_len)[None, :] <= q_pos[:, None]).to(lay.device)
+            span.window_mask = causal & in_window.to(lay.device)
+        return span
 
-    def decode(self, q: torch.Tensor, layer_kv, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, layer_kv, meta: AttentionMetadata, scale: float,
+               sliding: bool = False) -> torch.Tensor:
         nd, num_heads, head_dim = q.shape
         ctx_k, ctx_v = layer_kv.decode_context(meta.decodes)                              # [nd, kvh, L, D]
         kvh = ctx_k.shape[1]
         qd = q.view(nd, kvh, num_heads // kvh, head_dim)
-        scores = torch.matmul(qd, ctx_k.transpose(-1, -2)).mul_(scale).add_(meta.decodes.bias)  # [nd, kvh, G, L]
+        bias = meta.decodes.window_bias if sliding and meta.decodes.window_bias is not None else meta.decodes.bias
+        scores = torch.matmul(qd, ctx_k.transpose(-1, -2)).mul_(scale).add_(bias)         # [nd, kvh, G, L]
         return torch.matmul(torch.softmax(scores, dim=-1), ctx_v).view(nd, num_heads, head_dim)
 
 
@@ -140,7 +170,10 @@ class NativeAttention(TorchAttention):
         tables = _padded_tables([c.block_ids for c in plan.decodes]).to(self.layout.device)
         return NativeDecodes(tables, torch.tensor([c.start_pos + 1 for c in plan.decodes]).to(self.layout.device))
 
-    def decode(self, q: torch.Tensor, layer_kv, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, layer_kv, meta: AttentionMetadata, scale: float,
+               sliding: bool = False) -> torch.Tensor:
+        if sliding:
+            raise RuntimeError("the native paged-attention kernel has no sliding window")
         return layer_kv.decode_attention(q, meta.decodes, scale)
 
 
@@ -197,26 +230,30 @@ class DecodeStackAttention:
         return self.stack.forward(h, cos, sin, meta.write_blocks, meta.write_offsets, r.tables, r.lens, r.masks,
                                   meta.write_slots, r.slots, meta.lora_slots)
 
-    def decode(self, q, layer_kv, meta, scale):
+    def decode(self, q, layer_kv, meta, scale, sliding=False):
         raise RuntimeError("the decode stack runs whole steps; it has no per-layer decode")
 
 
-def paged_attention(q: torch.Tensor, kv, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One layer's attention on the module path. q: [T, heads, head_dim]; kv: the layer's cache."""
+def paged_attention(q: torch.Tensor, kv, meta: AttentionMetadata, scale: float, sliding: bool = False) -> torch.Tensor:
+    """One layer's attention on the module path. q: [T, heads, head_dim]; kv: the layer's cache.
+    sliding: the layer attends within the model's sliding window (the step's window masks)."""
     num_heads = q.shape[1]
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        out[:nd] = meta.backend.decode(q[:nd], kv, meta, scale)
+        out[:nd] = meta.backend.decode(q[:nd], kv, meta, scale, sliding)
     for span in meta.spans:
         s, n, L = span.start, span.length, span.context_len
         if span.rows is not None:
+            if sliding:
+                raise RuntimeError("the native paged-attention kernel has no sliding window")
             out[s:s + n] = kv.decode_attention(q[s:s + n], span.rows, scale)
             continue
         kc, vc = kv.chunk_context(span)                                                  # [kvh, blocks*bs, D]
         qc = q[s:s + n].transpose(0, 1).unsqueeze(0)                                     # [1, H, n, D]
+        mask = span.window_mask if sliding and span.window_mask is not None else span.causal_mask
         o = F.scaled_dot_product_attention(qc, kc[:, :L].unsqueeze(0), vc[:, :L].unsqueeze(0),
-                                           attn_mask=span.causal_mask, is_causal=span.causal_mask is None,
+                                           attn_mask=mask, is_causal=mask is None,
                                            scale=scale, enable_gqa=kc.shape[0] != num_heads)
         out[s:s + n] = o[0].transpose(0, 1)
     return out

@@ -30,6 +30,8 @@ class SpanAttention:
     causal_mask: torch.Tensor | None  # [length, context_len] bool; None when plain causal (no earlier KV)
     staged: tuple[torch.Tensor, ...] | None = None  # int8 KV: (block index, staging slot) of float-staged blocks
     rows: NativeDecodes | None = None   # native backend, float KV: each token as a decode over its own prefix
+    window_mask: torch.Tensor | None = None  # [length, context_len] bool for sliding layers, when the window hides
+                                             # some key from some query (else they read causal_mask)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class TorchDecodes:
 
     head_blocks: torch.Tensor             # [num_decodes, kv_heads, max_blocks] pool rows (padded)
     bias: torch.Tensor                    # [num_decodes, 1, 1, max_blocks * block_size] 0 or -inf
+    window_bias: torch.Tensor | None = None   # the same within the sliding window, when it hides some key
     staged: tuple[torch.Tensor, ...] | None = None   # int8 KV: (decode row, block index, slot)
 
     def add_staging(self, staged: list[tuple[int, int, int]], device) -> None:

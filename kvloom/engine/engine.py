@@ -29,6 +29,7 @@ from kvloom.engine.model_runner import ModelRunner
 from kvloom.engine.output_processor import OutputState
 from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.request import Request, RequestStatus
+from kvloom.engine.sampler import TokenLogprobs
 from kvloom.engine.scheduler import Scheduler
 from kvloom.engine.snapshot import KVBlocks, RequestSnapshot, SampleSnapshot
 from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError
@@ -334,6 +335,88 @@ class Engine:
             self.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
         return True
 
+    # ---- one sample of a family (inference-time scaling: kvloom/scaling) --------------------------
+
+    def abort_sample(self, sample_id: str) -> RequestOutput | None:
+        """End one sample of an n-family now (finish_reason "abort"), freeing the blocks only it holds; the
+        family's other samples go on. Returns its final output, None for an unknown or finished sample."""
+        state = self._states.get(sample_id)
+        if state is None:
+            return None
+        req, parent = state.req, state.req.parent_id
+        pending = self._pending_forks.get(parent, [])
+        awaiting = self._awaiting_grammar.get(parent)
+        if awaiting is not None:            # not queued yet (its grammar compiles): drop it from the list
+            awaiting[1].remove(req)
+            if req in pending:
+                pending.remove(req)
+            elif pending:                   # it was the head: the next sample is, and forks no more
+                pending.pop(0)
+        elif req in pending:
+            pending.remove(req)
+        else:
+            self.scheduler.finish(sample_id, RequestStatus.FINISHED_ABORTED)
+            if pending:   # it was the head, its prompt not done: the next sample computes it (prefix cache helps)
+                self.scheduler.add(pending.pop(0), front=True)
+        if not pending:
+            self._pending_forks.pop(parent, None)
+        if awaiting is not None and not awaiting[1]:
+            del self._awaiting_grammar[parent]
+        state.finish_reason = "abort"
+        return self._output(req, state, time.time())
+
+    def fork_sample(self, sample_id: str, seed: int | None = None) -> str:
+        """A new sample of the family that continues from where sample_id stands, sharing all its blocks
+        (copy-on-write); it draws with `seed` (default: its own index's). Returns the new sample's id. A
+        running source's fork runs at once, even past max_num_seqs (guided search aborts before it forks);
+        any other waits at the head of the queue."""
+        state = self._states.get(sample_id)
+        src = None if state is None else self.scheduler.requests.get(sample_id)
+        if src is None or src.matcher is not None:
+            raise InvalidRequestError(f"sample {sample_id!r} is not a queued or running unconstrained sample",
+                                      field="request_id")
+        family = self._family[src.parent_id]
+        index = len(family)     # every index below it is taken (the family's list keeps finished samples)
+        params = src.params if src.params.greedy else dataclasses.replace(
+            src.params, seed=src.params.seed + index if seed is None else seed)
+        child = Request(f"{src.parent_id}#{index}", src.prompt_token_ids, params, src.max_tokens, src.arrival_time,
+                        None, src.parent_id, index, src.session_id, src.cache_salt, src.priority)
+        child.lora_name = src.lora_name
+        child.generator = self._generator(params)
+        for t in src.output_token_ids:
+            child.append_output(t)
+        child_state = OutputState(child, self.tokenizer)
+        child_state.restore(state.export())
+        child_state.emitted_chars = child_state.emitted_tokens = 0   # its own stream starts at the beginning
+        self._states[child.request_id] = child_state
+        family.append(child.request_id)
+        running = src.status == RequestStatus.RUNNING and src.num_uncomputed == 1
+        self.scheduler.fork(src, child, running=running, computed=src.num_computed_tokens)
+        return child.request_id
+
+    def set_last_token(self, sample_id: str, token_id: int) -> None:
+        """Replace a sample's last output token, drawn but not yet computed (beam search picks another
+        continuation than the one drawn); its text state is rebuilt from its tokens."""
+        state = self._states.get(sample_id)
+        req = None if state is None else self.scheduler.requests.get(sample_id)
+        if req is None or not req.output_token_ids or req.num_uncomputed != 1 or req.matcher is not None:
+            raise InvalidRequestError(f"sample {sample_id!r} has no drawn, uncomputed token to replace",
+                                      field="request_id")
+        if not 0 <= token_id < self.model.shape.vocab_size or token_id in state.eos_ids | state.stop_ids:
+            raise InvalidRequestError(f"token id {token_id} is outside the vocabulary or would end the sample "
+                                      "(abort it instead)", field="token_id")
+        req.output_token_ids[-1] = req.all_token_ids[-1] = token_id
+        rebuilt = OutputState(req, self.tokenizer)
+        old = state.logprobs or []
+        for i, t in enumerate(req.output_token_ids):
+            lp = old[i] if i < len(old) else None
+            if lp is not None and i == len(req.output_token_ids) - 1:   # the new token's, from the same draw's top
+                lp = TokenLogprobs(t, dict(lp.top).get(t, float("nan")), lp.top)
+            rebuilt.add_token(t, lp)
+        rebuilt.emitted_chars = min(state.emitted_chars, len(rebuilt.text))
+        rebuilt.emitted_tokens = len(req.output_token_ids) - 1
+        self._states[sample_id] = rebuilt
+
     def close_session(self, session_id: str) -> bool:
         """Release an agent session's retained KV now. False when the session holds nothing."""
         return self.sessions.release(session_id)
@@ -602,7 +685,8 @@ class Engine:
                 continue
             req = self.scheduler.requests[c.request_id]
             samplers[c.request_id] = [req]
-            pending = self._pending_forks.pop(c.request_id, None)
+            # (keyed by the family: the sample they fork from is sample 0, or the next one if 0 was aborted)
+            pending = self._pending_forks.pop(req.parent_id, None)
             if pending:
                 fit = max(0, min(room, len(pending)))
                 room -= fit
@@ -648,6 +732,7 @@ class Engine:
             stop_reason=state.stop_reason,
             metrics={"arrival_time": req.arrival_time, "first_scheduled_time": req.first_scheduled_time,
                      "now": now, "num_preemptions": req.num_preemptions},
+            cumulative_logprob=None if state.logprobs is None else state.cumulative_logprob,
         )
 
 

@@ -35,21 +35,31 @@ class ModelRunner:
         # The native decode kernel reads float32 pools (or int8 ones with float32 scales) on the CPU.
         self.native_decode = (use_kernels and dtype == torch.float32 and self.device.type == "cpu"
                               and kernels() is not None)
+        # The sampler's candidate search (kernels/sampler_candidates.cpp) works on any dtype: logits are float32.
+        self.native_sampler = use_kernels and kernels() is not None
+        # Sliding-window layers (Gemma 3): the native kernels and the decode stack have no window, so the
+        # torch backend runs every step (said in /server_info, never silently).
+        self.sliding_window = getattr(model.shape, "sliding_window", None)
+        sliding_blocks_native = self.native_decode and self.sliding_window is not None
         self.kv = allocate_kv_cache(kv_cache_dtype, num_blocks, block_size=block_size, shape=model.shape,
                                     dtype=dtype, device=self.device, num_staging_slots=num_staging_slots)
         # Attention backends (kvloom/attention/backend.py): the decode stack first where it applies, else the
         # per-layer one. Why one is missing is kept for /server_info.
-        if self.native_decode:
+        if self.native_decode and not sliding_blocks_native:
             self.per_layer = NativeAttention(block_size, model.shape.num_kv_heads, dtype, self.device,
                                              prefix_rows=kv_cache_dtype != "int8")
         else:
-            self.per_layer = TorchAttention(block_size, model.shape.num_kv_heads, dtype, self.device)
+            self.per_layer = TorchAttention(block_size, model.shape.num_kv_heads, dtype, self.device,
+                                            self.sliding_window)
         self.decode_stack: DecodeStackAttention | None = None
         self.lora = None          # a LoraManager, set before enable_decode_stack when adapters are served
         self.why_not = {}
         if not self.native_decode:
             self.why_not["native"] = ("turned off (--no-native-kernels)" if not use_kernels
                                       else f"the native kernels read float32 pools on the CPU ({dtype}, {self.device})")
+        elif sliding_blocks_native:
+            self.why_not["native"] = (f"{type(model).__name__} has sliding-window layers (window "
+                                      f"{self.sliding_window}); the native attention kernels have no window")
         if self.native_decode:
             model.use_native_ops()
 
@@ -58,6 +68,10 @@ class ModelRunner:
         are final."""
         if not self.native_decode:
             self.why_not["decode-stack"] = "needs the native kernels"
+            return
+        if self.sliding_window is not None:
+            self.why_not["decode-stack"] = (f"{type(self.model).__name__} has sliding-window layers; the decode "
+                                            "stack runs Llama-family layers without a window")
             return
         stack, why = build_decode_stack(self.model, self.kv)
         if stack is None:
@@ -137,7 +151,7 @@ class ModelRunner:
             row += 1 + k
         if reqs:
             picked = logits if rows == list(range(row)) else logits[torch.tensor(rows)]
-            result = sample(picked, reqs, masks.result() if masks is not None else None)
+            result = sample(picked, reqs, masks.result() if masks is not None else None, native=self.native_sampler)
             for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
                 out.token_ids[req.request_id] = [token]
                 out.logprobs[req.request_id] = [lp]

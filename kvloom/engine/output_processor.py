@@ -29,6 +29,9 @@ class OutputState:
         self.emitted_tokens = 0
         self.logprobs: list[TokenLogprobs] | None = [] if req.params.logprobs is not None else None
         self.num_tokens = 0
+        # The sum of the chosen tokens' logprobs (raw distribution), kept when logprobs are asked for
+        # (logprobs=0 costs one logsumexp a row): best-of and beam search rank samples by it.
+        self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
 
@@ -37,6 +40,7 @@ class OutputState:
         self.num_tokens += 1
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
+            self.cumulative_logprob += logprobs.logprob
         if token_id in self.stop_ids or token_id in self.eos_ids:
             self.finish_reason, self.stop_reason = "stop", token_id
         else:
@@ -71,7 +75,7 @@ class OutputState:
 
     # ---- portability (engine/snapshot.py) -----------------------------------------------
 
-    _EXPORTED = ("text", "emitted_chars", "emitted_tokens", "logprobs", "num_tokens")
+    _EXPORTED = ("text", "emitted_chars", "emitted_tokens", "logprobs", "num_tokens", "cumulative_logprob")
 
     def export(self) -> dict:
         d = self.detok

@@ -30,3 +30,4 @@ class RequestOutput:
     num_cached_tokens: int = 0             # prompt tokens whose KV came from the prefix cache
     metrics: dict = field(default_factory=dict)
     error: str | None = None               # why the engine ended it, with finish_reason "error"
+    cumulative_logprob: float | None = None   # sum of the output tokens' logprobs (when logprobs are asked for)

@@ -9,6 +9,10 @@ torch.Generator and inverts its cumulative distribution, so a seed gives the
 same tokens whatever else is in the batch. Logprobs are of the model's raw
 distribution. A constrained row (structured outputs) has the tokens its grammar forbids set to -inf; the
 other rows are never touched.
+
+With `native` (the engine's native kernels), the top-k thresholds and the nucleus candidates come from
+kernels/sampler_candidates.cpp instead of torch's topk: the same values in the same order (lowest index
+first among equal ones, where topk's order among them is unspecified), without a vocabulary-wide topk.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kvloom.engine.request import Request
+from kvloom.kernels import kernels
 from kvloom.structured.matcher import apply_masks, grammar_masks
 
 
@@ -33,9 +38,11 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
-def sample(logits: torch.Tensor, requests: list[Request], masks: dict | None = None) -> SamplerOutput:
+def sample(logits: torch.Tensor, requests: list[Request], masks: dict | None = None,
+           native: bool = False) -> SamplerOutput:
     """logits: [len(requests), vocab], one row per request. masks: grammar masks already computed, by request
-    id (structured/matcher.py: masks_during_forward); other constrained rows get theirs here."""
+    id (structured/matcher.py: masks_during_forward); other constrained rows get theirs here. native: find
+    candidates with the native kernels (the same tokens and probabilities, faster)."""
     logits = logits.float()
     raw = logits
     if any(r.params.needs_penalties for r in requests):
@@ -67,7 +74,7 @@ def sample(logits: torch.Tensor, requests: list[Request], masks: dict | None = N
             apply_masks(sub, [masks[drawn[j]].words for j in rows], rows)
         params = [requests[i].params for i in drawn]
         uniforms = torch.cat([torch.rand(1, generator=requests[i].generator) for i in drawn])
-        tokens[idx] = _draw(_filtered_probs(sub, params), params, uniforms)
+        tokens[idx] = _draw(_filtered_probs(sub, params, native), params, uniforms, native)
 
     token_list = tokens.tolist()
     logprobs: list[TokenLogprobs | None] = [None] * len(requests)
@@ -126,7 +133,7 @@ def _top_p_rows(params: list, dtype: torch.dtype) -> tuple[list[int], torch.Tens
     return rows, torch.tensor([params[i].top_p for i in rows], dtype=dtype)
 
 
-def _draw(probs: torch.Tensor, params: list, uniforms: torch.Tensor) -> torch.Tensor:
+def _draw(probs: torch.Tensor, params: list, uniforms: torch.Tensor, native: bool = False) -> torch.Tensor:
     """One token a row from _filtered_probs' distributions with each row's top-p applied. A nucleus row draws
     among its sorted candidates (the same tokens and probabilities batched_target_probs keeps), without
     rebuilding a vocabulary-wide distribution: that scatter and a 49k cumulative sum were most of a
@@ -139,18 +146,22 @@ def _draw(probs: torch.Tensor, params: list, uniforms: torch.Tensor) -> torch.Te
         tokens[rows] = draw_from(probs[rows], uniforms[rows])
     if nucleus:
         rows = torch.tensor(nucleus)
-        tokens[rows] = _draw_nucleus(probs[rows], top_p, uniforms[rows])
+        draw = _draw_nucleus_native if native else _draw_nucleus
+        tokens[rows] = draw(probs[rows], top_p, uniforms[rows])
     return tokens
 
 
-def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+def _filtered_probs(logits: torch.Tensor, params: list, native: bool = False) -> torch.Tensor:
     """Temperature, top-k, softmax and min-p (top-p is applied by the caller)."""
     rows, vocab = logits.shape
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
     x = logits / temps
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(ks):
-        top = x.topk(max(ks), dim=-1).values
+        if native:
+            top = kernels().top_candidates(x, torch.tensor(ks), torch.zeros(rows, dtype=torch.float64))[0]
+        else:
+            top = x.topk(max(ks), dim=-1).values
         kth = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks])[:, None])
         kth[torch.tensor([k == 0 for k in ks])] = float("-inf")
         x = x.masked_fill(x < kth, float("-inf"))
@@ -193,6 +204,22 @@ def _draw_nucleus(probs: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tens
         j = draw_from(kept, uniforms[done])
         tokens[done] = order.gather(1, j[:, None]).squeeze(1)
     return tokens
+
+
+# The native search takes candidates until their mass reaches top_p plus this margin: torch's cumulative sum
+# in _nucleus may round differently from the kernel's, and the nucleus must end inside the candidates.
+_NUCLEUS_MARGIN = 1e-5
+
+
+def _draw_nucleus_native(probs: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """_draw_nucleus with each row's sorted candidates from the native kernel (zero-padded to the longest)."""
+    masses = top_p.double() * (1 + _NUCLEUS_MARGIN)
+    vals, order, lens = kernels().top_candidates(probs.contiguous(), torch.zeros(len(top_p), dtype=torch.long),
+                                                 masses)
+    if not vals.shape[1]:   # no row has a positive probability (every token masked): nothing to order
+        vals, order = torch.zeros(len(top_p), 1), torch.zeros(len(top_p), 1, dtype=torch.long)
+    j = torch.minimum(draw_from(_nucleus(vals, top_p), uniforms), (lens - 1).clamp(min=0))
+    return order.gather(1, j[:, None]).squeeze(1)
 
 
 def _nucleus(sorted_p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -132,18 +132,21 @@ class Scheduler:
             self.lora.release(req.lora_slot)
             req.lora_slot = -1
 
-    def fork(self, parent: Request, child: Request, running: bool) -> None:
+    def fork(self, parent: Request, child: Request, running: bool, computed: int | None = None) -> None:
         """Start `child` where `parent` stands now, sharing every block (no KV is copied yet).
 
         running: the child joins the running batch now (its first token was drawn from the parent's
         logits). Otherwise max_num_seqs is reached: it waits at the head of the queue sharing the prompt's
         blocks, and computes the prompt's last token itself once admitted (its logits give the first token).
+        computed: how many of the parent's tokens the child takes the KV of (a fork of a sample part-way
+        through its output: Engine.fork_sample).
         """
         self._num_added += 1
         child.order = (child.priority, child.arrival_time, self._num_added)
         child.num_cached_tokens = parent.num_cached_tokens
         self.requests[child.request_id] = child
-        computed = parent.num_computed_tokens if running else child.num_prompt_tokens - 1
+        if computed is None:
+            computed = parent.num_computed_tokens if running else child.num_prompt_tokens - 1
         blocks = parent.block_ids[:-(-computed // self.block_size)]
         for b in blocks:
             self.pool.share(b)

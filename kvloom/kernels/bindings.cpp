@@ -20,7 +20,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs, as PyTorch's own ops do: the server's event loop keeps going.
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("w8a8_linear", &w8a8_linear, "int8 x int8 linear with dynamic per-row activation scales", py::arg("x"),
-        py::arg("w_t"), py::arg("col_scales"), py::arg("bias"), py::arg("residual") = py::none(), nogil);
+        py::arg("w_t"), py::arg("col_scales"), py::arg("bias"), py::arg("residual") = py::none(),
+        py::arg("packed") = py::none(), py::arg("row_sums") = py::none(), nogil);
+  m.def("int8_pack_row_groups", &int8_pack_row_groups, "int8 [N, K] weights in groups of 16 rows, and the row sums",
+        nogil);
+  m.def("int8_grouped_gemv", &int8_grouped_gemv, "int32 = int8 [M, K] @ packed weights' transpose (a few rows)",
+        py::arg("xq"), py::arg("packed"), py::arg("row_sums"), py::arg("n"), nogil);
+  m.def("int8_grouped_gemv_available", &int8_grouped_gemv_available, "whether this build has the grouped GEMV");
   m.def("q4_linear", &q4_linear, "4-bit weight blocks x int8 activation blocks (w4a8), GGUF's Q4 layout",
         py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("n_out"), py::arg("bias"), py::arg("residual") = py::none(), nogil);
   m.def("q4_gemm_path", &q4_gemm_path, "what computes the 4-bit product in this build");
@@ -37,6 +43,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("xq"), py::arg("w_t"), py::arg("path") = "auto", nogil);
   m.def("set_int8_gemm", &set_int8_gemm, "which loop runs the w8a8 product above 16 rows: auto, native, int_mm");
   m.def("int8_gemm_path", &int8_gemm_path, "what computes the w8a8 product in this build on this CPU");
+  m.def("top_candidates", &top_candidates, "per row, its largest values in order until a count and a mass are met",
+        py::arg("values"), py::arg("counts"), py::arg("masses"), nogil);
   m.def("isa", &kernels_isa, "the instruction-set class the kernels were compiled for");
   register_decode_stack(m);
 }

@@ -3,7 +3,13 @@
 #include <torch/extension.h>
 
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_scales,
-                          c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual = c10::nullopt);
+                          c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual = c10::nullopt,
+                          c10::optional<torch::Tensor> packed = c10::nullopt,
+                          c10::optional<torch::Tensor> row_sums = c10::nullopt);
+// The weights repacked in groups of 16 rows for the grouped GEMV (int8_grouped_gemv.cpp).
+std::vector<torch::Tensor> int8_pack_row_groups(torch::Tensor w);
+torch::Tensor int8_grouped_gemv(torch::Tensor xq, torch::Tensor packed, torch::Tensor row_sums, int64_t N);
+bool int8_grouped_gemv_available();
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, int64_t n_out, c10::optional<torch::Tensor> bias,
                         c10::optional<torch::Tensor> residual = c10::nullopt);
 std::string q4_gemm_path();
@@ -25,3 +31,4 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
 void lora_add(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::Tensor b_t, torch::Tensor slots,
               torch::Tensor spans);
+std::vector<torch::Tensor> top_candidates(torch::Tensor values, torch::Tensor counts, torch::Tensor masses);

@@ -205,6 +205,9 @@ constexpr int64_t kGemvMaxRows = 16;
 constexpr int64_t kGemvMaxRows = 2;
 #endif
 
+// The rows up to which the grouped GEMV (int8_grouped_gemv.cpp) takes a layer that has packed weights.
+constexpr int64_t kGroupedMaxRows = 4;
+
 // Which loop computes the int32 product (every one exact, so the choice never changes a result's bits):
 //   VNNI builds: the VNNI GEMV up to 16 rows, oneDNN's _int_mm above (its VNNI GEMM is the faster one there);
 //   other AVX2 builds: the AVX2 loop at every row count, unless this CPU has AVX-512 VNNI, where oneDNN
@@ -293,8 +296,11 @@ void dequant_row(const int32_t* a, float s, const float* cs, const float* bias, 
 // y = dequant(quant(x) @ w): x [M, K] float -> int8 per row (scale = absmax / 127), int8 GEMM to int32,
 // then y = acc * row_scale * col_scale (+ bias). One call for what is ten small ops in eager PyTorch.
 // With `residual`, y is added into it in place (h += linear(x)) and it is returned.
+// With `packed` and `row_sums` (int8_pack_row_groups of the same weights), up to kGroupedMaxRows rows take
+// the grouped GEMV: the same exact int32 sums, so the same bits.
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_scales,
-                          c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual) {
+                          c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual,
+                          c10::optional<torch::Tensor> packed, c10::optional<torch::Tensor> row_sums) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w_t.size(1);
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kChar));
@@ -317,7 +323,9 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_
       sp[i] = scale;
     }
   });
-  torch::Tensor acc = int8_product(xq, w_t, gemm_mode());
+  const bool grouped = packed.has_value() && row_sums.has_value() && M <= kGroupedMaxRows &&
+                       int8_grouped_gemv_available();
+  torch::Tensor acc = grouped ? int8_grouped_gemv(xq, *packed, *row_sums, N) : int8_product(xq, w_t, gemm_mode());
   auto y = residual.has_value() ? *residual : torch::empty({M, N}, x.options());
   if (residual.has_value())
     TORCH_CHECK(y.is_contiguous() && y.scalar_type() == torch::kFloat && y.size(0) == M && y.size(1) == N,

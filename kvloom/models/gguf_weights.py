@@ -2,7 +2,9 @@
 
 llama.cpp's converter permutes the rows of Llama's q/k weights for its RoPE
 layout; that is undone here so the weights match the Hugging Face ones. The
-same row order is restored on the raw blocks kept for the 4-bit path.
+same row order is restored on the raw blocks kept for the 4-bit path. Gemma's
+converter stores its norms as (1 + w), the multiplier they apply; they are
+handed on as Hugging Face's w, as transformers reads them.
 """
 from __future__ import annotations
 
@@ -24,6 +26,12 @@ _LAYER_PARTS = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
+# Gemma's layers have four norms: the GGUF's ffn_norm is the one before the MLP, not after attention.
+_ARCH_LAYER_PARTS = {
+    "gemma3": {**_LAYER_PARTS, "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+}
+_PLUS_ONE_NORM_ARCHS = {"gemma3"}
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _SKIPPED = {"rope_freqs"}  # RoPE scaling factors: the config carries them
 _PERMUTED_ARCHS = {"llama"}
@@ -41,7 +49,8 @@ def open_gguf(path: str) -> GGUFReader:
 
 def projection_types(reader: GGUFReader) -> set[str]:
     """The tensor types of the decoder layers' projection weights (Q4_1, Q8_0, F16, ...)."""
-    return {t.tensor_type.name for t in reader.tensors if (hf_name(t.name) or "").endswith(_PROJECTIONS)}
+    arch = gguf_architecture(reader)
+    return {t.tensor_type.name for t in reader.tensors if (hf_name(t.name, arch) or "").endswith(_PROJECTIONS)}
 
 
 def gguf_architecture(reader: GGUFReader) -> str:
@@ -49,21 +58,21 @@ def gguf_architecture(reader: GGUFReader) -> str:
     return field.contents() if field is not None and field.types == [GGUFValueType.STRING] else "unknown"
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """token_embd.weight -> model.embed_tokens.weight; blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
     base, _, suffix = gguf_name.rpartition(".")
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
     if m:
-        part = _LAYER_PARTS.get(m.group(2))
+        part = _ARCH_LAYER_PARTS.get(arch, _LAYER_PARTS).get(m.group(2))
         return f"model.layers.{m.group(1)}.{part}.{suffix}" if part else None
     if base in _SKIPPED:
         return None
     return f"{_GLOBAL[base]}.{suffix}" if base in _GLOBAL else None
 
 
-def _model_name(t, path: str) -> str | None:
+def _model_name(t, path: str, arch: str) -> str | None:
     """The HF name a GGUF tensor loads under; None for tensors the model does not load."""
-    name = hf_name(t.name)
+    name = hf_name(t.name, arch)
     if name is None and t.name.split(".")[0] not in _SKIPPED:
         raise WeightsError(f"{path}: GGUF tensor {t.name!r} has no place in this model")
     return name
@@ -72,8 +81,9 @@ def _model_name(t, path: str) -> str | None:
 def gguf_shapes(reader: GGUFReader) -> Iterator[tuple[str, tuple[int, ...]]]:
     """(HF name, shape as dequantised) of every tensor the model loads, from the header alone."""
     path = getattr(reader.data, "filename", None) or "GGUF file"
+    arch = gguf_architecture(reader)
     for t in reader.tensors:
-        if (name := _model_name(t, path)) is not None:
+        if (name := _model_name(t, path, arch)) is not None:
             yield name, tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml lists dimensions fastest first
 
 
@@ -87,10 +97,11 @@ def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int,
     """(Hugging Face name, fp32 tensor) for every tensor. With raw_blocks, the decoder layers' 4-bit
     projection weights (types in q4_linear.GGUF_TYPES) are also kept there as the file has them: name -> (rows of
     raw block bytes [out, bytes] uint8, type name), for kvloom/quant/q4_linear.py."""
-    permute = gguf_architecture(reader) in _PERMUTED_ARCHS
+    arch = gguf_architecture(reader)
+    permute = arch in _PERMUTED_ARCHS
     path = getattr(reader.data, "filename", None) or "GGUF file"  # the reader's memmap knows its file
     for t in reader.tensors:
-        name = _model_name(t, path)
+        name = _model_name(t, path, arch)
         if name is None:
             continue
         try:
@@ -104,6 +115,8 @@ def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int,
                                f"{heads} heads; the file does not match the config")
         if permute and heads:
             w = _unpermute(w, heads)
+        if arch in _PLUS_ONE_NORM_ARCHS and name.endswith("norm.weight"):
+            w = w - 1
         if raw_blocks is not None and t.tensor_type.name in GGUF_TYPES and name.endswith(_PROJECTIONS):
             raw = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))     # [out, bytes a row]
             raw_blocks[name] = ((_unpermute(raw, heads) if permute and heads else raw).numpy(), t.tensor_type.name)

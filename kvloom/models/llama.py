@@ -89,6 +89,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
             self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
         self.lora = None   # LoRA slot tables of qkv and o, when adapters are served (kvloom/lora/tables.py)
+        self.sliding = False   # a sliding-window layer (Gemma 3's local layers) sees only the window's keys
 
     def forward(self, x, rope_cos_sin, meta: AttentionMetadata, kv_cache):
         t = x.shape[0]
@@ -106,7 +107,7 @@ class Attention(nn.Module):
         qk = apply_rope(qk, *rope_cos_sin)           # q and k rotated together: one set of ops
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh:]
         kv_cache.write(k, v, meta)
-        o = paged_attention(q, kv_cache, meta, self.scale).reshape(t, self.q_size)
+        o = paged_attention(q, kv_cache, meta, self.scale, self.sliding).reshape(t, self.q_size)
         out = self.o_proj(o)
         if lora:
             lora_add(o, out, self.lora["o"], meta.lora_slots)
@@ -114,9 +115,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, shape: LlamaShape):
+    """act(gate) * up, then down; act is SiLU (Llama) or tanh-approximated GELU (Gemma)."""
+
+    def __init__(self, shape: LlamaShape, gelu_tanh: bool = False):
         super().__init__()
         self.intermediate_size = shape.intermediate_size
+        self.gelu_tanh = gelu_tanh
         self.gate_up_proj = nn.Linear(shape.hidden_size, 2 * shape.intermediate_size, bias=False)
         self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
         self.native = False   # set by use_native_ops, as RMSNorm's
@@ -127,7 +131,10 @@ class MLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         if lora:
             lora_add(x, gate_up, self.lora["gate_up"], lora_slots)
-        if self.native and gate_up.dtype == torch.float32 and gate_up.dim() == 2:
+        if self.gelu_tanh:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            act = F.gelu(gate, approximate="tanh") * up
+        elif self.native and gate_up.dtype == torch.float32 and gate_up.dim() == 2:
             act = kernels().silu_mul(gate_up.contiguous())
         else:
             gate, up = gate_up.split(self.intermediate_size, dim=-1)
@@ -145,6 +152,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(shape)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.mlp = MLP(shape)
+
+    @property
+    def norm_before_mlp(self) -> RMSNorm:
+        """The norm whose output the MLP reads (smoothing folds its factors into it)."""
+        return self.post_attention_layernorm
 
     def forward(self, h, rope_cos_sin, meta, kv_cache):
         h = h + self.self_attn(self.input_layernorm(h), rope_cos_sin, meta, kv_cache)
@@ -179,6 +191,13 @@ class LlamaForCausalLM(nn.Module):
             for layer, kv in zip(self.layers, kv_caches):
                 h = layer(h, rope_cos_sin, meta, kv)
         return self.lm_head(self.norm(h[logits_indices]))
+
+    def build_rope(self, hf_config, max_positions: int) -> None:
+        self.rope = RotaryEmbedding(hf_config, self.shape.head_dim, max_positions)
+
+    def convert_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A checkpoint tensor (under its HF name) as this model's parameter holds it."""
+        return tensor
 
     def use_native_ops(self) -> None:
         """RMSNorm and SiLU * up through the native kernels (CPU, float32), as the native decode stack

@@ -17,7 +17,6 @@ from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.model_source import ModelSource
 from kvloom.models.moe import MoeForCausalLM
 from kvloom.models.registry import shape_for
-from kvloom.models.rope import RotaryEmbedding
 from kvloom.models.safetensors_weights import iter_safetensors_weights, safetensors_shapes
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | Non
     with torch.device("meta"):  # no time spent on random init: every weight is loaded below
         model = cls(shape, None)
     _load_weights(model, ((name, SimpleNamespace(shape=s)) for name, s in file_shapes), where)  # shapes only
-    model.rope = RotaryEmbedding(hf_config, shape.head_dim, max_positions)
+    model.build_rope(hf_config, max_positions)
     model.to_empty(device="cpu")
     if shape.tie_word_embeddings:  # to_empty() gives the two names separate storage
         model.lm_head.weight = model.embed_tokens.weight
@@ -123,7 +122,7 @@ def _load_weights(model: LlamaForCausalLM, weights, where: str) -> None:
             raise WeightsError(f"{where}: weight {name!r} has shape {tuple(tensor.shape)}, "
                                f"the config implies {tuple(target.shape)}")
         if not target.is_meta:  # a meta parameter: the header pass, which checks shapes only
-            target.copy_(tensor)
+            target.copy_(model.convert_weight(name, tensor))
         seen.add(name)
     missing = sorted(expected - seen)
     if missing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvloom.errors import UnsupportedArchitectureError
+from kvloom.models.gemma3 import Gemma3ForCausalLM
 from kvloom.models.llama import LlamaForCausalLM, LlamaShape
 from kvloom.models.moe import MoeForCausalLM, MoeShape
 
@@ -18,13 +19,15 @@ _ARCHITECTURES: dict[str, dict] = {
     "Qwen2MoeForCausalLM": {"moe": True},
     "Qwen3MoeForCausalLM": {"moe": True, "qk_norm": True},
 }
+# name -> a model class of its own (its shape class reads the config)
+_OWN_CLASSES: dict[str, type[LlamaForCausalLM]] = {"Gemma3ForCausalLM": Gemma3ForCausalLM}
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_ARCHITECTURES)
+    return sorted([*_ARCHITECTURES, *_OWN_CLASSES])
 
 
 def architecture_of(hf_config) -> str:
@@ -37,6 +40,9 @@ def architecture_of(hf_config) -> str:
 def shape_for(hf_config) -> tuple[type[LlamaForCausalLM], LlamaShape]:
     """The model class and shape for a config, or a clear error naming what is supported."""
     arch = architecture_of(hf_config)
+    if arch in _OWN_CLASSES:
+        cls = _OWN_CLASSES[arch]
+        return cls, cls.shape_class.from_hf(hf_config)
     if arch not in _ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"architecture {arch!r} is not supported; supported: {', '.join(supported_architectures())}")

@@ -12,8 +12,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from kvloom.errors import UnsupportedArchitectureError
 
 
-def rope_parameters(hf_config) -> dict:
+def rope_parameters(hf_config, layer_type: str | None = None) -> dict:
+    """The RoPE settings of a config; with layer_type, those of one kind of layer (Gemma 3 keeps one set for
+    its sliding-window layers and one for its global ones)."""
     params = getattr(hf_config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        if layer_type not in params:
+            raise UnsupportedArchitectureError(f"the config has no RoPE settings for {layer_type!r} layers")
+        params = params[layer_type]
     if not params:  # older configs
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
@@ -25,9 +31,9 @@ def rope_parameters(hf_config) -> dict:
 class RotaryEmbedding(torch.nn.Module):
     """Applies RoPE to q and k ([T, heads, head_dim]) at given positions."""
 
-    def __init__(self, hf_config, head_dim: int, max_positions: int):
+    def __init__(self, hf_config, head_dim: int, max_positions: int, layer_type: str | None = None):
         super().__init__()
-        params = rope_parameters(hf_config)
+        params = rope_parameters(hf_config, layer_type)
         rope_type = params["rope_type"]
         if rope_type == "default":
             base = params["rope_theta"]
@@ -38,7 +44,8 @@ class RotaryEmbedding(torch.nn.Module):
                 f"RoPE type {rope_type!r} changes with sequence length and is not supported yet; "
                 "supported: default, linear, llama3, yarn")
         elif rope_type in ROPE_INIT_FUNCTIONS:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+            kwargs = {"layer_type": layer_type} if layer_type is not None else {}
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu", **kwargs)
         else:
             raise UnsupportedArchitectureError(f"unknown RoPE type {rope_type!r}")
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())

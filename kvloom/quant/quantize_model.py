@@ -75,6 +75,7 @@ def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibrati
                 setattr(getattr(layer, where), fused, _from_gguf_blocks(model, i, where, fused, native_kernels))
         model.gguf_blocks = {}        # repacked: the raw copies go
         model.lm_head = _quantized(model.lm_head, "w8a8", group, native_kernels)
+        model.lm_head.pack_row_groups()   # its batch-1 GEMV on the grouped loop
         return model
     if scheme == "w8a8" and run_calibration is not None:
         smooth(model, activation_absmax(model, run_calibration))
@@ -85,4 +86,6 @@ def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibrati
         mlp.gate_up_proj = _quantized(mlp.gate_up_proj, scheme, group, native_kernels)
         mlp.down_proj = _quantized(mlp.down_proj, scheme, group, native_kernels)
     model.lm_head = _quantized(model.lm_head, "w8a8" if scheme == "w8a8" else "int8", group, native_kernels)
+    if isinstance(model.lm_head, W8A8Linear):
+        model.lm_head.pack_row_groups()   # its batch-1 GEMV on the grouped loop
     return model

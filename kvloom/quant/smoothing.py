@@ -50,7 +50,7 @@ def smooth(model: nn.Module, stats: dict[nn.Linear, torch.Tensor], alpha: float 
         # LoRA adapters (kvloom/lora/tables.py).
         layer.input_smoothing = {}
         for name, norm, lin in (("qkv", layer.input_layernorm, layer.self_attn.qkv_proj),
-                                ("gate_up", layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+                                ("gate_up", layer.norm_before_mlp, layer.mlp.gate_up_proj)):
             s = _factors(stats[lin], lin.weight, alpha)
             norm.weight.div_(s.to(norm.weight.dtype))
             lin.weight.mul_(s.to(lin.weight.dtype))

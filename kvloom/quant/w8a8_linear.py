@@ -39,17 +39,32 @@ class W8A8Linear(nn.Module):
         self.register_buffer("weight", q.contiguous())
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+        # The weights again in groups of 16 rows, for the grouped GEMV at 1-4 rows (pack_row_groups).
+        self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("row_sums", None, persistent=False)
+
+    def pack_row_groups(self) -> bool:
+        """Keep a second copy of the weights in the grouped GEMV's layout (kernels/int8_grouped_gemv.cpp) and
+        use it at 1-4 rows: the same bits, read faster. Meant for the LM head, whose batch-1 GEMV is a large
+        share of a decode step; it costs the weights' size again. False where the kernels cannot."""
+        native = kernels() if self.native else None
+        if native is None or not native.int8_grouped_gemv_available():
+            return False
+        self.packed, self.row_sums = native.int8_pack_row_groups(self.weight)
+        return True
 
     @property
     def gemm_path(self) -> str:
         """Which loop runs this layer's int8 product (a string for /server_info and the logs)."""
-        return w8a8_gemm_path(self.native)
+        path = w8a8_gemm_path(self.native)
+        return path if self.packed is None else f"grouped gemv (<=4 rows), then {path}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         native = kernels() if self.native else None
         if native is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            y = native.w8a8_linear(x.reshape(-1, shape[-1]).contiguous(), self.weight.t(), self.scales, self.bias)
+            y = native.w8a8_linear(x.reshape(-1, shape[-1]).contiguous(), self.weight.t(), self.scales, self.bias,
+                                   packed=self.packed, row_sums=self.row_sums)
             return y.reshape(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, shape[-1]).float()
         sx = (x2.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)

@@ -102,31 +102,8 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
-def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
-    engine = async_engine.engine
-    serving = OpenAIServing(async_engine, engine.tokenizer, settings.model_name, engine.max_model_len, metrics)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if not async_engine.is_alive:
-            async_engine.start()
-        yield
-        async_engine.shutdown()
-
-    app = FastAPI(title="kvloom", lifespan=lifespan)
-    app.state.async_engine = async_engine
-    app.state.draining = False     # set on SIGTERM (server/launch.py): running requests finish, new ones get 503
-
-    # ---- cross-cutting -----------------------------------------------------------------
-
-    if settings.api_keys:
-        public = PUBLIC_PATHS | ({"/metrics"} if settings.public_metrics else set())
-        app.add_middleware(_RequireApiKey, api_keys=settings.api_keys, public=frozenset(public))
-    limits = settings.limits
-    # Added last, so it runs first: an oversized body is refused before anything else reads it.
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_request_bytes, too_large=lambda: _error(
-        413, f"the request body is over this server's limit of {limits.max_request_bytes} bytes "
-        "(--max-request-bytes)", "invalid_request_error", code="request_too_large"))
+def register_error_handlers(app: FastAPI) -> None:
+    """Validation errors, HTTP errors and kvloom's typed errors answered in OpenAI's error shape."""
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -155,6 +132,35 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         if isinstance(exc, RequestFailedError):
             return _error(500, str(exc), "server_error", code="request_failed")
         return _error(400, str(exc), "invalid_request_error")
+
+
+def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
+    engine = async_engine.engine
+    serving = OpenAIServing(async_engine, engine.tokenizer, settings.model_name, engine.max_model_len, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not async_engine.is_alive:
+            async_engine.start()
+        yield
+        async_engine.shutdown()
+
+    app = FastAPI(title="kvloom", lifespan=lifespan)
+    app.state.async_engine = async_engine
+    app.state.draining = False     # set on SIGTERM (server/launch.py): running requests finish, new ones get 503
+
+    # ---- cross-cutting -----------------------------------------------------------------
+
+    if settings.api_keys:
+        public = PUBLIC_PATHS | ({"/metrics"} if settings.public_metrics else set())
+        app.add_middleware(_RequireApiKey, api_keys=settings.api_keys, public=frozenset(public))
+    limits = settings.limits
+    # Added last, so it runs first: an oversized body is refused before anything else reads it.
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_request_bytes, too_large=lambda: _error(
+        413, f"the request body is over this server's limit of {limits.max_request_bytes} bytes "
+        "(--max-request-bytes)", "invalid_request_error", code="request_too_large"))
+
+    register_error_handlers(app)
 
     def check_supported(body) -> None:
         if (name := body.unsupported_field()) is not None:

@@ -79,6 +79,31 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
                                     timeout_graceful_shutdown=graceful_shutdown_s)).run()
 
 
+def serve_models(configs: dict[str, EngineConfig], routes=(), max_loaded_models: int = 0,
+                 model_idle_seconds: float = 0.0, host: str = "127.0.0.1", port: int = 8000,
+                 api_key: str | tuple[str, ...] | None = None, limits: ServerLimits = ServerLimits(),
+                 public_metrics: bool = False, max_waiting_requests: int = 256, graceful_shutdown_s: float = 30.0,
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> None:
+    """Several models behind one server (server/multi_model.py); the first is the default."""
+    from kvloom.server.model_registry import ModelRegistry
+    from kvloom.server.multi_model import build_multi_model_app, model_loader, split_threads
+    if max_loaded_models < 0 or model_idle_seconds < 0:
+        raise KvloomError("--max-loaded-models and --model-idle-seconds must be >= 0 (0: no limit)")
+    configs = split_threads(configs, max_loaded_models)
+    for name, c in configs.items():
+        log.info("model %s: %s, %d torch threads (the cores split among the models loaded at once)", name,
+                 c.model or "built-in default", c.num_threads)
+    registry = ModelRegistry(list(configs), model_loader(configs, max_waiting_requests, limits, tool_call_parser,
+                                                        reasoning_parser), max_loaded_models, model_idle_seconds)
+    app = build_multi_model_app(registry, routes, api_key, limits, public_metrics)
+    log.info("serving %s at http://%s:%d/v1 (default %s; at most %d loaded; idle unload %s; routes %s)",
+             ", ".join(configs), host, port, registry.default, registry.max_loaded,
+             f"after {model_idle_seconds:g} s" if model_idle_seconds else "off",
+             ", ".join(f"{n}={r.policy}" for n, r in app.routes.items()) or "none")
+    _CleanExitServer(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                    timeout_graceful_shutdown=graceful_shutdown_s)).run()
+
+
 class _CleanExitServer(uvicorn.Server):
     """A stop asked for by SIGTERM/SIGINT ends with exit code 0.
 

@@ -22,7 +22,6 @@ _NOT_IMPLEMENTED = {
     "functions": lambda v, r: _unset(v),   # the legacy function-calling fields: use tools / tool_choice
     "function_call": lambda v, r: v is None or (v in ("none", "auto") and _no_tools(r)),
     "logit_bias": lambda v, r: v is None or v == {},
-    "best_of": lambda v, r: v is None or v == r.n,
     "prediction": lambda v, r: v is None,
     "audio": lambda v, r: v is None,
     "modalities": lambda v, r: v is None or v == ["text"],
@@ -90,6 +89,12 @@ class _Request(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # inference-time scaling (kvloom/scaling; checked in serving.py): best of N samples (OpenAI's legacy field),
+    # self-consistency vote, adaptive sampling; results in the response's `kvloom` object
+    best_of: int | None = None
+    scorer: str | None = None
+    vote: dict[str, Any] | None = None
+    adaptive: dict[str, Any] | None = None
 
     @field_validator("session_id")
     @classmethod

@@ -10,11 +10,15 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 from kvloom.engine.outputs import RequestOutput
 from kvloom.errors import InvalidRequestError, KvloomError, RequestFailedError
 from kvloom.sampling_params import SamplingParams
+from kvloom.scaling.offline import base_seed, round_params, to_sample
+from kvloom.scaling.spec import ScalingSpec
+from kvloom.scaling.strategy import Strategy
 from kvloom.server.async_engine import EngineDeadError
 from kvloom.server.metrics import ServerMetrics
 from kvloom.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -44,6 +48,9 @@ class SubRequest:
     priority: int = 0          # vLLM's: lower runs first
     tools: ToolSetup | None = None   # chat: the tools and tool_choice its output is parsed by
     lora: str | None = None    # the LoRA adapter the request's `model` names (None: the base model)
+    scaling: ScalingSpec | None = None   # best_of / vote / adaptive: its samples run in rounds (kvloom/scaling)
+    strategy: Strategy | None = None     # the running strategy of a scaled request
+    tokens_drawn: dict[int, int] = field(default_factory=dict)   # scaled: sample -> tokens drawn (aborted too)
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -85,11 +92,24 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int,
 def _fan_out(prompts: list[tuple[list[int], str | None]], params: SamplingParams, req,
              response_id: str) -> list[SubRequest]:
     """One engine request per prompt; its n samples share the prompt's KV in the engine. The engine ids
-    derive from the response id, so ops tools (/server_info, /admin/migrate) speak the client's ids."""
+    derive from the response id, so ops tools (/server_info, /admin/migrate) speak the client's ids.
+    A scaled request (best_of, vote, adaptive) draws its samples in rounds; its choices are picked at the end."""
+    spec = _scaling(req)
     many = len(prompts) > 1
-    return [SubRequest(i * params.n, ids, text, params, req.session_id, req.cache_salt, response_id,
-                       f"{response_id}-{i}" if many else response_id, req.priority)
+    width = spec.num_samples if spec is not None else params.n
+    return [SubRequest(i * width, ids, text, params, req.session_id, req.cache_salt, response_id,
+                       f"{response_id}-{i}" if many else response_id, req.priority, scaling=spec)
             for i, (ids, text) in enumerate(prompts)]
+
+
+def _scaling(req) -> ScalingSpec | None:
+    spec = ScalingSpec.from_fields(req.n, req.best_of, req.vote, req.adaptive, req.scorer)
+    if spec is not None and req.stream:
+        raise InvalidRequestError(f"{spec.kind} picks its choices once every sample is done: it cannot stream",
+                                  field="stream")
+    if spec is not None and getattr(req, "echo", False):
+        raise InvalidRequestError(f"echo cannot be combined with {spec.kind}", field="echo")
+    return spec
 
 
 class OpenAIServing:
@@ -175,15 +195,14 @@ class OpenAIServing:
         async def pump(sub: SubRequest):
             first_token: dict[int, float] = {}
             try:
-                async for out in self.engine.generate(sub.prompt_ids, sub.params, request_id=sub.request_id,
-                                                      session_id=sub.session_id, cache_salt=sub.cache_salt,
-                                                      priority=sub.priority, lora=sub.lora):
-                    if out.index not in first_token and out.token_ids:
-                        first_token[out.index] = time.time()
-                    await merged.put((sub.first_choice + out.index, out))
+                async for index, out in (self._samples(sub) if sub.scaling is None else self._scaled(sub)):
+                    if index not in first_token and out.token_ids:
+                        first_token[index] = time.time()
+                    await merged.put((sub.first_choice + index, out))
                     if out.finished:
-                        self.metrics.observe_finished("success", arrival, first_token.get(out.index), time.time(),
+                        self.metrics.observe_finished("success", arrival, first_token.get(index), time.time(),
                                                       len(out.token_ids))
+                await merged.put((sub.first_choice, _DONE))
             except asyncio.CancelledError:
                 self.metrics.observe_finished("abort", arrival, min(first_token.values(), default=None),
                                               time.time(), 0)
@@ -195,17 +214,43 @@ class OpenAIServing:
 
         tasks = [asyncio.create_task(pump(s)) for s in subs]
         try:
-            left = sum(s.params.n for s in subs)
+            left = len(subs)
             while left:
                 choice, item = await merged.get()
                 if isinstance(item, BaseException):
                     raise item
-                left -= item.finished
+                if item is _DONE:
+                    left -= 1
+                    continue
                 yield choice, item
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _samples(self, sub: SubRequest, params: SamplingParams | None = None, request_id: str | None = None):
+        """(sample index, output) of one engine request's samples."""
+        return _indexed(self.engine.generate(sub.prompt_ids, params or sub.params, request_id=request_id or
+                                             sub.request_id, session_id=sub.session_id, cache_salt=sub.cache_salt,
+                                             priority=sub.priority, lora=sub.lora))
+
+    async def _scaled(self, sub: SubRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """A scaled request's samples, round by round (each round one engine request sharing the prompt's KV);
+        once the strategy has seen enough, the round's unfinished samples are aborted."""
+        strategy = sub.strategy = Strategy(sub.scaling, sub.prompt_text or sub.prompt_ids)
+        seed = base_seed(sub.params)
+        while size := strategy.next_round():
+            first = strategy.drawn - size
+            samples = self._samples(sub, round_params(sub.params, sub.scaling, size, first, seed),
+                                    f"{sub.request_id}-s{first}")
+            try:
+                async for index, out in samples:
+                    sub.tokens_drawn[first + index] = len(out.token_ids)
+                    yield first + index, out
+                    if out.finished and strategy.observe(to_sample(first + index, out)):
+                        break
+            finally:
+                await samples.aclose()      # aborts the round's samples still running
 
     async def accepted(self, subs: list[SubRequest]):
         """Start the stream and wait for the first output, so validation errors surface before any
@@ -249,9 +294,11 @@ class OpenAIServing:
 
     @staticmethod
     def _usage(subs: list[SubRequest], outs: dict[int, RequestOutput]) -> dict:
-        # n choices of one prompt share it: each prompt counts once, as OpenAI counts it.
+        # n choices of one prompt share it: each prompt counts once, as OpenAI counts it. A scaled request
+        # counts every token it drew, the samples not returned and the aborted ones too.
         prompt = sum(len(s.prompt_ids) for s in subs)
-        completion = sum(len(o.token_ids) for o in outs.values())
+        completion = (sum(sum(s.tokens_drawn.values()) for s in subs) if subs[0].scaling is not None
+                      else sum(len(o.token_ids) for o in outs.values()))
         cached = sum({o.parent_id: o.num_cached_tokens for o in outs.values()}.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
@@ -263,25 +310,44 @@ class OpenAIServing:
                 finals[choice] = out
         return finals
 
+    @staticmethod
+    def _scaled_choices(subs: list[SubRequest], finals: dict[int, RequestOutput]
+                        ) -> tuple[dict[int, RequestOutput], dict | None]:
+        """The choices a scaled request returns (its strategy's picks) and its `kvloom` object (one prompt's
+        report, or {"prompts": [...]} for several); others' finals as they are."""
+        if subs[0].scaling is None:
+            return finals, None
+        chosen, reports = {}, []
+        for i, sub in enumerate(subs):
+            for j, s in enumerate(sub.strategy.chosen()):
+                out = s.output if sub.params.logprobs is not None else dataclasses.replace(s.output, logprobs=None)
+                chosen[i * sub.scaling.n + j] = out
+            reports.append(sub.strategy.extension(sum(sub.tokens_drawn.values())))
+        return chosen, reports[0] if len(reports) == 1 else {"prompts": reports}
+
     async def chat_response(self, subs, first, stream) -> dict:
         finals = await self._collect(first, stream)
+        picked, report = self._scaled_choices(subs, finals)
         choices = []
-        for i, o in sorted(finals.items()):
+        for i, o in sorted(picked.items()):
             message, finish = self._choice_output(subs).message(o.text, o.finish_reason)
             choices.append({"index": i, "message": message, "logprobs": self._chat_logprobs(o.logprobs),
                             "finish_reason": finish})
-        return {"id": subs[0].response_id, "object": "chat.completion", "created": int(time.time()),
+        body = {"id": subs[0].response_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices, "usage": self._usage(subs, finals)}
+        return body if report is None else {**body, "kvloom": report}
 
     async def completion_response(self, subs, first, stream, echo: bool) -> dict:
         finals = await self._collect(first, stream)
+        picked, report = self._scaled_choices(subs, finals)
         choices = []
-        for i, o in sorted(finals.items()):
+        for i, o in sorted(picked.items()):
             prefix = self._echo_text(self._sub_of(subs, i)) if echo else ""
             choices.append({"index": i, "text": prefix + o.text, "finish_reason": o.finish_reason,
                             "logprobs": self._completion_logprobs(o.logprobs, len(prefix))})
-        return {"id": subs[0].response_id, "object": "text_completion", "created": int(time.time()),
+        body = {"id": subs[0].response_id, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices, "usage": self._usage(subs, finals)}
+        return body if report is None else {**body, "kvloom": report}
 
     @staticmethod
     def _sub_of(subs: list[SubRequest], choice: int) -> SubRequest:
@@ -371,6 +437,17 @@ def _sse_error(e: KvloomError) -> str:
     kind = "server_error" if isinstance(e, (EngineDeadError, RequestFailedError)) else "invalid_request_error"
     body = {"error": {"message": str(e), "type": kind, "param": getattr(e, "field", None), "code": None}}
     return f"data: {json.dumps(body)}\n\n"
+
+
+_DONE = object()   # a pump's last item: all its samples are done
+
+
+async def _indexed(outputs) -> AsyncIterator[tuple[int, RequestOutput]]:
+    try:
+        async for out in outputs:
+            yield out.index, out
+    finally:
+        await outputs.aclose()      # at once: the engine request's unfinished samples are aborted now
 
 
 async def _chain(first, stream):

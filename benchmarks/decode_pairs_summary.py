@@ -1,0 +1,41 @@
+"""Summarise benchmarks/decode_pairs.sh's output: `python benchmarks/decode_pairs_summary.py OUT [COMMAND]`.
+
+Per pair: llama-bench tg128 (tok/s), kvloom's decode tok/s from this tree (and from the base tree when there
+is one), and their ratios; written to OUT/summary.json with the CPU class the kvloom runs used.
+"""
+import glob
+import json
+import os
+import sys
+
+
+def tokens_per_s(path: str) -> float | None:
+    if not os.path.exists(path):
+        return None
+    return round(json.load(open(path))["kvloom"]["decode_tokens_per_s"], 1)
+
+
+def main(out: str, command: str = "") -> None:
+    pairs = []
+    for llama in sorted(glob.glob(os.path.join(out, "llama_p*.json"))):
+        p = llama.rsplit("_p", 1)[1][:-5]
+        tg = next(r["avg_ts"] for r in json.load(open(llama)) if r["n_gen"] == 128)
+        row = {"pair": int(p), "llama_bench_tg128": round(tg, 1),
+               "kvloom": tokens_per_s(os.path.join(out, f"kvloom_p{p}.json")),
+               "kvloom_base": tokens_per_s(os.path.join(out, f"base_p{p}.json"))}
+        for name in ("kvloom", "kvloom_base"):
+            if row[name] is not None:
+                row[f"{name}_vs_llama"] = round(row[name] / row["llama_bench_tg128"], 2)
+        pairs.append(row)
+    pairs.sort(key=lambda r: r["pair"])
+    first = json.load(open(os.path.join(out, "kvloom_p1.json")))["stack"]
+    kernels = first["inference_paths"]["kernels"]
+    summary = {"command": command, "cpu_class": kernels.get("isa"), "cpu_model": first["cpu_model"],
+               "note": "2 shared cores; other agents were loading the machine", "pairs": pairs}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "")

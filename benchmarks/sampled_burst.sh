@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# kvloom serving the 48-request burst greedy and sampled (temperature 0.7, top-p 0.95), alternating, each run
+# on a freshly started server from this tree (benchmarks/cpu_class.sh's burst):
+#   bash benchmarks/sampled_burst.sh OUT [ROUNDS] [CLASS]
+# CLASS avx2 caps kernels, PyTorch and oneDNN at AVX2 as cpu_class.sh does. Summary: OUT/summary.json.
+set -euo pipefail
+OUT=$(realpath -m "$1") ROUNDS=${2:-2} CLASS=${3:-native}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+GGUF=$(cd "$HERE" && python -c "from kvloom.models.model_source import default_model_path as d; print(d())")
+PORT=${PORT:-8137}
+if [ "$CLASS" = avx2 ]; then export KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2; fi
+export HF_HUB_OFFLINE=1 PYTHONPATH="$HERE"
+mkdir -p "$OUT"
+wait_for() { for _ in $(seq 900); do curl -sf "$1" > /dev/null && return 0; sleep 1; done; return 1; }
+burst=(--workload poisson --request-rate inf --num-requests 48 --input-len 100 --output-len 128 --slo ttft=2s,tpot=100ms)
+for r in $(seq "$ROUNDS"); do for mode in greedy sampled; do
+  python -m kvloom.cli serve "$GGUF" --port "$PORT" > "$OUT/server_${mode}_r$r.log" 2>&1 &
+  server=$!
+  wait_for "http://127.0.0.1:$PORT/health"
+  extra=()
+  if [ "$mode" = sampled ]; then extra=(--temperature 0.7 --top-p 0.95); fi
+  python -m kvloom.cli bench serve --base-url "http://127.0.0.1:$PORT" --tokenizer "$GGUF" "${burst[@]}" "${extra[@]}" \
+      --out "$OUT/${mode}_r$r.json" > "$OUT/${mode}_r$r.log" 2>&1
+  kill "$server"; wait "$server" || true
+done; done
+python - "$OUT" "bash benchmarks/sampled_burst.sh $*" <<'PY'
+import glob, json, os, sys
+out, command = sys.argv[1], sys.argv[2]
+rounds = []
+for path in sorted(glob.glob(os.path.join(out, "greedy_r*.json"))):
+    r = path.rsplit("_r", 1)[1][:-5]
+    g, s = (json.load(open(os.path.join(out, f"{m}_r{r}.json")))["summary"] for m in ("greedy", "sampled"))
+    rounds.append({"round": int(r), "greedy_out_tok_s": round(g["output_throughput"], 1),
+                   "greedy_tpot_p99_ms": round(g["tpot_ms"]["p99"]), "sampled_out_tok_s": round(s["output_throughput"], 1),
+                   "sampled_tpot_p99_ms": round(s["tpot_ms"]["p99"]),
+                   "sampled_over_greedy": round(s["output_throughput"] / g["output_throughput"], 2),
+                   "failed": g["failed"] + s["failed"]})
+from kvloom.kernels import kernels_status
+summary = {"command": command, "cpu_class": kernels_status()["isa"],
+           "note": "2 shared cores; other agents were loading the machine", "rounds": rounds}
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
+print(json.dumps(summary, indent=1))
+PY

