@@ -12,13 +12,18 @@ def main(path: str) -> None:
     r = json.load(open(path))
     s = r["summary"]
     print(f"Measured with `{r['command']}` ({r['cpu_class']}, {r['load']}, windows of {r['window_s']:.0f} s "
-          f"alternated; medians over {max(w['round'] for w in r['windows'])} rounds):\n")
-    print("| | serving alone | serving + fine-tuning job | training alone |")
-    print("|---|---|---|---|")
-    print(f"| output tok/s | {s['serve_alone_output_tok_s']:.1f} | {s['serve_with_job_output_tok_s']:.1f} | - |")
-    print(f"| TPOT median / p99 (ms) | {s['tpot_median_ms_alone']:.0f} / {s['tpot_p99_ms_alone']:.0f} | "
-          f"{s['tpot_median_ms_with_job']:.0f} / {s['tpot_p99_ms_with_job']:.0f} | - |")
-    print(f"| training tok/s | - | {s['train_tok_s_coserved']:.1f} | {s['train_tok_s_alone']:.1f} |")
+          f"alternated):\n")
+    print("| round | window | output tok/s | TPOT median / p99 (ms) | training tok/s |")
+    print("|---|---|---|---|---|")
+    names = {"serve": "serving alone", "both": "serving + fine-tuning job", "train": "fine-tuning alone"}
+    for w in r["windows"]:
+        sv, tr = w.get("serving"), w.get("training")
+        serving = (f"{sv['output_throughput']:.1f} | {sv['tpot_ms']['median']:.0f} / {sv['tpot_ms']['p99']:.0f}"
+                   if sv else "- | -")
+        print(f"| {w['round']} | {names[w['kind']]} | {serving} | {tr['tokens_per_s']:.1f} |" if tr else
+              f"| {w['round']} | {names[w['kind']]} | {serving} | - |")
+    if r.get("note"):
+        print(f"\n{r['note']}")
     learn = r.get("learning")
     if learn is None:
         return
