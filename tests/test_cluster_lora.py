@@ -6,11 +6,10 @@ import asyncio
 import time
 
 import pytest
+import ray
 
 from conftest import make_adapter, random_prompts
 from kvloom import SamplingParams
-
-ray = pytest.importorskip("ray")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
 
 

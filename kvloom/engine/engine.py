@@ -511,7 +511,7 @@ class Engine:
         Raises InvalidRequestError (and changes nothing) when the id is taken, the KV's layout differs from
         this engine's, or the pool has too few free blocks for the KV (import snap.without_kv() then)."""
         self._check_new_id(snap.request_id)
-        lora_key = self._lora_key(snap.lora_name)
+        salt = self.prefix_salt(snap.cache_salt, snap.lora_name)   # checks the adapter before anything changes
         prompt_ids = self._prompt_ids(snap.prompt_token_ids)
         grammar = self._grammar_future(snap.samples[0].params) if snap.samples else None
         for s in snap.samples:
@@ -519,7 +519,6 @@ class Engine:
                 raise PromptTooLongError(f"request {snap.request_id!r} needs {len(prompt_ids) + s.max_tokens} "
                                          f"tokens of context; this engine serves {self.max_model_len}")
         blocks = self._import_kv(snap.kv) if snap.kv is not None else []
-        salt = salt_bytes(self.engine_salt, snap.cache_salt, lora_key)
         used = [False] * len(blocks)
         samples: list[Request] = []
         for s in snap.samples:
