@@ -31,7 +31,7 @@ def main(out: str, command: str = "") -> None:
     first = json.load(open(os.path.join(out, "kvloom_p1.json")))["stack"]
     kernels = first["inference_paths"]["kernels"]
     summary = {"command": command, "cpu_class": kernels.get("isa"), "cpu_model": first["cpu_model"],
-               "note": "2 shared cores; other agents were loading the machine", "pairs": pairs}
+               "load_average_at_end": os.getloadavg(), "pairs": pairs}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary, indent=1))

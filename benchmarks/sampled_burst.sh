@@ -37,7 +37,7 @@ for path in sorted(glob.glob(os.path.join(out, "greedy_r*.json"))):
                    "failed": g["failed"] + s["failed"]})
 from kvloom.kernels import kernels_status
 summary = {"command": command, "cpu_class": kernels_status()["isa"],
-           "note": "2 shared cores; other agents were loading the machine", "rounds": rounds}
+           "load_average_at_end": os.getloadavg(), "rounds": rounds}
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 print(json.dumps(summary, indent=1))
 PY

@@ -29,6 +29,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
                    help="int4 group size")
     p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "int8"],
                    help="KV cache precision: auto (the model's dtype) or int8 (keys per channel, values per token)")
+    p.add_argument("--no-window-kv-release", dest="window_kv_release", action="store_false",
+                   help="keep sliding-window layers' KV for the whole context (by default a model with sliding-window "
+                        "layers, e.g. Gemma 3, frees their KV behind the window)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", type=parse_size, default=d.kv_cache_memory,
@@ -67,7 +70,8 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
 def engine_config(args) -> EngineConfig:
     return EngineConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
                         quantization=args.quantization, quantization_group_size=args.quantization_group_size,
-                        kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative,
+                        kv_cache_dtype=args.kv_cache_dtype, window_kv_release=args.window_kv_release,
+                        speculative=args.speculative,
                         native_kernels=args.native_kernels,
                         spec_max_tokens=args.spec_max_tokens, spec_branches=args.spec_branches,
                         max_model_len=args.max_model_len, block_size=args.block_size,

@@ -42,6 +42,7 @@ class EngineConfig:
     quantization: str = "auto"            # auto | none | int8 | int4 | w8a8 | gguf (see QUANTIZATIONS)
     quantization_group_size: int = 32     # int4 group size (32, 64 or 128)
     kv_cache_dtype: str = "auto"          # auto (the model's dtype) | int8 (keys per channel, values per token)
+    window_kv_release: bool = True        # sliding-window layers give back KV behind their window (kv/window_pages.py)
     max_model_len: int | None = None      # defaults to the model's context, capped by the KV pool
     block_size: int = 16                  # tokens per KV block
     kv_cache_memory: int = 1 << 30        # bytes for the KV pool

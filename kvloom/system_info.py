@@ -55,8 +55,18 @@ def engine_description(engine) -> dict:
         "max_model_len": engine.max_model_len,
         "kv_cache_blocks": engine.num_blocks,
         "kv_cache_tokens": engine.kv_capacity_tokens,
+        "kv_cache_window_release": _window_release(engine),
         "num_layers": shape.num_layers,
     }
+
+
+def _window_release(engine) -> dict | None:
+    """For a model with sliding-window layers: whether their KV is released behind the window, and if not why."""
+    groups = engine.layer_groups
+    if groups is None:
+        return None if engine.window_kv_why is None else {"active": False, "why": engine.window_kv_why}
+    return {"active": True, "layers_per_page": groups.size, "sliding_groups": groups.num_sliding_groups,
+            "pages_per_block_in_window": 1 + groups.num_sliding_groups, "kv_cache_pages": engine.num_blocks}
 
 
 def inference_paths(engine) -> dict:

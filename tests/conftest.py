@@ -68,6 +68,34 @@ def save_tiny_model(directory: str, arch: str, seed: int = 0, **overrides) -> st
     return directory
 
 
+def tiny_gemma3_config(sliding_window: int = 16):
+    from transformers import Gemma3TextConfig
+
+    # Local RoPE default, global RoPE linearly scaled, final soft-capping on: every option the model reads.
+    return Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, sliding_window=sliding_window,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"], query_pre_attn_scalar=24,
+        final_logit_softcapping=30.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+
+
+def save_tiny_gemma3(directory: str, sliding_window: int = 16) -> str:
+    """A tiny random Gemma 3 (3 sliding-window layers, then a global one) as safetensors with a tokenizer."""
+    from transformers import Gemma3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(tiny_gemma3_config(sliding_window))
+    with torch.no_grad():   # the init leaves norms at w = 0 (a multiplier of 1): give them something to do
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(directory)
+    build_tokenizer(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path maker: tiny_model_dir('llama' | 'llama3-rope' | 'qwen2' | 'qwen3')."""

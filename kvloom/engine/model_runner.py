@@ -16,6 +16,7 @@ from kvloom.engine.scheduler_output import SchedulerOutput
 from kvloom.kernels import kernels
 from kvloom.kv.int8_kv_cache import Int8KVCache
 from kvloom.kv.kv_cache import allocate_kv_cache
+from kvloom.kv.windowed_kv_cache import LayerGroups, WindowedKVCache, remap_metadata
 from kvloom.attention.backend import DecodeStackAttention, NativeAttention, TorchAttention
 from kvloom.models.decode_stack import build_decode_stack
 from kvloom.models.llama import LlamaForCausalLM
@@ -28,7 +29,7 @@ from kvloom.structured.matcher import mask_draft_tree, masks_during_forward
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", kv_cache_dtype: str = "auto", num_staging_slots: int = 0,
-                 use_kernels: bool = True):
+                 use_kernels: bool = True, window_pages=None):
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
@@ -41,8 +42,17 @@ class ModelRunner:
         # torch backend runs every step (said in /server_info, never silently).
         self.sliding_window = getattr(model.shape, "sliding_window", None)
         sliding_blocks_native = self.native_decode and self.sliding_window is not None
-        self.kv = allocate_kv_cache(kv_cache_dtype, num_blocks, block_size=block_size, shape=model.shape,
-                                    dtype=dtype, device=self.device, num_staging_slots=num_staging_slots)
+        # window_pages (kv/window_pages.py): the sliding layers' KV lives in pages of their own, released
+        # behind each request's window; then num_blocks counts pages of a group of layers.
+        self.window_pages = window_pages
+        if window_pages is not None:
+            groups = LayerGroups.of(model.shape)
+            self.kv = WindowedKVCache(num_blocks, model.shape, block_size, dtype, self.device, groups)
+            for layer, group in zip(model.layers, groups.group_of):
+                layer.self_attn.kv_group = group
+        else:
+            self.kv = allocate_kv_cache(kv_cache_dtype, num_blocks, block_size=block_size, shape=model.shape,
+                                        dtype=dtype, device=self.device, num_staging_slots=num_staging_slots)
         # Attention backends (kvloom/attention/backend.py): the decode stack first where it applies, else the
         # per-layer one. Why one is missing is kept for /server_info.
         if self.native_decode and not sliding_blocks_native:
@@ -207,6 +217,9 @@ class ModelRunner:
         if any(c.lora_slot >= 0 for c in plan.chunks):   # rows in flat-batch order: decodes, then spans' tokens
             slots = [c.lora_slot for c in plan.decodes] + [c.lora_slot for c in plan.spans for _ in c.token_ids]
             meta.lora_slots = torch.tensor(slots, dtype=torch.long, device=dev)
+        if self.window_pages is not None:
+            lookup = self.window_pages.lookup
+            meta.window_groups = [remap_metadata(meta, lookup[g]) for g in range(lookup.shape[0])]
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
                 meta, torch.tensor(logits_indices, dtype=torch.long, device=dev))
 

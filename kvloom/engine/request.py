@@ -47,6 +47,8 @@ class Request:
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.block_keys: list[bytes] = []     # content keys of the full computed blocks (prefix cache)
+        self.window_first = -1                # sliding-window KV (kv/window_pages.py): the first block whose
+                                              # sliding pages it holds (through its last); -1: none held
         self.num_cached_tokens = 0                # prompt tokens found in the prefix cache at admission
         self.status = RequestStatus.WAITING
         self.queued_front = False       # waits at the front of its priority class (it ran, or moved in)

@@ -19,6 +19,10 @@ seat or blocks.
 Forked samples share their parent's blocks; the first write into a shared,
 partly filled block copies it first (copy-on-write, listed in the plan).
 
+A model with sliding-window layers (kv/window_pages.py) counts pages: a block
+costs 1 + num_groups pages while some request's window covers it and one page
+after, so the pool checks below multiply by pages_per_block.
+
 With a speculator, decodes may carry draft tokens after everything else is
 scheduled: they take what is left of the budget and only free blocks (a
 guess never preempts anyone), and such a decode travels with the prompt
@@ -35,13 +39,16 @@ from kvloom.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from kvloom.kv.block_pool import BlockPool
 from kvloom.kv.prefix_cache import PrefixCache
 from kvloom.kv.session_store import SessionStore
+from kvloom.kv.window_pages import WindowPages
 
 
 class Scheduler:
     def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  prefix_cache: PrefixCache | None = None, sessions: SessionStore | None = None,
-                 speculator=None):
+                 speculator=None, window: WindowPages | None = None):
         self.pool = pool
+        self.window = window
+        self.pages_per_block = 1 if window is None else window.pages_per_block
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -91,6 +98,7 @@ class Scheduler:
         req = self._remove(request_id)
         if req is None:
             return None
+        self._drop_window(req)   # a session keeps the blocks; their sliding pages stay keyed, for adopt()
         if self.sessions is not None and req.session_id and status != RequestStatus.FINISHED_ABORTED:
             # The program's next call continues from here: keep the KV of every computed token.
             rest = self.sessions.retain(req.session_id, req.all_token_ids[:req.num_computed_tokens],
@@ -153,6 +161,7 @@ class Scheduler:
         child.block_ids = list(blocks)
         child.block_keys = parent.block_keys[:computed // self.block_size]
         child.num_computed_tokens = computed
+        self.hold_window(child)
         if running:
             child.first_scheduled_time = parent.first_scheduled_time
             child.status = RequestStatus.RUNNING
@@ -242,7 +251,8 @@ class Scheduler:
             if tree is None:
                 continue
             req = self.requests[c.request_id]
-            room = (len(req.block_ids) + self.pool.num_free) * self.block_size - req.num_computed_tokens - 1
+            room = ((len(req.block_ids) + self.pool.num_free // self.pages_per_block) * self.block_size
+                    - req.num_computed_tokens - 1)
             tree = tree.prefix(min(len(tree), room))
             if not tree.tokens:
                 continue
@@ -274,6 +284,11 @@ class Scheduler:
             if self.prefix_cache is not None:
                 self.prefix_cache.register(req.all_token_ids, req.block_ids, req.block_keys, req.num_computed_tokens,
                                            req.cache_salt)
+            if self.window is not None:     # blocks now behind its window give their sliding pages back
+                first = self.window.first_kept(req.num_computed_tokens)
+                if first > req.window_first >= 0:
+                    self.window.drop_range(req.block_ids[:first], req.window_first)
+                    req.window_first = first
 
     # ---- helpers ----------------------------------------------------------------------
 
@@ -296,6 +311,14 @@ class Scheduler:
                 self.pool.share(b)
             req.block_ids, req.block_keys = blocks, block_keys
             req.num_computed_tokens = len(blocks) * self.block_size
+        if self.window is not None and req.block_ids:
+            # Only as far as the sliding layers' pages reach: the window before the first token it computes.
+            usable = self.window.usable(req.block_ids, req.num_computed_tokens)
+            keep = -(-usable // self.block_size)
+            self.pool.free(req.block_ids[keep:])
+            req.block_ids, req.block_keys = req.block_ids[:keep], req.block_keys[:usable // self.block_size]
+            req.num_computed_tokens = usable
+            self.hold_window(req)
         if req.num_preemptions == 0:
             req.num_cached_tokens = req.num_computed_tokens
 
@@ -309,10 +332,13 @@ class Scheduler:
         total = -(-(req.num_computed_tokens + n) // self.block_size)
         return max(0, total - len(req.block_ids)) + self._shared_tail(req)
 
+    def _pages_needed(self, req: Request, n: int) -> int:
+        return self._blocks_needed(req, n) * self.pages_per_block
+
     def _fits_in_free_blocks(self, req: Request) -> int:
         """How many more tokens the request's blocks plus the free ones can hold."""
-        capacity = (len(req.block_ids) + self.pool.num_free - self._shared_tail(req)) * self.block_size
-        return capacity - req.num_computed_tokens
+        blocks = len(req.block_ids) + self.pool.num_free // self.pages_per_block - self._shared_tail(req)
+        return blocks * self.block_size - req.num_computed_tokens
 
     def _allocate(self, req: Request, n: int, out: SchedulerOutput) -> None:
         """Blocks for n more tokens (the caller checked they are free), copying a shared tail first."""
@@ -320,9 +346,19 @@ class Scheduler:
             i = req.num_computed_tokens // self.block_size
             (fresh,) = self.pool.allocate(1)
             out.copies.append((req.block_ids[i], fresh))
+            if self.window is not None:   # the copy gets sliding pages of its own, copied too
+                self.window.hold(fresh, fresh=True)
+                out.copies.extend(zip(self.window.pages_of(req.block_ids[i]), self.window.pages_of(fresh)))
+                self.window.drop(req.block_ids[i])
             self.pool.free([req.block_ids[i]])
             req.block_ids[i] = fresh
-        req.block_ids += self.pool.allocate(self._blocks_needed(req, n))
+        new = self.pool.allocate(self._blocks_needed(req, n))
+        if self.window is not None:
+            if req.window_first < 0:            # it held nothing: it holds from its first new block
+                req.window_first = len(req.block_ids)
+            for b in new:
+                self.window.hold(b, fresh=True)
+        req.block_ids += new
 
     def _grow(self, req: Request, n: int, scheduled: set[str], out: SchedulerOutput, can_shrink: bool) -> int:
         """Give req blocks for n more tokens, preempting newer unscheduled requests if needed.
@@ -330,14 +366,14 @@ class Scheduler:
         Returns the tokens it can run (n, fewer if can_shrink, or 0). A decode
         that cannot get its block even so preempts itself.
         """
-        while self._blocks_needed(req, n) > self.pool.num_free:
+        while self._pages_needed(req, n) > self.pool.num_free:
             if self._release_a_session():
                 continue  # idle sessions' KV goes before any running request is preempted
             victim = self._newest_unscheduled(scheduled, newer_than=req)
             if victim is None:
                 break
             self._preempt(victim, out)
-        if self._blocks_needed(req, n) > self.pool.num_free:
+        if self._pages_needed(req, n) > self.pool.num_free:
             if can_shrink:
                 n = self._fits_in_free_blocks(req)
                 if n <= 0:
@@ -359,7 +395,8 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs:
                 return True
             opening = sum(1 for r in self.running if r.num_uncomputed == 1 and r.num_computed_tokens % self.block_size == 0)
-            return self._blocks_needed(head, min(head.num_uncomputed, budget)) + opening > self.pool.num_free
+            blocks = self._blocks_needed(head, min(head.num_uncomputed, budget)) + opening
+            return blocks * self.pages_per_block > self.pool.num_free
 
         while self.running and self.running[-1].priority > head.priority and short():
             self._preempt(self.running[-1], out)
@@ -385,7 +422,20 @@ class Scheduler:
         self._queue_front(req)
         out.preempted.append(req.request_id)
 
+    def hold_window(self, req: Request) -> None:
+        """Hold the sliding pages of the blocks the request's window covers (they exist: it starts where a
+        holder stood, from what usable() allowed, or from an import's pages)."""
+        if self.window is not None and req.block_ids:
+            req.window_first = min(self.window.first_needed(req.num_computed_tokens), len(req.block_ids))
+            self.window.hold_range(req.block_ids, req.window_first)
+
+    def _drop_window(self, req: Request) -> None:
+        if self.window is not None and req.window_first >= 0:
+            self.window.drop_range(req.block_ids, req.window_first)
+        req.window_first = -1
+
     def _release_blocks(self, req: Request) -> None:
+        self._drop_window(req)
         self.pool.free(req.block_ids)
         req.block_ids = []
         req.block_keys = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from kvloom.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from kvloom.kv.window_pages import allocate_scratch, free_scratch
 
 
 def window_logits(engine, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
@@ -15,7 +16,7 @@ def window_logits(engine, token_ids: list[int], chunk: int | None = None) -> tor
     `chunk` tokens per forward pass (default: all at once)."""
     bs = engine.config.block_size
     chunk = chunk or len(token_ids)
-    blocks = engine.pool.allocate(-(-len(token_ids) // bs))
+    blocks = allocate_scratch(engine.pool, engine.window_pages, -(-len(token_ids) // bs))
     if blocks is None:
         raise ValueError("the KV pool is too small for one evaluation window; lower --window")
     try:
@@ -26,4 +27,4 @@ def window_logits(engine, token_ids: list[int], chunk: int | None = None) -> tor
             logits.append(engine.runner.logits(plan, all_logits=True))
         return torch.cat(logits)
     finally:
-        engine.pool.free(blocks)
+        free_scratch(engine.pool, engine.window_pages, blocks)

@@ -35,6 +35,8 @@ class BlockPool:
         # Told when a block leaves its last sequence, and whether it holds full, keyed content
         # (the int8 KV pool seals or drops the block's float staging then).
         self.on_release: Callable[[int, bool], None] | None = None
+        # Told when allocate() hands a block out for new content (what it held before is gone).
+        self.on_reuse: Callable[[int], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -62,6 +64,9 @@ class BlockPool:
             self._forget(b)
             self._refs[b] = 1
             blocks.append(b)
+        if self.on_reuse is not None:
+            for b in blocks:
+                self.on_reuse(b)
         return blocks
 
     def free(self, blocks: list[int]) -> None:
@@ -108,6 +113,14 @@ class BlockPool:
         self._key_of[block] = key
         self._content[block] = content
         return block
+
+    def unkey(self, block: int) -> None:
+        """Drop a free block's content key (what it held is no longer wanted): it is reused first."""
+        if self._key_of[block] is not None:
+            del self._by_key[self._key_of[block]]
+            self._key_of[block] = self._content[block] = None
+        if self._refs[block] == 0:
+            self._free.move_to_end(block, last=False)
 
     def cached_keys(self) -> list[Hashable]:
         """Every content key the pool holds (an instance's prefix summary for a global scheduler)."""

@@ -90,6 +90,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
         self.lora = None   # LoRA slot tables of qkv and o, when adapters are served (kvloom/lora/tables.py)
         self.sliding = False   # a sliding-window layer (Gemma 3's local layers) sees only the window's keys
+        self.kv_group = 0      # where its KV pages are named (AttentionMetadata.for_group), when grouped
 
     def forward(self, x, rope_cos_sin, meta: AttentionMetadata, kv_cache):
         t = x.shape[0]
@@ -106,8 +107,9 @@ class Attention(nn.Module):
             qk = qkv[:, :h + kvh]
         qk = apply_rope(qk, *rope_cos_sin)           # q and k rotated together: one set of ops
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh:]
-        kv_cache.write(k, v, meta)
-        o = paged_attention(q, kv_cache, meta, self.scale, self.sliding).reshape(t, self.q_size)
+        kv_meta = meta.for_group(self.kv_group)
+        kv_cache.write(k, v, kv_meta)
+        o = paged_attention(q, kv_cache, kv_meta, self.scale, self.sliding).reshape(t, self.q_size)
         out = self.o_proj(o)
         if lora:
             lora_add(o, out, self.lora["o"], meta.lora_slots)

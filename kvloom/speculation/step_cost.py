@@ -12,6 +12,7 @@ import bisect
 import time
 
 from kvloom.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from kvloom.kv.window_pages import allocate_scratch, free_scratch
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 CONTEXT = 512   # context length of the rows that measure attention's share (at most half the model's)
@@ -50,7 +51,9 @@ class StepCost:
         sizes = [n for n in SIZES if n <= max_tokens] or [1]
         needed = -(-sizes[-1] // block_size)
         context = min(CONTEXT, runner.model.shape.max_position_embeddings // 2)
-        blocks = pool.allocate(max(needed, -(-context // block_size))) or pool.allocate(needed)
+        window = getattr(runner, "window_pages", None)   # sliding layers' pages come along (kv/window_pages.py)
+        blocks = (allocate_scratch(pool, window, max(needed, -(-context // block_size)))
+                  or allocate_scratch(pool, window, needed))
         if blocks is None:
             return cls([1], [1.0])
         try:
@@ -74,7 +77,7 @@ class StepCost:
             per_chunk = max(0.0, (_best_time(runner, split, repeats) - _best_time(runner, whole, repeats)) / (n - 1)) \
                 if n > 1 else 0.0
         finally:
-            pool.free(blocks)
+            free_scratch(pool, window, blocks)
         return cls(sizes, seconds, per_chunk, sizes if decode_seconds else None, decode_seconds, per_context_token)
 
 
