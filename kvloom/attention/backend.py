@@ -9,9 +9,11 @@
 The runner tries them in order (decode stack, native, torch) and the first that
 supports a step runs it; which backends exist, and why one is missing, is
 reported in /server_info. A model with sliding-window layers (Gemma 3) runs on
-the torch backend alone: it builds each step's window masks beside the causal
-ones, and a sliding layer's attention reads those. The window, as the
-reference's: a query at position p sees keys at positions p - window + 1 .. p.
+the native backend over a float pool, whose kernel takes the window and reads
+nothing before it; over an int8 pool it runs on the torch backend, which builds
+each step's window masks beside the causal ones for the sliding layers to read.
+The window, as the reference's: a query at position p sees keys at positions
+p - window + 1 .. p.
 """
 from __future__ import annotations
 
@@ -149,9 +151,13 @@ class NativeAttention(TorchAttention):
     name = "native"
 
     def __init__(self, block_size: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device,
-                 prefix_rows: bool = True):
+                 prefix_rows: bool = True, sliding_window: int | None = None):
+        # Every row is a kernel call that takes the window itself: no window masks to build.
         super().__init__(block_size, num_kv_heads, dtype, device)
+        if sliding_window is not None and not prefix_rows:
+            raise ValueError("sliding-window layers on the native backend need every span token as a row")
         self.prefix_rows = prefix_rows
+        self.window = sliding_window or 0
 
     def _span(self, c, start: int) -> SpanAttention:
         span = super()._span(c, start)
@@ -173,8 +179,13 @@ class NativeAttention(TorchAttention):
     def decode(self, q: torch.Tensor, layer_kv, meta: AttentionMetadata, scale: float,
                sliding: bool = False) -> torch.Tensor:
         if sliding:
-            raise RuntimeError("the native paged-attention kernel has no sliding window")
+            return layer_kv.decode_attention(q, meta.decodes, scale, window=self.sliding_window_size())
         return layer_kv.decode_attention(q, meta.decodes, scale)
+
+    def sliding_window_size(self) -> int:
+        if not self.window:
+            raise RuntimeError("a sliding layer on a native backend built without the model's window")
+        return self.window
 
 
 class DecodeStackAttention:
@@ -245,9 +256,8 @@ def paged_attention(q: torch.Tensor, kv, meta: AttentionMetadata, scale: float, 
     for span in meta.spans:
         s, n, L = span.start, span.length, span.context_len
         if span.rows is not None:
-            if sliding:
-                raise RuntimeError("the native paged-attention kernel has no sliding window")
-            out[s:s + n] = kv.decode_attention(q[s:s + n], span.rows, scale)
+            window = {"window": meta.backend.sliding_window_size()} if sliding else {}
+            out[s:s + n] = kv.decode_attention(q[s:s + n], span.rows, scale, **window)
             continue
         kc, vc = kv.chunk_context(span)                                                  # [kvh, blocks*bs, D]
         qc = q[s:s + n].transpose(0, 1).unsqueeze(0)                                     # [1, H, n, D]

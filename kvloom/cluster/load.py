@@ -78,10 +78,13 @@ def load_report(instance_id: int, scheduler, pool, block_size: int, families: di
     running = len(scheduler.running)
     urgent = sum(1 for r in scheduler.requests.values() if r.priority < 0)
     headroom = urgent * headroom_per_request
-    free = pool.num_free
+    # In blocks: with sliding-window pages (kv/window_pages.py) a new block costs pages_per_block pages, so
+    # free pages count for that many fewer blocks (conservative: blocks behind every window cost one).
+    per_block = getattr(scheduler, "pages_per_block", 1)
+    free = pool.num_free // per_block
     after = free - demand - headroom
     freeness = -math.inf if draining else after / max(1, running)
-    return LoadReport(instance_id, running, len(scheduler.waiting), free, pool.num_blocks, demand, after,
+    return LoadReport(instance_id, running, len(scheduler.waiting), free, pool.num_blocks // per_block, demand, after,
                       freeness, block_size, alive, num_add_calls, draining, headroom, head_demand,
                       0 if head is None else head.priority,
                       request_loads(scheduler, block_size, families))

@@ -41,7 +41,9 @@ class ModelRunner:
         # Sliding-window layers (Gemma 3): the native kernels and the decode stack have no window, so the
         # torch backend runs every step (said in /server_info, never silently).
         self.sliding_window = getattr(model.shape, "sliding_window", None)
-        sliding_blocks_native = self.native_decode and self.sliding_window is not None
+        # The native kernel takes a window over a float pool; the int8 pool's has none.
+        sliding_blocks_native = (self.native_decode and self.sliding_window is not None
+                                 and kv_cache_dtype == "int8")
         # window_pages (kv/window_pages.py): the sliding layers' KV lives in pages of their own, released
         # behind each request's window; then num_blocks counts pages of a group of layers.
         self.window_pages = window_pages
@@ -57,7 +59,7 @@ class ModelRunner:
         # per-layer one. Why one is missing is kept for /server_info.
         if self.native_decode and not sliding_blocks_native:
             self.per_layer = NativeAttention(block_size, model.shape.num_kv_heads, dtype, self.device,
-                                             prefix_rows=kv_cache_dtype != "int8")
+                                             prefix_rows=kv_cache_dtype != "int8", sliding_window=self.sliding_window)
         else:
             self.per_layer = TorchAttention(block_size, model.shape.num_kv_heads, dtype, self.device,
                                             self.sliding_window)
@@ -69,7 +71,7 @@ class ModelRunner:
                                       else f"the native kernels read float32 pools on the CPU ({dtype}, {self.device})")
         elif sliding_blocks_native:
             self.why_not["native"] = (f"{type(model).__name__} has sliding-window layers (window "
-                                      f"{self.sliding_window}); the native attention kernels have no window")
+                                      f"{self.sliding_window}); the native int8-pool attention kernel has no window")
         if self.native_decode:
             model.use_native_ops()
 

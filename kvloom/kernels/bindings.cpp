@@ -32,7 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_gemm_path", &q4_gemm_path, "what computes the 4-bit product in this build");
   m.def("decode_attention_f32", &decode_attention_f32, "paged decode attention, float pool", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("tables"), py::arg("lens"), py::arg("scale"), py::arg("masks") = py::none(),
-        nogil);
+        py::arg("window") = 0, nogil);
   m.def("decode_attention_i8", &decode_attention_i8, "paged decode attention, int8 pool", py::arg("q"), py::arg("kq"),
         py::arg("k_scale"), py::arg("vq"), py::arg("v_scale"), py::arg("k_stage"), py::arg("tables"), py::arg("slots"),
         py::arg("lens"), py::arg("scale"), py::arg("masks") = py::none(), nogil);

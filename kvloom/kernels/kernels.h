@@ -18,7 +18,8 @@ void set_int8_gemm(std::string mode);
 std::string int8_gemm_path();
 std::string kernels_isa();
 torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
-                                   torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks);
+                                   torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks,
+                                   int64_t window = 0);
 torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tensor k_scale, torch::Tensor vq,
                                   torch::Tensor v_scale, torch::Tensor k_stage, torch::Tensor tables,
                                   torch::Tensor slots, torch::Tensor lens, double scale,

@@ -57,10 +57,13 @@ void check_common(const torch::Tensor& q, const torch::Tensor& tables, const tor
 // row, blk) adds w * value to o. col/row/blk: the table entry, the row in the block, the block id.
 // masks (optional, int64 per sequence): position p of a context of length len is seen when p < len - 64 or
 // bit len - 1 - p is set: a draft token sees its ancestors only (kvloom/spec/tree_attention.py).
+// window > 0: a sliding-window layer; the query at position len - 1 sees positions len - window .. len - 1 only,
+// and nothing before them is read.
 template <typename Score, typename AddValue>
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tables, const torch::Tensor& lens,
                                int64_t num_kv_heads, int64_t block_size, double scale, Score score,
-                               AddValue add_value, torch::Tensor out, const int64_t* masks = nullptr) {
+                               AddValue add_value, torch::Tensor out, const int64_t* masks = nullptr,
+                               int64_t window = 0) {
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2), W = tables.size(1);
   const int64_t KVH = num_kv_heads, BS = block_size, G = H / KVH;
   const float* qp = q.data_ptr<float>();
@@ -72,23 +75,24 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tabl
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / KVH, h = task % KVH, len = lp[s];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0, n_seen = len - first;
       const int64_t* table = tp + s * W;
-      scores.assign(G * len, 0.f);
-      for (int64_t pos = 0; pos < len; ++pos) {
+      scores.assign(G * n_seen, 0.f);   // scores[g * n_seen + i]: position first + i
+      for (int64_t pos = first; pos < len; ++pos) {
         const int64_t col = pos / BS, row = pos % BS;
         for (int64_t g = 0; g < G; ++g)
-          scores[g * len + pos] = score(qp + (s * H + h * G + g) * D, s, h, col, row, table[col]) * sc;
+          scores[g * n_seen + pos - first] = score(qp + (s * H + h * G + g) * D, s, h, col, row, table[col]) * sc;
       }
       if (masks)
-        for (int64_t pos = std::max<int64_t>(0, len - 64); pos < len; ++pos)
+        for (int64_t pos = std::max<int64_t>(first, len - 64); pos < len; ++pos)
           if (!((static_cast<uint64_t>(masks[s]) >> (len - 1 - pos)) & 1))
-            for (int64_t g = 0; g < G; ++g) scores[g * len + pos] = -std::numeric_limits<float>::infinity();
+            for (int64_t g = 0; g < G; ++g) scores[g * n_seen + pos - first] = -std::numeric_limits<float>::infinity();
       for (int64_t g = 0; g < G; ++g) {
-        float* p = scores.data() + g * len;
-        softmax_inplace(p, len);
+        float* p = scores.data() + g * n_seen;
+        softmax_inplace(p, n_seen);
         float* o = op + (s * H + h * G + g) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-        for (int64_t pos = 0; pos < len; ++pos) add_value(o, p[pos], h, pos % BS, table[pos / BS]);
+        for (int64_t pos = first; pos < len; ++pos) add_value(o, p[pos - first], h, pos % BS, table[pos / BS]);
       }
     }
   });
@@ -107,13 +111,15 @@ const int64_t* mask_rows(const c10::optional<torch::Tensor>& masks, const torch:
 // q [n, H, D]; k, v [NB, KVH, BS, D] float; tables [n, W] int64; lens [n] int64 -> out [n, H, D];
 // masks: see decode_attention.
 torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
-                                   torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks) {
+                                   torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks,
+                                   int64_t window) {
   check_common(q, tables, lens);
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == torch::kFloat, "float KV pool");
   const int64_t KVH = k.size(1), BS = k.size(2), D = k.size(3);
   auto out = torch::empty_like(q);
   const int64_t* mp = mask_rows(masks, q);
-  if (decode_attention_f32_avx512(q, k, v, tables, lens, scale, mp, out)) return out;
+  // The vector kernels attend over whole contexts; a window takes the loop below (Gemma's heads of 256 would too).
+  if (window <= 0 && decode_attention_f32_avx512(q, k, v, tables, lens, scale, mp, out)) return out;
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   auto score = [=](const float* qr, int64_t, int64_t h, int64_t, int64_t row, int64_t blk) {
@@ -124,7 +130,7 @@ torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tens
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
   };
-  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value, out, mp);
+  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value, out, mp, window);
 }
 
 // int8 pool: kq, vq [NB, KVH, BS, D] int8; k_scale [NB, KVH, D]; v_scale [NB, KVH, BS] (float);

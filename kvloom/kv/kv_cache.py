@@ -37,9 +37,10 @@ class FloatLayerKV:
         return (self._rows_k[decodes.head_blocks].view(nd, kvh, -1, d),
                 self._rows_v[decodes.head_blocks].view(nd, kvh, -1, d))
 
-    def decode_attention(self, q: torch.Tensor, decodes: NativeDecodes, scale: float) -> torch.Tensor:
+    def decode_attention(self, q: torch.Tensor, decodes: NativeDecodes, scale: float, window: int = 0) -> torch.Tensor:
+        """window > 0: each row sees only the last `window` positions of its context (a sliding layer)."""
         return kernels().decode_attention_f32(q.contiguous(), self.k, self.v, decodes.tables, decodes.lens, scale,
-                                              decodes.masks)
+                                              decodes.masks, window)
 
     def chunk_context(self, chunk: SpanAttention) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a prompt chunk's blocks: [kv_heads, blocks * block_size, head_dim]."""

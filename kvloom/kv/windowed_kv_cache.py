@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from kvloom.attention.metadata import AttentionMetadata
+from kvloom.attention.metadata import AttentionMetadata, NativeDecodes
 from kvloom.kv.kv_cache import FloatKVCache, FloatLayerKV
 from kvloom.models.llama import LlamaShape
 
@@ -96,13 +96,23 @@ def remap_metadata(meta: AttentionMetadata, lookup: torch.Tensor) -> AttentionMe
     out = copy.copy(meta)
     out.write_blocks = lookup[meta.write_blocks]
     if meta.decodes is not None:
-        out.decodes = copy.copy(meta.decodes)
-        out.decodes.head_blocks = _remap_rows(meta.decodes.head_blocks, lookup)
+        out.decodes = _remap_decodes(meta.decodes, lookup)
     out.spans = []
     for span in meta.spans:
         s = copy.copy(span)
         s.head_blocks = _remap_rows(span.head_blocks, lookup)
+        if span.rows is not None:
+            s.rows = _remap_decodes(span.rows, lookup)
         out.spans.append(s)
+    return out
+
+
+def _remap_decodes(decodes, lookup: torch.Tensor):
+    out = copy.copy(decodes)
+    if isinstance(decodes, NativeDecodes):
+        out.tables = lookup[decodes.tables]
+    else:
+        out.head_blocks = _remap_rows(decodes.head_blocks, lookup)
     return out
 
 

@@ -10,10 +10,12 @@ attention with its own RoPE base and global attention (every sixth layer in
 the released models, as the config's layer_types say). Logits may be
 soft-capped (final_logit_softcapping).
 
-The sliding window is applied by the attention backend (attention/backend.py,
-TorchAttention); the native paged-attention kernels and the decode stack have
-no window, so a Gemma 3 model runs every step on the module path with torch
-attention, and the runner says so in /server_info.
+The sliding window is applied by the attention backend (attention/backend.py):
+the native paged-attention kernel takes it over a float pool (each token a row
+that reads only its window), the torch backend masks it over an int8 pool. The
+decode stack runs Llama-family layers only, so every Gemma 3 step takes the
+module path, and the runner says so in /server_info. The KV behind a request's
+window is released (kv/window_pages.py).
 """
 from __future__ import annotations
 
@@ -116,7 +118,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, logits_indices):
         if meta.rows is not None:
-            raise RuntimeError("Gemma 3 runs on the module path; the decode stack has no sliding window")
+            raise RuntimeError("Gemma 3 runs on the module path; the decode stack runs Llama-family layers only")
         h = self.embed_tokens(input_ids)
         h = h * torch.tensor(self.shape.hidden_size ** 0.5, dtype=h.dtype)
         global_cs = self.rope.cos_sin(positions, h.dtype)
