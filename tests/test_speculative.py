@@ -89,6 +89,44 @@ def test_draft_allotment_follows_the_cost_model():
     assert linear.propose([(r, 10) for r in reqs], base_tokens=3, base_yield=3, budget=100) == {}
 
 
+def test_skipping_drafts_that_cannot_pay_changes_no_decision(monkeypatch):
+    """The bound that skips drafting (lookahead._cannot_pay) only skips what the full search would reject: on
+    random cost curves, batch sizes and acceptance estimates both give the same drafts."""
+    import random
+
+    from kvloom.speculation import lookahead
+
+    rng = random.Random(0)
+    full_search = lambda *args: False   # noqa: E731 - the search as it was, drafting every candidate
+    skipped = 0
+    for case in range(200):
+        sizes = [1, 2, 4, 8, 16, 32, 64]
+        seconds, t = [], rng.uniform(5, 50)
+        for _ in sizes:
+            t += rng.choice([0.0, rng.uniform(0, 5), rng.uniform(0, 40)])
+            seconds.append(t)
+        cost = StepCost(sizes, seconds, per_chunk=rng.choice([0.0, rng.uniform(0, 10)]))
+        batch, num_requests = rng.randint(1, 40), rng.randint(1, 4)
+        outcomes = []
+        for bound in (True, False):
+            spec = LookaheadSpeculator(SpecSettings(max_tokens=4), cost)
+            reqs = []
+            for k in range(num_requests):
+                r = Request(f"r{k}", [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], SamplingParams(temperature=0.0), 50, 0.0, None)
+                r.append_output(3)
+                reqs.append(r)
+                st = spec._state(r)
+                st.hits, st.misses = (case % 7) / 7 + 0.05, 1.0
+            if not bound:
+                monkeypatch.setattr(lookahead, "_cannot_pay", full_search)
+            trees = spec.propose([(r, 10) for r in reqs], base_tokens=batch, base_yield=batch, budget=100)
+            monkeypatch.undo()
+            outcomes.append({rid: (tree.tokens, tree.parents) for rid, tree in trees.items()})
+        assert outcomes[0] == outcomes[1], case
+        skipped += not outcomes[0]
+    assert 20 < skipped < 180, skipped      # both outcomes occur
+
+
 def test_tree_mask_and_depths():
     parents = [-1, 0, 1, -1, 3, 0]
     assert tree_depths(parents) == [1, 2, 3, 1, 2, 2]

@@ -94,14 +94,30 @@ class LookaheadSpeculator:
         """Drafts for this step. candidates: (request, most draft tokens it may take); base_tokens: tokens
         already in the pass; base_yield: tokens the pass produces without speculation; decode_only: the
         pass holds nothing but plain decodes (the native decode stack's path)."""
+        cost = self.step_cost
+        # A pass of plain decodes and short draft trees runs in the native stack, where a draft token costs a
+        # row like any other; otherwise drafted decodes leave the batched decode path as chunks of their own.
+        stack = decode_only and self.settings.max_tokens < STACK_MAX_CHUNK
+
+        def pass_cost(num_tokens: int, num_chunks: int, context: int) -> float:
+            if stack:   # every row attends over its request's context
+                return cost.decode_only(num_tokens) + context * cost.per_context_token
+            return cost(num_tokens) + num_chunks * cost.per_chunk
+
+        context = sum(req.num_tokens for req, _ in candidates)   # the decodes' rows (those that may draft)
+        live = [(req, self._state(req), min(room, self.settings.max_tokens)) for req, room in candidates]
+        most = min(budget, sum(max(0, room) for _, _, room in live))
+        if not most or _cannot_pay(max(st.acceptance for _, st, _ in live), base_tokens, base_yield, context, most,
+                                   pass_cost, cost.decode_sizes if stack else cost.sizes):
+            for _, st, _ in live:
+                _drift_to_prior(st)
+            return {}
         trees: dict[str, DraftTree] = {}
         states: dict[str, _RequestState] = {}
         reqs: dict[str, Request] = {}
         heap: list[tuple[float, int, str]] = []
         limit: dict[str, int] = {}
-        for order, (req, room) in enumerate(candidates):
-            st = self._state(req)
-            room = min(room, self.settings.max_tokens)
+        for order, (req, st, room) in enumerate(live):
             tree = self._draft(req, st, room) if room > 0 else None
             if tree is None:
                 _drift_to_prior(st)
@@ -113,20 +129,9 @@ class LookaheadSpeculator:
         # the way, the one with the most tokens per second wins. Not "stop at the first token that does
         # not pay": a pass's cost can jump at its second row and then stay flat (fp32 on this CPU: 47 ms
         # for one row, 83 for two to eight), where one draft token loses and six win.
-        cost = self.step_cost
-        # A pass of plain decodes and short draft trees runs in the native stack, where a draft token costs a
-        # row like any other; otherwise drafted decodes leave the batched decode path as chunks of their own.
-        stack = decode_only and self.settings.max_tokens < STACK_MAX_CHUNK
-
-        def pass_cost(num_tokens: int, num_chunks: int, context: int) -> float:
-            if stack:   # every row attends over its request's context
-                return cost.decode_only(num_tokens) + context * cost.per_context_token
-            return cost(num_tokens) + num_chunks * cost.per_chunk
-
         given: dict[str, int] = {}
         taken: list[str] = []
         tokens, produced, chunks = base_tokens, float(base_yield), 0
-        context = sum(req.num_tokens for req, _ in candidates)   # the decodes' rows (those that may draft)
         best_rate, best_len = produced / pass_cost(tokens, 0, context), 0
         while heap and budget > 0:
             neg_gain, order, rid = heapq.heappop(heap)
@@ -198,6 +203,18 @@ class LookaheadSpeculator:
                 "acceptance_rate": self.num_accepted / self.num_proposed if self.num_proposed else 0.0,
                 "mean_accepted_length": self.num_accepted / v if v else 0.0,
                 "global_trie_nodes": self.global_trie.num_nodes}
+
+
+def _cannot_pay(best_gain: float, base_tokens: int, base_yield: int, context: int, most: int, pass_cost,
+                breakpoints: list[int]) -> bool:
+    """No allotment of up to `most` draft tokens raises the pass's tokens per second, so propose() would choose
+    none: its drafting (a tree search per request, whose Python time was the whole of speculation's loss at 16+
+    concurrent requests) is skipped. Each draft token yields at most the best acceptance estimate, and k tokens
+    cost at least a pass of base + k tokens with one chunk more; the step cost is piecewise linear in tokens,
+    so the best ratio sits at k = 1, k = most or where base + k meets a measured size."""
+    base_rate = base_yield / pass_cost(base_tokens, 0, context)
+    ks = {1, most} | {n - base_tokens for n in breakpoints if 0 < n - base_tokens < most}
+    return all((base_yield + best_gain * k) / pass_cost(base_tokens + k, 1, context) <= base_rate for k in ks)
 
 
 def _drift_to_prior(st: _RequestState) -> None:
