@@ -14,9 +14,10 @@ from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.sampler import TokenLogprobs
 from kvloom.errors import InvalidRequestError
 from kvloom.sampling_params import SamplingParams
-from kvloom.scaling.beam import beam_search
-from kvloom.scaling.guided import ParticleSearch, particle_filter
+from kvloom.scaling.beam import BeamProgram
+from kvloom.scaling.guided import EngineScorer, ParticleProgram, ParticleSearch
 from kvloom.scaling.offline import generate_scaled
+from kvloom.scaling.search import SearchResult, run_searches
 from kvloom.scaling.spec import ScalingSpec
 
 Prompt = str | list[int]
@@ -94,8 +95,9 @@ class LLM:
         the leading answer's posterior reaches p. Each result's .kvloom reports votes, scores, samples used.
         use_beam_search: the best n of beam_width beams (transformers' beam search, length_penalty as there).
         guided={"particles": K, "step_tokens": T, "temperature": t, "seed": s} with scorer=callable(prompt,
-        partial text) -> float: particle filtering, K particles resampled every T tokens by exp(score / t);
-        the best n finished particles are returned (kvloom/scaling/guided.py).
+        partial text) -> float (or an EngineScorer such as scaling/process_reward.ProcessReward, whose grading
+        requests run in the engine): particle filtering, K particles resampled every T tokens by
+        exp(score / t); the best n finished particles are returned (kvloom/scaling/guided.py).
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -107,9 +109,10 @@ class LLM:
         spec = ScalingSpec.from_fields(per_prompt[0].n, best_of, vote, adaptive,
                                        None if guided is not None else scorer)
         if guided is not None:
-            if not callable(scorer) or spec is not None or use_beam_search or isinstance(params, (list, tuple)):
-                raise InvalidRequestError("guided search takes a callable scorer, one sampling params, and no "
-                                          "best_of / vote / adaptive / beam search", field="guided")
+            if (not (callable(scorer) or isinstance(scorer, EngineScorer)) or spec is not None or use_beam_search
+                    or isinstance(params, (list, tuple))):
+                raise InvalidRequestError("guided search takes a callable scorer (or an EngineScorer), one sampling "
+                                          "params, and no best_of / vote / adaptive / beam search", field="guided")
             return self._run_guided(list(prompts), per_prompt[0], scorer, guided)
         if use_beam_search:
             if spec is not None or isinstance(params, (list, tuple)):
@@ -164,34 +167,29 @@ class LLM:
         """Release the KV an agent session kept between calls."""
         return self.engine.close_session(session_id)
 
-    def _run_guided(self, prompts: list[Prompt], params: SamplingParams, scorer: Callable,
+    def _run_guided(self, prompts: list[Prompt], params: SamplingParams, scorer,
                     settings: dict) -> list[GenerationResult]:
         unknown = set(settings) - {"particles", "step_tokens", "temperature", "seed"}
         if unknown:
             raise InvalidRequestError(f"guided has unknown fields {sorted(unknown)}", field="guided")
-        results = []
-        for i, prompt in enumerate(prompts):
-            search = ParticleSearch(**settings)
-            finished = particle_filter(self.engine, prompt, params, scorer, search, f"llm-{id(self)}-guided-{i}")
-            best = finished[:params.n]
-            results.append(GenerationResult(prompt, best[0][1].prompt_token_ids, [
-                Completion(o.text, o.token_ids, o.finish_reason, None, o.stop_reason) for _, o in best],
-                kvloom={"strategy": "guided", "rounds": search.rounds, "scores": [sc for sc, _ in best],
-                        "particles_finished": len(finished)}))
-        return results
+        # all prompts' particles batched: each search resamples with its own seeded generator
+        programs = [ParticleProgram(p, params, scorer, ParticleSearch(**settings), f"llm-{id(self)}-guided-{i}")
+                    for i, p in enumerate(prompts)]
+        return [self._searched(p, r, params) for p, r in zip(prompts, run_searches(self.engine, programs))]
 
     def _run_beams(self, prompts: list[Prompt], params: SamplingParams, width: int,
                    length_penalty: float) -> list[GenerationResult]:
-        eos = set(self.tokenizer.eos_token_ids)
-        results = []
-        for prompt, hyps in zip(prompts, beam_search(self.engine, prompts, params, width, length_penalty,
-                                                     f"llm-{id(self)}-beam")):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            completions = [Completion(self.tokenizer.decode(t, skip_special_tokens=params.skip_special_tokens), t,
-                                      "stop" if t and t[-1] in eos else "length") for _, t in hyps]
-            results.append(GenerationResult(prompt, ids, completions,
-                                            kvloom={"strategy": "beam_search", "scores": [s for s, _ in hyps]}))
-        return results
+        programs = [BeamProgram(p, params, width, length_penalty, f"llm-{id(self)}-beam-{i}")
+                    for i, p in enumerate(prompts)]
+        return [self._searched(p, r, params) for p, r in zip(prompts, run_searches(self.engine, programs))]
+
+    @staticmethod
+    def _searched(prompt: Prompt, result: SearchResult, params: SamplingParams) -> GenerationResult:
+        outs = result.choices
+        return GenerationResult(prompt, outs[0].prompt_token_ids if outs else [], [
+            Completion(o.text, o.token_ids, o.finish_reason, o.logprobs if params.logprobs is not None else None,
+                       o.stop_reason) for o in outs], outs[0].num_cached_tokens if outs else 0,
+            kvloom=result.extension)
 
     def _run_scaled(self, prompts: list[Prompt], params: list[SamplingParams], spec: ScalingSpec,
                     session_id: str | None, lora) -> list[GenerationResult]:

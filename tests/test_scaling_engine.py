@@ -148,3 +148,53 @@ def test_a_sampled_fork_takes_its_own_seed_and_moves_nothing_else(engine):
 def test_fork_refuses_an_unknown_sample(engine):
     with pytest.raises(InvalidRequestError):
         engine.fork_sample("nope")
+
+
+def test_a_paused_sample_waits_and_then_continues_as_if_never_paused(engine):
+    """Searches hold samples between rounds (Engine.pause_sample): a paused sample is never scheduled while
+    the others run, and once unpaused it draws exactly the tokens it would have drawn."""
+    prompt = random_prompts(1, [23], seed=8)[0]
+    ref = reference(engine, prompt, SAMPLED)
+    engine.add_request(prompt, SAMPLED, request_id="q")
+    for _ in range(4):
+        engine.step()
+    held = list(engine.scheduler.requests["q#1"].output_token_ids)
+    engine.pause_sample("q#1")
+    for _ in range(3):
+        assert all(o.request_id != "q#1" for o in engine.step())
+    assert engine.scheduler.requests["q#1"].output_token_ids == held
+    engine.unpause_sample("q#1")
+    outs = run(engine)
+    for o in outs.values():
+        assert o.token_ids == ref[o.index].token_ids
+    with pytest.raises(InvalidRequestError):
+        engine.pause_sample("q#1")                          # finished
+
+
+def test_a_paused_sample_gives_its_seat_and_blocks_way(tiny_model_dir):
+    """A paused sample must never hold up the requests it waits for (a search's grading requests): lacking a
+    seat, the scheduler preempts it first; unpaused, it recomputes and draws the same tokens."""
+    eng = Engine(EngineConfig(model=tiny_model_dir("llama"), kv_cache_memory=4 << 20, max_num_seqs=2))
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = random_prompts(3, [19, 12, 15], seed=9)
+    refs = []
+    for i, p in enumerate(prompts):
+        eng.add_request(p, greedy, request_id=f"ref{i}")
+        refs.append(run(eng)[f"ref{i}"].token_ids)
+    eng.add_request(prompts[0], greedy, request_id="held")
+    for _ in range(3):
+        eng.step()
+    eng.pause_sample("held")
+    eng.add_request(prompts[1], greedy, request_id="b")
+    eng.add_request(prompts[2], greedy, request_id="c")      # no seat left but the paused sample's
+    outs = {}
+    while "b" not in outs or "c" not in outs:
+        for o in eng.step():
+            assert o.request_id != "held"
+            if o.finished:
+                outs[o.request_id] = o
+    assert eng.scheduler.requests["held"].num_preemptions == 1
+    assert [outs["b"].token_ids, outs["c"].token_ids] == refs[1:]
+    eng.unpause_sample("held")
+    assert run(eng)["held"].token_ids == refs[0]
+    assert eng.pool.num_free == eng.pool.num_blocks

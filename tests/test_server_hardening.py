@@ -129,7 +129,7 @@ def test_engine_death_fails_every_queued_command(tiny_model_dir):
 
 # ---- OpenAI fields kvloom does not implement: 400 naming the field, not silently ignored -------------------
 # (response_format, tools, guided_* and structured_outputs are implemented: tests/test_tool_calls.py and
-# tests/test_structured_outputs.py)
+# tests/test_structured_outputs.py; use_beam_search and length_penalty: tests/test_server_search.py)
 
 CHAT_UNSUPPORTED = [
     ("tool_choice", "required"),
@@ -140,7 +140,6 @@ CHAT_UNSUPPORTED = [
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("web_search_options", {}),
-    ("use_beam_search", True),
     ("min_tokens", 5),
 ]
 

@@ -446,7 +446,7 @@ class Engine:
         continuation than the one drawn); its text state is rebuilt from its tokens."""
         state = self._states.get(sample_id)
         req = None if state is None else self.scheduler.requests.get(sample_id)
-        if req is None or not req.output_token_ids or req.num_uncomputed != 1 or req.matcher is not None:
+        if req is None or not req.output_token_ids or req.num_uncomputed < 1 or req.matcher is not None:
             raise InvalidRequestError(f"sample {sample_id!r} has no drawn, uncomputed token to replace",
                                       field="request_id")
         if not 0 <= token_id < self.model.shape.vocab_size or token_id in state.eos_ids | state.stop_ids:
@@ -463,6 +463,21 @@ class Engine:
         rebuilt.emitted_chars = min(state.emitted_chars, len(rebuilt.text))
         rebuilt.emitted_tokens = len(req.output_token_ids) - 1
         self._states[sample_id] = rebuilt
+
+    def pause_sample(self, sample_id: str) -> None:
+        """Keep a queued or running sample out of the steps until unpause_sample: a search holds the samples
+        that have reached the end of a round while the others catch up or are graded. It keeps its seat and
+        blocks, but gives them up first when anyone lacks room (preempted, it recomputes once unpaused)."""
+        req = self.scheduler.requests.get(sample_id)
+        if req is None:
+            raise InvalidRequestError(f"sample {sample_id!r} is not a queued or running sample", field="request_id")
+        req.paused = True
+
+    def unpause_sample(self, sample_id: str) -> None:
+        """Let a paused sample run again (a no-op for an unknown or finished one)."""
+        req = self.scheduler.requests.get(sample_id)
+        if req is not None:
+            req.paused = False
 
     def close_session(self, session_id: str) -> bool:
         """Release an agent session's retained KV now. False when the session holds nothing."""

@@ -52,6 +52,7 @@ class Request:
         self.num_cached_tokens = 0                # prompt tokens found in the prefix cache at admission
         self.status = RequestStatus.WAITING
         self.queued_front = False       # waits at the front of its priority class (it ran, or moved in)
+        self.paused = False             # a search holds it between rounds: never scheduled, preempted first
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
         self.matcher = None                   # kvloom/structured: its grammar state, when its output is constrained

@@ -16,6 +16,10 @@ progresses, and the engine never deadlocks. A queued request more urgent
 than some running ones preempts them (least urgent first) when it lacks a
 seat or blocks.
 
+A paused sample (a search holds it between rounds: Engine.pause_sample) is never scheduled and gives way
+first: when anyone lacks a seat or blocks, the newest paused running request is preempted before any
+other (idle sessions still go first), so paused samples never hold up the requests they wait for.
+
 Forked samples share their parent's blocks; the first write into a shared,
 partly filled block copies it first (copy-on-write, listed in the plan).
 
@@ -185,7 +189,7 @@ class Scheduler:
         for req in list(self.running):                       # 1. decodes, in order
             if budget == 0:
                 break
-            if req.status != RequestStatus.RUNNING or req.num_uncomputed != 1:
+            if req.status != RequestStatus.RUNNING or req.num_uncomputed != 1 or req.paused:
                 continue   # (accepted drafts not in their KV slots make a short chunk in 2.)
             if not self._grow(req, 1, scheduled, out, can_shrink=False):
                 continue
@@ -196,7 +200,7 @@ class Scheduler:
         for req in list(self.running):                       # 2. prompts already under way
             if budget == 0:
                 break
-            if req.status != RequestStatus.RUNNING or req.request_id in scheduled:
+            if req.status != RequestStatus.RUNNING or req.request_id in scheduled or req.paused:
                 continue
             n = min(req.num_uncomputed, budget)
             n = self._grow(req, n, scheduled, out, can_shrink=True)
@@ -205,20 +209,22 @@ class Scheduler:
                 scheduled.add(req.request_id)
                 budget -= n
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:   # 3. admissions
-            req = self.waiting[0]
+        while budget > 0:                                    # 3. admissions
+            req = self._next_waiting()
+            if req is None or (len(self.running) >= self.max_num_seqs and not self._preempt_paused(out)):
+                break
             if not self._take_adapter(req):
                 break                      # its adapter waits for a slot: in order, nobody jumps the queue
             self._take_cached_prefix(req)
             n = min(req.num_uncomputed, budget)
-            while self._fits_in_free_blocks(req) < n and self._release_a_session():
+            while self._fits_in_free_blocks(req) < n and (self._release_a_session() or self._preempt_paused(out)):
                 pass
             n = min(n, self._fits_in_free_blocks(req))
             if n <= 0:
                 self._release_blocks(req)  # in order: nobody jumps the queue
                 self._drop_adapter(req)
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             if self.prefix_cache is not None and req.first_scheduled_time is None:
                 self.prefix_cache.record(req.num_tokens, req.num_computed_tokens)
             self._allocate(req, n, out)
@@ -367,8 +373,8 @@ class Scheduler:
         that cannot get its block even so preempts itself.
         """
         while self._pages_needed(req, n) > self.pool.num_free:
-            if self._release_a_session():
-                continue  # idle sessions' KV goes before any running request is preempted
+            if self._release_a_session() or self._preempt_paused(out):
+                continue  # idle sessions' KV, then paused samples', goes before any running request is preempted
             victim = self._newest_unscheduled(scheduled, newer_than=req)
             if victim is None:
                 break
@@ -387,9 +393,9 @@ class Scheduler:
     def _preempt_for_urgent(self, out: SchedulerOutput, budget: int) -> None:
         """The queue's head lacks a seat or blocks for its first chunk (and for this step's decodes that
         open a block) while less urgent requests run: preempt them, least urgent and newest first."""
-        if not self.waiting:
+        head = self._next_waiting()
+        if head is None:
             return
-        head = self.waiting[0]
 
         def short() -> bool:
             if len(self.running) >= self.max_num_seqs:
@@ -400,6 +406,18 @@ class Scheduler:
 
         while self.running and self.running[-1].priority > head.priority and short():
             self._preempt(self.running[-1], out)
+
+    def _next_waiting(self) -> Request | None:
+        """The head of the queue, paused samples skipped (they wait to be unpaused, not for room)."""
+        return next((r for r in self.waiting if not r.paused), None)
+
+    def _preempt_paused(self, out: SchedulerOutput) -> bool:
+        """Preempt the newest paused running request (its seat and blocks are needed); False: none runs."""
+        victim = next((r for r in reversed(self.running) if r.paused), None)
+        if victim is None:
+            return False
+        self._preempt(victim, out)
+        return True
 
     def _release_a_session(self) -> bool:
         return self.sessions is not None and self.sessions.release_oldest()

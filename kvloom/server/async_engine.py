@@ -2,7 +2,9 @@
 
 The HTTP side never touches the engine directly: it posts commands (add,
 abort) that the loop thread applies between steps, and reads outputs from a
-queue per request. The loop sleeps when there is no work.
+queue per request. The loop sleeps when there is no work. Searches that act
+between steps (beam search, guided search: scaling/search.py) run here as
+programs the loop advances after each step with their outputs.
 """
 from __future__ import annotations
 
@@ -56,6 +58,20 @@ class _EngineCall:
     done: Future
 
 
+@dataclass
+class _Search:
+    """A search program (scaling/search.py: beam search, guided search) run on the loop thread: started when
+    the command is applied, advanced after every step with that step's outputs of its requests (it may fork,
+    abort, pause and add samples before the next step); its result or error answers `done`."""
+    program: object
+    done: Future
+
+
+@dataclass
+class _CancelSearch:
+    program: object
+
+
 class AsyncEngine:
     """Thread-owning wrapper: `async for out in engine.generate(...)`."""
 
@@ -64,6 +80,7 @@ class AsyncEngine:
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._unfinished: dict[str, int] = {}   # request id -> samples (of n) still running
+        self._searches: list[_Search] = []     # running search programs, advanced after each step
         self._on_step = on_step            # called in the loop thread after each step (metrics)
         self._stop = threading.Event()
         self._dead: BaseException | None = None
@@ -148,6 +165,19 @@ class AsyncEngine:
         self._submit(_EngineCall(fn, done))
         return await asyncio.wrap_future(done)
 
+    async def run_search(self, program):
+        """Run a search program between the engine's steps, batched with every other request; returns its
+        SearchResult (raises its error). Cancelled (the client left), every request of the search is aborted."""
+        if self._stopped:
+            raise self._dead_error()
+        done: Future = Future()
+        self._submit(_Search(program, done))
+        try:
+            return await asyncio.wrap_future(done)
+        except asyncio.CancelledError:
+            self._submit(_CancelSearch(program))   # a no-op once it has ended (or if it never started)
+            raise
+
     async def close_session(self, session_id: str) -> bool:
         return await self.call(lambda engine: engine.close_session(session_id))
 
@@ -162,6 +192,10 @@ class AsyncEngine:
                 block = not engine.has_unfinished() and not training
                 changed = self._apply_commands(block)
                 if not engine.has_unfinished():
+                    if self._searches:   # a search waiting on nothing would wait forever: a bug, ended loudly
+                        for entry in list(self._searches):
+                            self._end_search(entry, RuntimeError("the search stalled with none of its requests "
+                                                                 "left in the engine"))
                     if changed and self._on_step is not None:
                         # Aborts emptied the engine between steps: no step follows to refresh the gauges.
                         self._on_step(engine, [])
@@ -170,6 +204,8 @@ class AsyncEngine:
                     continue
                 started = time.perf_counter()
                 outputs = engine.step()
+                if self._searches:
+                    self._advance_searches(outputs)
                 self._deliver_outputs(outputs)
                 if self._on_step is not None:
                     self._on_step(engine, outputs)
@@ -194,6 +230,9 @@ class AsyncEngine:
             except RuntimeError:  # the client's event loop is closed: nobody is listening
                 pass
         self._unfinished.clear()
+        for entry in self._searches:
+            _resolve(entry.done, error=error)
+        self._searches.clear()
         while True:
             try:
                 cmd = self._commands.get_nowait()
@@ -230,6 +269,19 @@ class AsyncEngine:
                 else:
                     _resolve(cmd.done, result)
                     changed = True   # e.g. a session's KV released: the gauges are refreshed
+            elif isinstance(cmd, _Search):
+                if cmd.done.set_running_or_notify_cancel():   # (cancelled: its caller is gone)
+                    self._searches.append(cmd)
+                    try:
+                        cmd.program.start(self.engine)
+                    except Exception as e:
+                        self._end_search(cmd, e)
+                    changed = True
+            elif isinstance(cmd, _CancelSearch):
+                entry = next((e for e in self._searches if e.program is cmd.program), None)
+                if entry is not None:
+                    self._end_search(entry, asyncio.CancelledError())
+                    changed = True
             elif isinstance(cmd, _Abort):
                 # After the engine is done with a request (finished, or never added) this is a no-op;
                 # any of its outputs still on their way find no sink and are dropped.
@@ -242,6 +294,29 @@ class AsyncEngine:
             except queue.Empty:
                 return changed
         return changed
+
+    def _advance_searches(self, outputs) -> None:
+        for entry in list(self._searches):
+            program = entry.program
+            try:
+                program.advance(self.engine, [o for o in outputs if program.owns(o.parent_id)])
+            except Exception as e:
+                self._end_search(entry, e)
+                continue
+            if program.done:
+                self._end_search(entry)
+
+    def _end_search(self, entry: _Search, error: BaseException | None = None) -> None:
+        """Take a search out: whatever of it still runs is aborted (its blocks freed); answer its caller."""
+        self._searches.remove(entry)
+        entry.program.close(self.engine)
+        if error is None:
+            try:
+                _resolve(entry.done, entry.program.result())
+                return
+            except Exception as e:
+                error = e
+        _resolve(entry.done, error=error)
 
     def _deliver_outputs(self, outputs) -> None:
         """Hand a step's outputs to their queues with one wake-up per event loop, not one per request:
@@ -286,7 +361,7 @@ def _resolve(fut: Future, result=None, error: BaseException | None = None) -> No
 def _reject(cmd, error: BaseException) -> None:
     if isinstance(cmd, _Add):
         _resolve(cmd.accepted, error=error)
-    elif isinstance(cmd, _EngineCall):
+    elif isinstance(cmd, (_EngineCall, _Search)):
         _resolve(cmd.done, error=error)
 
 

@@ -26,13 +26,11 @@ _NOT_IMPLEMENTED = {
     "audio": lambda v, r: v is None,
     "modalities": lambda v, r: v is None or v == ["text"],
     "web_search_options": lambda v, r: v is None,
-    "use_beam_search": lambda v, r: _unset(v),
     "min_tokens": lambda v, r: v is None or v == 0,
     "prompt_logprobs": lambda v, r: v is None,
     "allowed_token_ids": lambda v, r: v is None,
     "bad_words": lambda v, r: _unset(v),
     "include_stop_str_in_output": lambda v, r: _unset(v),
-    "length_penalty": lambda v, r: v is None or v == 1,
     "truncate_prompt_tokens": lambda v, r: v is None,
     "logits_processors": lambda v, r: _unset(v),
 }
@@ -95,6 +93,12 @@ class _Request(BaseModel):
     scorer: str | None = None
     vote: dict[str, Any] | None = None
     adaptive: dict[str, Any] | None = None
+    # search (kvloom/scaling/search_spec.py, checked in serving.py): vLLM's beam search fields, and a particle
+    # filter whose partial answers the served model grades; choices and the `kvloom` object once it is done
+    use_beam_search: bool = False
+    beam_width: int | None = None
+    length_penalty: float | None = None
+    guided_search: dict[str, Any] | None = None
 
     @field_validator("session_id")
     @classmethod

@@ -17,6 +17,8 @@ from kvloom.engine.outputs import RequestOutput
 from kvloom.errors import InvalidRequestError, KvloomError, RequestFailedError
 from kvloom.sampling_params import SamplingParams
 from kvloom.scaling.offline import base_seed, round_params, to_sample
+from kvloom.scaling.search import Placement, SearchResult
+from kvloom.scaling.search_spec import SearchSpec
 from kvloom.scaling.spec import ScalingSpec
 from kvloom.scaling.strategy import Strategy
 from kvloom.server.async_engine import EngineDeadError
@@ -51,6 +53,9 @@ class SubRequest:
     scaling: ScalingSpec | None = None   # best_of / vote / adaptive: its samples run in rounds (kvloom/scaling)
     strategy: Strategy | None = None     # the running strategy of a scaled request
     tokens_drawn: dict[int, int] = field(default_factory=dict)   # scaled: sample -> tokens drawn (aborted too)
+    search: SearchSpec | None = None     # beam search / guided search: one search program on the engine thread
+    question: str | None = None          # guided search grades answers to it (chat: the last user turn)
+    search_result: SearchResult | None = None
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -93,12 +98,14 @@ def _fan_out(prompts: list[tuple[list[int], str | None]], params: SamplingParams
              response_id: str) -> list[SubRequest]:
     """One engine request per prompt; its n samples share the prompt's KV in the engine. The engine ids
     derive from the response id, so ops tools (/server_info, /admin/migrate) speak the client's ids.
-    A scaled request (best_of, vote, adaptive) draws its samples in rounds; its choices are picked at the end."""
+    A scaled request (best_of, vote, adaptive) draws its samples in rounds; its choices are picked at the end.
+    A searched one (beam search, guided search) runs one search program per prompt."""
     spec = _scaling(req)
+    search = SearchSpec.from_request(req, spec.kind if spec is not None else None)
     many = len(prompts) > 1
     width = spec.num_samples if spec is not None else params.n
     return [SubRequest(i * width, ids, text, params, req.session_id, req.cache_salt, response_id,
-                       f"{response_id}-{i}" if many else response_id, req.priority, scaling=spec)
+                       f"{response_id}-{i}" if many else response_id, req.priority, scaling=spec, search=search)
             for i, (ids, text) in enumerate(prompts)]
 
 
@@ -152,9 +159,11 @@ class OpenAIServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         subs = _fan_out([(ids, None)], sampling_params(req, max_tokens, logprobs, req.n, constraint), req,
                         f"chatcmpl-{uuid.uuid4().hex}")
+        question = next((m["content"] for m in reversed(message_dicts(req.messages)) if m["role"] == "user"), "")
         for sub in subs:
             sub.tools = setup
-        return subs
+            sub.question = question
+        return self._checked_search(subs)
 
     def _choice_output(self, subs: list[SubRequest]) -> ChoiceOutput:
         setup = subs[0].tools
@@ -182,8 +191,20 @@ class OpenAIServing:
         if req.logprobs is not None and not 0 <= req.logprobs <= 5:
             raise InvalidRequestError("logprobs must be in [0, 5] for completions", field="logprobs")
         params = sampling_params(req, req.max_tokens, req.logprobs, req.n, constraint_from_request(req))
-        return _fan_out(prompts, params, req,
-                        f"cmpl-{uuid.uuid4().hex}")
+        return self._checked_search(_fan_out(prompts, params, req, f"cmpl-{uuid.uuid4().hex}"))
+
+    def _checked_search(self, subs: list[SubRequest]) -> list[SubRequest]:
+        """A search's settings against this server (its engine's max_num_seqs; a cluster runs no search)."""
+        if subs[0].search is None:
+            return subs
+        core = getattr(self.engine, "engine", None)
+        if not hasattr(self.engine, "run_search") or core is None:
+            raise InvalidRequestError("beam search and guided search run on a single engine; this server runs "
+                                      "several instances (--instances)", field="use_beam_search"
+                                      if subs[0].search.kind == "beam_search" else "guided_search")
+        for sub in subs:
+            sub.search.check(sub.params, core.config.max_num_seqs)
+        return subs
 
     # ---- running ---------------------------------------------------------------------
 
@@ -195,7 +216,9 @@ class OpenAIServing:
         async def pump(sub: SubRequest):
             first_token: dict[int, float] = {}
             try:
-                async for index, out in (self._samples(sub) if sub.scaling is None else self._scaled(sub)):
+                outputs = (self._scaled(sub) if sub.scaling is not None else self._searched(sub)
+                           if sub.search is not None else self._samples(sub))
+                async for index, out in outputs:
                     if index not in first_token and out.token_ids:
                         first_token[index] = time.time()
                     await merged.put((sub.first_choice + index, out))
@@ -252,6 +275,19 @@ class OpenAIServing:
             finally:
                 await samples.aclose()      # aborts the round's samples still running
 
+    async def _searched(self, sub: SubRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """A searched request's choices (best first), once its search program has run on the engine thread;
+        cancelled, the search's samples are aborted there."""
+        question = sub.question if sub.question is not None else (
+            sub.prompt_text if sub.prompt_text is not None else self.tokenizer.decode(sub.prompt_ids))
+        program = sub.search.program(sub.prompt_ids, sub.params, sub.request_id,
+                                     Placement(sub.cache_salt, sub.priority, sub.lora), question, self.tokenizer,
+                                     self.max_model_len)
+        result = sub.search_result = await self.engine.run_search(program)
+        sub.tokens_drawn[0] = result.tokens_drawn
+        for out in result.choices:
+            yield out.index, out
+
     async def accepted(self, subs: list[SubRequest]):
         """Start the stream and wait for the first output, so validation errors surface before any
         byte of a 200 response is sent."""
@@ -297,7 +333,8 @@ class OpenAIServing:
         # n choices of one prompt share it: each prompt counts once, as OpenAI counts it. A scaled request
         # counts every token it drew, the samples not returned and the aborted ones too.
         prompt = sum(len(s.prompt_ids) for s in subs)
-        completion = (sum(sum(s.tokens_drawn.values()) for s in subs) if subs[0].scaling is not None
+        completion = (sum(sum(s.tokens_drawn.values()) for s in subs)
+                      if subs[0].scaling is not None or subs[0].search is not None
                       else sum(len(o.token_ids) for o in outs.values()))
         cached = sum({o.parent_id: o.num_cached_tokens for o in outs.values()}.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
@@ -313,12 +350,16 @@ class OpenAIServing:
     @staticmethod
     def _scaled_choices(subs: list[SubRequest], finals: dict[int, RequestOutput]
                         ) -> tuple[dict[int, RequestOutput], dict | None]:
-        """The choices a scaled request returns (its strategy's picks) and its `kvloom` object (one prompt's
-        report, or {"prompts": [...]} for several); others' finals as they are."""
-        if subs[0].scaling is None:
+        """The choices a scaled or searched request returns (its strategy's picks, its search's best) and its
+        `kvloom` object (one prompt's report, or {"prompts": [...]} for several); others' finals as they are."""
+        if subs[0].scaling is None and subs[0].search is None:
             return finals, None
         chosen, reports = {}, []
         for i, sub in enumerate(subs):
+            if sub.search is not None:
+                chosen.update((sub.first_choice + out.index, out) for out in sub.search_result.choices)
+                reports.append(sub.search_result.extension)
+                continue
             for j, s in enumerate(sub.strategy.chosen()):
                 out = s.output if sub.params.logprobs is not None else dataclasses.replace(s.output, logprobs=None)
                 chosen[i * sub.scaling.n + j] = out
