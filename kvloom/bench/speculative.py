@@ -16,6 +16,7 @@ from kvloom.bench.closed_loop import run_closed_loop
 from kvloom.bench.workloads import synthetic_workload
 from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
+from kvloom.system_info import engine_description
 
 
 def _run(engine: Engine, prompts: list[list[int]], output_len: int, concurrency: int) -> dict:
@@ -34,9 +35,12 @@ def run_spec_comparison(config: EngineConfig, workload: str, num_requests: int, 
                             0.0, plain.max_model_len, seed=0)
     prompts = [r.prompt for r in wl.requests]
     best: dict[str, dict] = {}
+    per_round: list[dict] = []
     for _ in range(rounds):
+        per_round.append({})
         for name, engine in (("none", plain), ("lookahead", spec)):
             r = _run(engine, prompts, output_len, concurrency)
+            per_round[-1][name] = round(r["throughput_tokens_per_s"], 1)
             if name not in best or r["throughput_tokens_per_s"] > best[name]["throughput_tokens_per_s"]:
                 best[name] = r
     best["lookahead"]["speculation"] = spec.speculator.stats()
@@ -45,4 +49,5 @@ def run_spec_comparison(config: EngineConfig, workload: str, num_requests: int, 
             "decode_speedup": (best["lookahead"]["decode_tokens_per_s_per_request"]
                                / best["none"]["decode_tokens_per_s_per_request"]),
             "throughput_speedup": (best["lookahead"]["throughput_tokens_per_s"]
-                                   / best["none"]["throughput_tokens_per_s"])}
+                                   / best["none"]["throughput_tokens_per_s"]),
+            "throughput_per_round": per_round, "system": engine_description(spec)}
