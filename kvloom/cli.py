@@ -151,6 +151,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from kvloom.server.cluster_serving import ClusterOptions
     from kvloom.server.launch import serve, serve_models
     from kvloom.server.limits import ServerLimits
     limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
@@ -159,12 +160,12 @@ def cmd_serve(args) -> None:
                           max_streams_per_key=args.max_streams_per_key)
     if args.models and args.model:
         raise KvloomError("give the model as a path or as --model NAME=PATH (repeatable), not both")
+    cluster = ClusterOptions(instances=args.instances, dispatch=args.dispatch, ray_address=args.ray_address,
+                             threads_per_instance=args.threads_per_instance, placement=args.placement,
+                             migration=not args.no_migration)
     if len(args.models) > 1 or args.route:
         import dataclasses
         from kvloom.router.routes import parse_route
-        if args.instances > 1 or args.ray_address:
-            raise KvloomError("several models (--model NAME=PATH repeated, --route) are served by one process for "
-                              "now; drop --instances/--ray-address, or run one server per model")
         if len({n for n, _ in args.models}) != len(args.models):
             raise KvloomError("each --model NAME must be different")
         base = engine_config(args)
@@ -174,16 +175,14 @@ def cmd_serve(args) -> None:
                      host=args.host, port=args.port, api_key=tuple(args.api_key or ()), limits=limits,
                      public_metrics=args.public_metrics, max_waiting_requests=args.max_waiting_requests,
                      graceful_shutdown_s=args.graceful_shutdown, tool_call_parser=args.tool_call_parser,
-                     reasoning_parser=args.reasoning_parser)
+                     reasoning_parser=args.reasoning_parser, cluster=cluster)
         return
     if args.models:     # one --model NAME=PATH: the single-model server under that name
         (args.served_model_name, args.model), = args.models
     serve(engine_config(args), host=args.host, port=args.port, api_key=tuple(args.api_key or ()), limits=limits,
           public_metrics=args.public_metrics,
           served_model_name=args.served_model_name, max_waiting_requests=args.max_waiting_requests,
-          graceful_shutdown_s=args.graceful_shutdown, instances=args.instances, dispatch=args.dispatch,
-          ray_address=args.ray_address, threads_per_instance=args.threads_per_instance, placement=args.placement,
-          migration=not args.no_migration, tool_call_parser=args.tool_call_parser,
+          graceful_shutdown_s=args.graceful_shutdown, cluster=cluster, tool_call_parser=args.tool_call_parser,
           reasoning_parser=args.reasoning_parser)
 
 
@@ -392,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--graceful-shutdown", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM/SIGINT")
     s.add_argument("--instances", type=int, default=1,
-                   help="engine instances on Ray behind one global scheduler (kvloom/cluster; starts a local Ray)")
+                   help="engine instances on Ray behind one global scheduler (kvloom/cluster; starts a local Ray); "
+                        "with several --model, each model gets its own instances and scheduler")
     s.add_argument("--dispatch", default="llumnix", choices=["llumnix", "least-loaded", "power-of-two", "round-robin"],
                    help="with --instances > 1: where new requests go")
     s.add_argument("--ray-address", default=None,

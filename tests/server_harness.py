@@ -69,12 +69,21 @@ class MultiServerThread(ServerThread):
     """A multi-model server (kvloom/server/multi_model.py) over {name: model directory}, in a background thread."""
 
     def __init__(self, model_dirs: dict[str, str], routes=(), max_loaded: int = 0, idle_seconds: float = 0.0,
-                 api_key: str | None = None, **engine_kw):
+                 api_key: str | None = None, cluster=None, **engine_kw):
+        """cluster: a ClusterOptions (kvloom/server/cluster_serving.py): each model on its own Ray instances
+        (Ray already initialized by the caller)."""
+        from kvloom.server.cluster_serving import ClusterOptions
         from kvloom.server.model_registry import ModelRegistry
         from kvloom.server.multi_model import build_multi_model_app, model_loader
         engine_kw.setdefault("kv_cache_memory", 64 << 20)
         configs = {n: EngineConfig(model=d, **engine_kw) for n, d in model_dirs.items()}
-        self.registry = ModelRegistry(list(configs), model_loader(configs), max_loaded, idle_seconds)
+        load = model_loader(configs, cluster=cluster or ClusterOptions())
+        self.loads = []                  # every LoadedModel made, in order: (name, model)
+
+        def recorded(name):
+            self.loads.append((name, load(name)))
+            return self.loads[-1][1]
+        self.registry = ModelRegistry(list(configs), recorded, max_loaded, idle_seconds)
         self.port = free_port()
         self.app = build_multi_model_app(self.registry, list(routes), api_key)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))

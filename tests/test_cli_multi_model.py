@@ -2,8 +2,12 @@
 from kvloom.cli import main
 
 
-def test_several_models_with_instances_is_refused(capsys):
-    assert main(["serve", "--model", "a=x", "--model", "b=y", "--instances", "2"]) == 2
+def test_what_a_cluster_cannot_run_is_refused_before_anything_loads(capsys):
+    """Several models with --instances are served (tests/test_cluster_multi_model.py); fine-tuning on a cluster
+    and fewer than one instance are not, and the paths x and y are never read."""
+    assert main(["serve", "--model", "a=x", "--model", "b=y", "--instances", "2", "--enable-fine-tuning"]) == 2
+    assert "fine-tuning" in capsys.readouterr().err
+    assert main(["serve", "--model", "a=x", "--model", "b=y", "--instances", "0"]) == 2
     assert "--instances" in capsys.readouterr().err
 
 

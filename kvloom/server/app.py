@@ -360,10 +360,15 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         reason = f" ({async_engine._dead!r}); restart the server" if async_engine._dead is not None else ""
         return _error(503, f"the engine loop is not running{reason}", "server_error", code="engine_dead")
 
-    @app.get("/metrics")
-    async def prometheus_metrics():
+    async def refresh_metrics() -> None:
+        """Under a cluster the engines run in the actors: the server-wide series are read from them now."""
         if clustered:
             metrics.observe_cluster(await off_loop(async_engine.dashboard_stats))
+    app.state.refresh_metrics = refresh_metrics    # the multi-model front's /metrics calls it for each model
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        await refresh_metrics()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/server_info")
@@ -371,10 +376,14 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings, metrics: Serv
         info = {"served_model_name": settings.model_name, "max_waiting_requests": settings.max_waiting_requests,
                 "limits": dataclasses.asdict(limits),
                 **engine_description(engine)}
-        if clustered:
-            info["instances"] = await off_loop(async_engine.instances)
-            info["dispatch"] = async_engine.policy_name
-        return info
+        return {**info, **await cluster_info()}
+
+    async def cluster_info() -> dict:
+        """The instances (and the dispatch policy) of a cluster front; nothing for a single engine."""
+        if not clustered:
+            return {}
+        return {"instances": await off_loop(async_engine.instances), "dispatch": async_engine.policy_name}
+    app.state.cluster_info = cluster_info          # the multi-model front's /server_info shows it per model
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import uvicorn
 
@@ -12,27 +11,20 @@ from kvloom.engine.engine import Engine
 from kvloom.errors import KvloomError
 from kvloom.server.app import ServerSettings, build_app
 from kvloom.server.async_engine import AsyncEngine
+from kvloom.server.cluster_serving import ClusterOptions, cluster_engine, ray_init_options
 from kvloom.server.limits import ServerLimits
 from kvloom.server.metrics import ServerMetrics
 
 log = logging.getLogger("kvloom.serve")
 
 
-def ray_init_options(address: str | None, cpus_needed: int) -> dict:
-    """Join a running Ray cluster, or start a local one with room for every instance (Ray's CPUs are a
-    count, not a pinning: more instance threads than cores is the user's choice to make)."""
-    if address and address != "local":
-        return {"address": address, "include_dashboard": False}
-    return {"num_cpus": max(os.cpu_count() or 1, cpus_needed), "include_dashboard": False}
-
-
 def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | tuple[str, ...] | None = None, limits: ServerLimits = ServerLimits(),
           public_metrics: bool = False,
           served_model_name: str | None = None, max_waiting_requests: int = 256,
-          graceful_shutdown_s: float = 30.0, instances: int = 1, dispatch: str = "llumnix",
-          ray_address: str | None = None, threads_per_instance: int | None = None, placement: str = "SPREAD",
-          migration: bool = True, tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> None:
+          graceful_shutdown_s: float = 30.0, cluster: ClusterOptions = ClusterOptions(),
+          tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> None:
+    cluster.check(config)
     engine = Engine(config)
     name = served_model_name or engine.source.name
     log.info("model %s: %.1fM parameters, %s, quantization %s, %d layers, context %d tokens", name,
@@ -46,20 +38,10 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
     log.info("scheduler: max_num_seqs=%d max_num_batched_tokens=%d max_waiting_requests=%d",
              config.max_num_seqs, config.max_num_batched_tokens, max_waiting_requests)
     metrics = ServerMetrics()
-    if (instances > 1 or ray_address) and config.enable_fine_tuning:
-        raise KvloomError("fine-tuning runs in a single instance for now; drop --instances/--ray-address or "
-                          "--enable-fine-tuning")
-    if instances > 1 or ray_address:
+    if cluster.enabled:
         # Ray actors run the instances; the local engine only answers for the tokenizer and limits.
-        from kvloom.cluster.front import ClusterEngine
-        threads = threads_per_instance or config.num_threads or 1
-        async_engine = ClusterEngine(config, instances, policy=dispatch, threads_per_instance=threads,
-                                     cpus_per_instance=threads, ray_init=ray_init_options(ray_address, instances * threads),
-                                     placement=placement)
-        async_engine.auto_rebalance = migration
-        async_engine.engine = engine
-        log.info("cluster: %d engine instances x %d threads on Ray (%s), dispatch %s, migration %s", instances,
-                 threads, ray_address or "local", dispatch, "on" if migration else "off")
+        async_engine = cluster_engine(config, engine, cluster)
+        log.info("cluster: %s, %d threads each", cluster.describe(), cluster.threads(config))
     else:
         async_engine = AsyncEngine(engine, on_step=metrics.observe_engine)
     # Read by server/serving.py (the chat output's parsers): the app is built from the engine alone.
@@ -83,18 +65,33 @@ def serve_models(configs: dict[str, EngineConfig], routes=(), max_loaded_models:
                  model_idle_seconds: float = 0.0, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | tuple[str, ...] | None = None, limits: ServerLimits = ServerLimits(),
                  public_metrics: bool = False, max_waiting_requests: int = 256, graceful_shutdown_s: float = 30.0,
-                 tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> None:
-    """Several models behind one server (server/multi_model.py); the first is the default."""
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+                 cluster: ClusterOptions = ClusterOptions()) -> None:
+    """Several models behind one server (server/multi_model.py); the first is the default. With a cluster,
+    each loaded model has its own `cluster.instances` Ray actors behind its own ClusterEngine."""
     from kvloom.server.model_registry import ModelRegistry
     from kvloom.server.multi_model import build_multi_model_app, model_loader, split_threads
     if max_loaded_models < 0 or model_idle_seconds < 0:
         raise KvloomError("--max-loaded-models and --model-idle-seconds must be >= 0 (0: no limit)")
-    configs = split_threads(configs, max_loaded_models)
+    for c in configs.values():
+        cluster.check(c)
+    configs = split_threads(configs, max_loaded_models, cluster.instances if cluster.enabled else 1)
     for name, c in configs.items():
-        log.info("model %s: %s, %d torch threads (the cores split among the models loaded at once)", name,
-                 c.model or "built-in default", c.num_threads)
+        log.info("model %s: %s, %d torch threads%s (the cores split among the %s loaded at once)", name,
+                 c.model or "built-in default", cluster.threads(c) if cluster.enabled else c.num_threads,
+                 f" x {cluster.instances} instances" if cluster.enabled else "",
+                 "models' instances" if cluster.enabled else "models")
+    if cluster.enabled:
+        # One Ray for every model's instances, started here (the main thread) with room for all the models
+        # loaded at once; each model's placement group is made when it loads and removed when it unloads.
+        import ray
+        at_once = min(len(configs), max_loaded_models or len(configs))
+        ray.init(**ray_init_options(cluster.ray_address,
+                                    at_once * max(cluster.instances * cluster.threads(c) for c in configs.values())))
+        log.info("cluster: each model on %s", cluster.describe())
     registry = ModelRegistry(list(configs), model_loader(configs, max_waiting_requests, limits, tool_call_parser,
-                                                        reasoning_parser), max_loaded_models, model_idle_seconds)
+                                                        reasoning_parser, cluster), max_loaded_models,
+                             model_idle_seconds)
     app = build_multi_model_app(registry, routes, api_key, limits, public_metrics)
     log.info("serving %s at http://%s:%d/v1 (default %s; at most %d loaded; idle unload %s; routes %s)",
              ", ".join(configs), host, port, registry.default, registry.max_loaded,

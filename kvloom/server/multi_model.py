@@ -1,9 +1,11 @@
 """`kvloom serve --model a=PATH --model b=PATH2 [--route NAME=POLICY]`: several models behind one server.
 
 Each model is a whole single-model server (server/app.py build_app: its engine thread, metrics, limits) held by
-the ModelRegistry, loaded on demand. This front reads a request's `model` and hands the request, untouched, to
-that model's app; `"auto"` or a route's name lets a router (kvloom/router) choose, and the answer then carries
-`"kvloom": {"route": {"model", "policy", "reason"}}`. The single-model server does not go through here at all.
+the ModelRegistry, loaded on demand; with --instances, its engine is a ClusterEngine of its own (its Ray actors,
+global scheduler and rebalancer: server/cluster_serving.py), so a model's requests stay on its instances. This
+front reads a request's `model` and hands the request, untouched, to that model's app; `"auto"` or a route's
+name lets a router (kvloom/router) choose, and the answer then carries `"kvloom": {"route": {"model", "policy",
+"reason"}}`. The single-model server does not go through here at all.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from kvloom.router.cascade import TOP_FOR_ENTROPY
 from kvloom.router.features import request_text
 from kvloom.server.app import PUBLIC_PATHS, ServerSettings, _error, _RequireApiKey, build_app, register_error_handlers
 from kvloom.server.async_engine import AsyncEngine
+from kvloom.server.cluster_serving import ClusterOptions, cluster_engine
 from kvloom.server.limits import BodySizeLimit, ServerLimits
 from kvloom.server.metrics import ServerMetrics
 from kvloom.server.model_registry import LoadedModel, ModelRegistry
@@ -42,26 +45,36 @@ MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize",
 _DECISIONS_KEPT = 10_000       # routed responses whose feedback is still accepted (oldest forgotten first)
 
 
-def split_threads(configs: dict[str, EngineConfig], max_loaded: int) -> dict[str, EngineConfig]:
-    """Give each model that has no --num-threads an equal share of the cores among the models loaded at once."""
-    at_once = min(len(configs), max_loaded or len(configs))
+def split_threads(configs: dict[str, EngineConfig], max_loaded: int, instances: int = 1) -> dict[str, EngineConfig]:
+    """Give each model that has no --num-threads an equal share of the cores among the models loaded at once
+    (with a cluster: among their instances, each model having `instances`)."""
+    at_once = min(len(configs), max_loaded or len(configs)) * instances
     share = max(1, (os.cpu_count() or 1) // at_once)
     return {n: c if c.num_threads else dataclasses.replace(c, num_threads=share) for n, c in configs.items()}
 
 
 def model_loader(configs: dict[str, EngineConfig], max_waiting_requests: int = 256,
                  limits: ServerLimits = ServerLimits(), tool_call_parser: str | None = None,
-                 reasoning_parser: str | None = None):
-    """name -> LoadedModel: the engine built and its loop thread started (blocking: run in a worker thread)."""
+                 reasoning_parser: str | None = None, cluster: ClusterOptions = ClusterOptions()):
+    """name -> LoadedModel: the engine built and its loop thread started, or, with a cluster, the model's own
+    ClusterEngine with its instances (Ray actors) started (blocking: run in a worker thread). Unloading shuts
+    the front down, which ends its actors and frees their placement group."""
     from kvloom.engine.engine import Engine
 
     def load(name: str) -> LoadedModel:
-        engine = Engine(configs[name])
+        engine = Engine(configs[name])    # with a cluster: the front's view (tokenizer, limits); actors run it
         engine.tool_call_parser, engine.reasoning_parser = tool_call_parser, reasoning_parser
         metrics = ServerMetrics()
-        async_engine = AsyncEngine(engine, on_step=metrics.observe_engine)
+        if cluster.enabled:
+            async_engine = cluster_engine(configs[name], engine, cluster)
+        else:
+            async_engine = AsyncEngine(engine, on_step=metrics.observe_engine)
         app = build_app(async_engine, ServerSettings(name, None, max_waiting_requests, limits), metrics)
-        async_engine.start()
+        try:
+            async_engine.start()
+        except BaseException:
+            async_engine.shutdown()      # actors that did start are not left running
+            raise
         return LoadedModel(app, async_engine, metrics)
     return load
 
@@ -195,6 +208,8 @@ def build_multi_model_app(registry: ModelRegistry, route_specs: list[RouteSpec] 
 
     @front.get("/metrics")
     async def prometheus_metrics():
+        for loaded in list(registry.loaded().values()):
+            await loaded.app.state.refresh_metrics()
         return Response(generate_latest(metrics_registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @front.get("/health", response_class=Response)
@@ -213,7 +228,8 @@ def build_multi_model_app(registry: ModelRegistry, route_specs: list[RouteSpec] 
                 "max_loaded_models": registry.max_loaded, "model_idle_seconds": registry.idle_seconds,
                 "loads": registry.loads, "unloads": registry.unloads,
                 "routes": {r: route.policy for r, route in routes.items()},
-                "loaded": {n: engine_description(m.async_engine.engine) for n, m in registry.loaded().items()}}
+                "loaded": {n: {**engine_description(m.async_engine.engine), **await m.app.state.cluster_info()}
+                           for n, m in list(registry.loaded().items())}}
 
     register_error_handlers(front)
 
