@@ -37,16 +37,24 @@ from kvloom.system_info import stack_description  # noqa: E402
 from kvloom.kernels.build import cpu_info  # noqa: E402
 
 
-def answer_all(llm: LLM, tasks, few_shot: bool, max_tokens: int) -> list[dict]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0)
-    rows = []
-    for t in tasks:
+def chat_prompt(few_shot: bool):
+    """(llm, task) -> prompt ids: the question as a chat's user message, after FEW_SHOT's turns if few_shot."""
+    def ids(llm: LLM, t) -> list[int]:
         messages = []
         if few_shot:
             for q, a in FEW_SHOT:
                 messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": t.question})
-        ids = llm.tokenizer.apply_chat_template(messages)
+        return llm.tokenizer.apply_chat_template(messages)
+    return ids
+
+
+def answer_all(llm: LLM, tasks, prompt_ids, max_tokens: int, stop: list[str] | None = None) -> list[dict]:
+    """Each task answered alone, greedy, timed; prompt_ids(llm, task) makes its prompt."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, stop=stop)
+    rows = []
+    for t in tasks:
+        ids = prompt_ids(llm, t)
         started = time.perf_counter()
         out = llm.generate([ids], params, use_tqdm=False)[0]
         seconds = time.perf_counter() - started
@@ -113,10 +121,10 @@ def main() -> None:
         big = [{**r["big"], "correct": t.check(r["big"]["text"])} for r, t in zip(earlier["per_task"], tasks)]
     else:
         small_llm = LLM(None, kv_cache_memory="128MiB")
-        small = answer_all(small_llm, tasks, few_shot=False, max_tokens=args.max_tokens)
+        small = answer_all(small_llm, tasks, chat_prompt(few_shot=False), args.max_tokens)
         del small_llm
         big_llm = LLM(None, quantization="none", kv_cache_memory="128MiB")
-        big = answer_all(big_llm, tasks, few_shot=True, max_tokens=args.max_tokens)
+        big = answer_all(big_llm, tasks, chat_prompt(few_shot=True), args.max_tokens)
         del big_llm
     confs = sorted(s["mean_logprob"] for s in small)
     thresholds = sorted({float(np.quantile(confs, q)) for q in (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)})

@@ -96,3 +96,16 @@ def test_task_set_is_seeded_and_checkable():
     assert not add.check(f"{a} + {b} = ") and not add.check("no number")
     copy = next(t for t in tasks if t.kind == "copy")
     assert copy.check(copy.answer.capitalize() + ".") and not copy.check(f'The word "{copy.answer}"')
+
+
+def test_capital_tasks_check_the_capital_as_a_word():
+    from kvloom.router.tasks import ALL_KINDS, KINDS, Task, make_tasks
+    assert [t.kind for t in make_tasks(5, seed=1, kinds=ALL_KINDS)] == list(ALL_KINDS)
+    assert make_tasks(8, seed=4) == make_tasks(8, seed=4, kinds=KINDS)      # the default set is unchanged
+    capital = next(t for t in make_tasks(10, seed=2, kinds=("capital",)))
+    assert capital.question == f"What is the capital of {capital.question.split(' of ', 1)[1][:-1]}?"
+    assert capital.check(capital.answer) and capital.check(f"The capital is {capital.answer.upper()}.")
+    tunis = Task("capital", "What is the capital of Tunisia?", "Tunis")
+    assert tunis.check("Tunis.") and not tunis.check("Tunisia") and Task("capital", "", "Bogota").check("Bogotá")
+    with pytest.raises(ValueError, match="capital"):
+        make_tasks(3, kinds=("add1", "poetry"))
