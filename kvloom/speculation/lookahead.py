@@ -79,9 +79,14 @@ class LookaheadSpeculator:
         st = self._states.get(req.request_id)
         if st is None:
             st = self._states[req.request_id] = _RequestState(self._max_len)
+        return st
+
+    @staticmethod
+    def _feed(st: _RequestState, req: Request) -> None:
+        """Bring the request's trie up to its tokens. Only before drafting: the trie catches up from where it
+        stood, so steps that draft nothing (most, at 32 concurrent requests) skip the work."""
         st.active = st.trie.extend(req.all_token_ids, st.fed, st.active)
         st.fed = len(req.all_token_ids)
-        return st
 
     def _draft(self, req: Request, st: _RequestState, max_tokens: int) -> DraftTree | None:
         s = self.settings
@@ -107,8 +112,9 @@ class LookaheadSpeculator:
         context = sum(req.num_tokens for req, _ in candidates)   # the decodes' rows (those that may draft)
         live = [(req, self._state(req), min(room, self.settings.max_tokens)) for req, room in candidates]
         most = min(budget, sum(max(0, room) for _, _, room in live))
-        if not most or _cannot_pay(max(st.acceptance for _, st, _ in live), base_tokens, base_yield, context, most,
-                                   pass_cost, cost.decode_sizes if stack else cost.sizes):
+        shortest = min(req.num_tokens for req, _ in candidates) if candidates else 0
+        if not most or _cannot_pay(max(st.acceptance for _, st, _ in live), base_tokens, base_yield, context,
+                                   shortest, most, pass_cost, cost.decode_sizes if stack else cost.sizes):
             for _, st, _ in live:
                 _drift_to_prior(st)
             return {}
@@ -118,6 +124,7 @@ class LookaheadSpeculator:
         heap: list[tuple[float, int, str]] = []
         limit: dict[str, int] = {}
         for order, (req, st, room) in enumerate(live):
+            self._feed(st, req)
             tree = self._draft(req, st, room) if room > 0 else None
             if tree is None:
                 _drift_to_prior(st)
@@ -205,16 +212,18 @@ class LookaheadSpeculator:
                 "global_trie_nodes": self.global_trie.num_nodes}
 
 
-def _cannot_pay(best_gain: float, base_tokens: int, base_yield: int, context: int, most: int, pass_cost,
-                breakpoints: list[int]) -> bool:
+def _cannot_pay(best_gain: float, base_tokens: int, base_yield: int, context: int, shortest: int, most: int,
+                pass_cost, breakpoints: list[int]) -> bool:
     """No allotment of up to `most` draft tokens raises the pass's tokens per second, so propose() would choose
     none: its drafting (a tree search per request, whose Python time was the whole of speculation's loss at 16+
     concurrent requests) is skipped. Each draft token yields at most the best acceptance estimate, and k tokens
-    cost at least a pass of base + k tokens with one chunk more; the step cost is piecewise linear in tokens,
-    so the best ratio sits at k = 1, k = most or where base + k meets a measured size."""
+    cost at least a pass of base + k tokens with one chunk more, each row attending over at least the shortest
+    candidate's context; the step cost is piecewise linear in tokens, so the best ratio sits at k = 1,
+    k = most or where base + k meets a measured size."""
     base_rate = base_yield / pass_cost(base_tokens, 0, context)
     ks = {1, most} | {n - base_tokens for n in breakpoints if 0 < n - base_tokens < most}
-    return all((base_yield + best_gain * k) / pass_cost(base_tokens + k, 1, context) <= base_rate for k in ks)
+    return all((base_yield + best_gain * k) / pass_cost(base_tokens + k, 1, context + k * shortest) <= base_rate
+               for k in ks)
 
 
 def _drift_to_prior(st: _RequestState) -> None:
