@@ -78,10 +78,12 @@ def test_engine_death_fails_every_queued_command(tiny_model_dir):
     engine = tiny_engine(tiny_model_dir("llama"))
     real_step = engine.step
     gate = threading.Event()
+    stuck = threading.Event()        # the engine thread is inside the dying step: it takes no command now
     stream_lines: list[str] = []
 
     def dying_step():
         if stream_lines:             # once the streaming request has sent text, the next step dies
+            stuck.set()
             gate.wait(30)
             raise RuntimeError("boom: a bug in the engine")
         return real_step()
@@ -99,14 +101,17 @@ def test_engine_death_fails_every_queued_command(tiny_model_dir):
                             if line:
                                 stream_lines.append(line)
                 stream_task = asyncio.create_task(streaming())
-                while not stream_lines:
+                deadline = time.time() + 20
+                while not stuck.is_set():
+                    assert time.time() < deadline, "the engine never entered the dying step"
                     await asyncio.sleep(0.01)
-                # The loop is stuck in step 2: these commands wait in its queue.
+                # The loop is stuck in the dying step: these commands wait in its queue.
                 queued = [asyncio.create_task(h.post("/v1/completions", json={"model": "tiny", "prompt": "queued"})),
                           asyncio.create_task(h.post("/v1/chat/completions",
                                                      json={"model": "tiny", "messages": MSGS, "stream": True})),
                           asyncio.create_task(h.delete("/v1/sessions/agent-1"))]
                 while s.async_engine._commands.qsize() < 3:
+                    assert time.time() < deadline, "the three commands never reached the engine's queue"
                     await asyncio.sleep(0.01)
                 gate.set()
                 t0 = time.time()
