@@ -31,7 +31,8 @@ def _fits_at_once(engine: Engine, context: int) -> int:
     blocks = -(-context // bs)
     if engine.layer_groups is None:
         return engine.num_blocks // blocks
-    return engine.num_blocks // (blocks + engine._window_reserve())
+    reserve = engine.layer_groups.window_reserve(engine.model.shape.sliding_window, bs)
+    return engine.num_blocks // (blocks + reserve)
 
 
 def measure(path: str, release: bool, memory: int, context: int, prompts: list[list[int]], output_len: int) -> dict:

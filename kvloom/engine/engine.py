@@ -141,8 +141,9 @@ class Engine:
         if self.layer_groups is not None:
             page = self.layer_groups.page_bytes(shape, self.dtype, bs)
             self.num_blocks = config.kv_cache_memory // page
+            longest = self.layer_groups.longest_context(self.num_blocks, shape.sliding_window, bs)
             self.max_model_len = min(config.max_model_len or shape.max_position_embeddings,
-                                     shape.max_position_embeddings, self._windowed_longest(self.num_blocks))
+                                     shape.max_position_embeddings, longest)
             return
         if num_blocks < 1:
             raise InvalidRequestError(
@@ -157,15 +158,6 @@ class Engine:
         self.max_model_len = min(limit, num_blocks * bs)
         self.num_blocks = num_blocks
 
-    def _window_reserve(self) -> int:
-        """Sliding pages one request holds at most, on top of a page per block: its window's blocks, the margin
-        block, and the one its next token opens."""
-        bs, window = self.config.block_size, self.model.shape.sliding_window
-        return self.layer_groups.num_sliding_groups * (-(-window // bs) + 3)
-
-    def _windowed_longest(self, num_pages: int) -> int:
-        return max(0, num_pages - self._window_reserve()) * self.config.block_size
-
     def _windowed_layout(self, plain_blocks: int) -> LayerGroups | None:
         """Layer groups when sliding-window KV is released (kv/window_pages.py), else None, and why in the log.
         Released KV pays off once a request outgrows the window; the longest context that fits alone decides."""
@@ -179,9 +171,8 @@ class Engine:
         elif config.kv_cache_dtype != "auto":
             self.window_kv_why = f"not with --kv-cache-dtype {config.kv_cache_dtype} (float pools only)"
         else:
-            self.layer_groups = groups
             pages = config.kv_cache_memory // groups.page_bytes(shape, self.dtype, config.block_size)
-            longest = self._windowed_longest(pages)
+            longest = groups.longest_context(pages, shape.sliding_window, config.block_size)
             if longest > 0 and longest >= plain_blocks * config.block_size:
                 log.info("sliding-window KV released behind the window: pages of %d layers, %d sliding groups",
                          groups.size, groups.num_sliding_groups)

@@ -91,9 +91,9 @@ class WindowPages:
                 self.pool.set_key(p, ("window", block, g))
         self.pool.free(pages)
 
-    def hold_range(self, block_ids: list[int], first: int, fresh: bool = False) -> None:
+    def hold_range(self, block_ids: list[int], first: int) -> None:
         for b in block_ids[first:]:
-            self.hold(b, fresh=fresh and not self.has(b))
+            self.hold(b, fresh=False)
 
     def drop_range(self, block_ids: list[int], first: int) -> None:
         for b in block_ids[first:]:

@@ -42,6 +42,15 @@ class LayerGroups:
             return None
         return cls(tuple(sliding))
 
+    def window_reserve(self, window: int, block_size: int) -> int:
+        """Sliding pages one request holds at most, on top of a page per block: its window's blocks, the margin
+        block, and the one its next token opens."""
+        return self.num_sliding_groups * (-(-window // block_size) + 3)
+
+    def longest_context(self, num_pages: int, window: int, block_size: int) -> int:
+        """Tokens one request can hold alone in a pool of num_pages pages."""
+        return max(0, num_pages - self.window_reserve(window, block_size)) * block_size
+
     def page_bytes(self, shape: LlamaShape, dtype: torch.dtype, block_size: int) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * self.size * shape.num_kv_heads * shape.head_dim * elem * block_size

@@ -316,6 +316,8 @@ class AsyncEngine:
                 return
             except Exception as e:
                 error = e
+        if not isinstance(error, (asyncio.CancelledError, KvloomError)):   # a bug, not the caller's doing
+            log.error("search %s failed; its requests are aborted", type(entry.program).__name__, exc_info=error)
         _resolve(entry.done, error=error)
 
     def _deliver_outputs(self, outputs) -> None:
