@@ -31,7 +31,7 @@ serve_runs() {  # $1: round; each serving figure for kvloom, then for llama-serv
       greedy) args=("${burst[@]}") ;;
       sampled) args=("${burst[@]}" --temperature 0.7 --top-p 0.95) ;;
       # Cold time to first token of a 512-token prompt: one request at a time, a new prompt each.
-      ttft512) args=(--workload poisson --request-rate 0.2 --num-requests 4 --input-len 512 --output-len 4) ;;
+      ttft512) args=(--workload poisson --request-rate inf --max-concurrency 1 --num-requests 4 --input-len 512 --output-len 4) ;;
     esac
     kvloom bench serve --base-url "$url" --tokenizer "$GGUF" "${args[@]}" --out "$OUT/${mode}_${label}_r$r.json" \
         > "$OUT/${mode}_${label}_r$r.log" 2>&1

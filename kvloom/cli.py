@@ -529,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = bsub.add_parser("serve", help="load an OpenAI-compatible server with a workload")
     _add_serve_bench_args(srv)
     srv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
+    srv.add_argument("--max-concurrency", type=int, default=None,
+                     help="at most this many requests in flight (1: one at a time, e.g. for cold TTFT)")
     srv.add_argument("--out", default=None, help="JSON result (and a timeline PNG beside it)")
     srv.add_argument("--save-requests", action="store_true", help="keep every request's timings in the JSON")
     from kvloom.bench.soak import add_soak_args

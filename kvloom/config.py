@@ -87,6 +87,8 @@ class EngineConfig:
         for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens"):
             if int(getattr(self, name)) < 1:
                 raise KvloomError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.block_size & (self.block_size - 1):   # the kernels address rows by shift and mask
+            raise KvloomError(f"block_size must be a power of two, got {self.block_size}")
         if not 0.0 <= self.session_kv_fraction <= 1.0:
             raise KvloomError(f"session_kv_fraction must be in [0, 1], got {self.session_kv_fraction}")
         if self.max_loras < 1 or self.max_lora_rank < 1:

@@ -150,3 +150,17 @@ def test_bench_spec_compares_both_engines(tiny_model_dir, tmp_path):
     result = json.loads(out.read_text())
     assert result["none"]["output_tokens"] == result["lookahead"]["output_tokens"] == 24
     assert result["decode_speedup"] > 0 and "acceptance_rate" in result["lookahead"]["speculation"]
+
+
+def test_max_concurrency_one_sends_requests_one_at_a_time(tiny_model_dir, tmp_path):
+    """Cold TTFT is measured one request at a time: no request starts before the previous one ends."""
+    model = tiny_model_dir("llama")
+    with ServerThread(tiny_engine(model, max_model_len=200)) as s:
+        out = tmp_path / "r.json"
+        code = main(["bench", "serve", "--base-url", s.url, "--workload", "poisson", "--num-requests", "5",
+                     "--request-rate", "inf", "--max-concurrency", "1", "--input-len", "30", "--output-len", "6",
+                     "--tokenizer", model, "--save-requests", "--out", str(out)])
+        assert code == 0
+    records = sorted(json.loads(out.read_text())["requests"], key=lambda r: r["start"])
+    assert len(records) == 5 and all(r["success"] for r in records)
+    assert all(later["start"] >= earlier["end"] for earlier, later in zip(records, records[1:]))

@@ -38,6 +38,12 @@ def test_unsupported_architecture(tiny_model_dir, tmp_path):
         LLM(str(d))
 
 
+def test_block_size_must_be_a_power_of_two(tiny_model_dir):
+    from kvloom.errors import KvloomError
+    with pytest.raises(KvloomError, match="block_size must be a power of two, got 12"):
+        LLM(tiny_model_dir("llama"), block_size=12)
+
+
 def test_truncated_weights(tiny_model_dir, tmp_path):
     d = tmp_path / "trunc"
     shutil.copytree(tiny_model_dir("llama"), d)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -70,8 +71,10 @@ async def warm_up(base_url: str, model: str, req: BenchRequest, api_key: str | N
 
 async def run_requests(base_url: str, model: str, requests: list[BenchRequest], max_duration: float,
                        api_key: str | None = None, progress: bool = True,
-                       sampling: dict | None = None) -> tuple[list[RequestRecord], float]:
-    """Send each request at its arrival time; stop sending (and cancel what runs) after max_duration."""
+                       sampling: dict | None = None,
+                       max_concurrency: int | None = None) -> tuple[list[RequestRecord], float]:
+    """Send each request at its arrival time; stop sending (and cancel what runs) after max_duration.
+    max_concurrency: at most this many in flight; a request due while the limit is reached waits for a slot."""
     url = base_url.rstrip("/") + "/v1/completions"
     records = [RequestRecord(len(r.prompt), r.max_tokens) for r in requests]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -79,12 +82,14 @@ async def run_requests(base_url: str, model: str, requests: list[BenchRequest], 
     async with httpx.AsyncClient(timeout=httpx.Timeout(max_duration + 60), limits=limits,
                                  headers=_headers(api_key)) as h:
         t0 = time.perf_counter()
+        slots = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
 
         async def launch(req: BenchRequest, rec: RequestRecord):
             delay = req.arrival - (time.perf_counter() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
-            await _one(h, url, model, req, rec, sampling)
+            async with slots:
+                await _one(h, url, model, req, rec, sampling)
             bar.update(1)
 
         tasks = [asyncio.create_task(launch(r, rec)) for r, rec in zip(requests, records)]

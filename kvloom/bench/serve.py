@@ -48,7 +48,8 @@ async def bench_one(base_url: str, workload: Workload, args, progress: bool = Tr
     model = await fetch_model(base_url, args.api_key)
     await warm_up(base_url, model["id"], workload.requests[0], args.api_key)
     records, duration = await run_requests(base_url, model["id"], workload.requests, args.max_duration,
-                                           args.api_key, progress, sampling_body(args))
+                                           args.api_key, progress, sampling_body(args),
+                                           getattr(args, "max_concurrency", None))
     result = {
         "base_url": base_url,
         "model": model["id"],

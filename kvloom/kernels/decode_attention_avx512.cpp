@@ -8,6 +8,8 @@
 //   softmax vectorized, with a polynomial exp (relative error ~1e-7);
 //   values  one pass over the rows, every query head of the group accumulating in registers.
 #include "kernels.h"
+#include "balanced_split.h"
+#include "paged_rows.h"
 
 #include <ATen/Parallel.h>
 
@@ -20,6 +22,8 @@
 #include "vec_exp.h"
 
 namespace {
+
+constexpr int64_t kTaskOverhead = 16;   // a task's fixed cost, in positions of context
 
 // v[j] holds 16 partial sums of position j's score; returns the 16 totals, position j in lane j.
 inline __m512 sum_each(__m512* v) {
@@ -45,7 +49,8 @@ template <int D, int G>
 void attend(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t len, int64_t KVH,
             int64_t BS, int64_t h, float scale, const int64_t* mask, float* scores, float* out) {
   constexpr int C = D / 16;
-  auto row = [&](const float* pool, int64_t pos) { return pool + ((table[pos / BS] * KVH + h) * BS + pos % BS) * D; };
+  const PagedRows rows_of{table, KVH, BS, h, D};
+  auto row = [&](const float* pool, int64_t pos) { return rows_of.at(pool, pos); };
   const int64_t padded = (len + 15) / 16 * 16;
   for (int64_t j = 16; j < std::min<int64_t>(len, 32); ++j) prefetch_row<D>(row(kp, j));
   for (int64_t p0 = 0; p0 < len; p0 += 16) {
@@ -117,7 +122,8 @@ void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, n * KVH, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(n * KVH, [&](int64_t task) { return lp[task / KVH] + kTaskOverhead; },
+                        [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / KVH, h = task % KVH, len = lp[s];
@@ -167,6 +173,8 @@ bool decode_attention_f32_avx512(const torch::Tensor& q, const torch::Tensor& k,
 
 namespace {
 
+constexpr int64_t kTaskOverhead = 16;   // a task's fixed cost, in positions of context
+
 // v[j] holds 8 partial sums of position j's score; returns the 8 totals, position j in lane j.
 inline __m256 sum_each(const __m256* v) {
   const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
@@ -200,7 +208,8 @@ void attend(const float* q, const float* kp, const float* vp, const int64_t* tab
   constexpr int C = D / 8;
   constexpr int CB = G == 1 ? 8 : G == 2 ? 4 : G <= 4 ? 2 : 1;   // value columns (vectors) a pass
   static_assert(C % CB == 0, "head size");
-  auto row = [&](const float* pool, int64_t pos) { return pool + ((table[pos / BS] * KVH + h) * BS + pos % BS) * D; };
+  const PagedRows rows_of{table, KVH, BS, h, D};
+  auto row = [&](const float* pool, int64_t pos) { return rows_of.at(pool, pos); };
   const int64_t padded = (len + 7) / 8 * 8;
   for (int64_t j = 8; j < std::min<int64_t>(len, 32); ++j) prefetch_row<D>(row(kp, j));
   for (int64_t p0 = 0; p0 < len; p0 += 8) {
@@ -274,7 +283,8 @@ void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, n * KVH, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(n * KVH, [&](int64_t task) { return lp[task / KVH] + kTaskOverhead; },
+                        [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / KVH, h = task % KVH, len = lp[s];

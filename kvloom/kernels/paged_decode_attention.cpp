@@ -10,6 +10,7 @@
 // block and channel, values with a scale per token; a block still filling has
 // its keys in float staging, see kvloom/kv/int8_kv_cache.py).
 #include "kernels.h"
+#include "balanced_split.h"
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -71,7 +72,14 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tabl
   const int64_t* lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, n * KVH, 1, [&](int64_t begin, int64_t end) {
+  // A shift and a mask, not a division per position (kvloom/kv/block_pool.py sizes blocks in powers of two).
+  TORCH_CHECK(BS > 0 && (BS & (BS - 1)) == 0, "block size must be a power of two, got ", BS);
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(BS));
+  auto cost = [&](int64_t task) {   // positions read, plus a fixed cost a task
+    const int64_t len = lp[task / KVH];
+    return (window > 0 ? std::min(len, window) : len) + 16;
+  };
+  parallel_for_balanced(n * KVH, cost, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / KVH, h = task % KVH, len = lp[s];
@@ -79,7 +87,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tabl
       const int64_t* table = tp + s * W;
       scores.assign(G * n_seen, 0.f);   // scores[g * n_seen + i]: position first + i
       for (int64_t pos = first; pos < len; ++pos) {
-        const int64_t col = pos / BS, row = pos % BS;
+        const int64_t col = pos >> shift, row = pos & (BS - 1);
         for (int64_t g = 0; g < G; ++g)
           scores[g * n_seen + pos - first] = score(qp + (s * H + h * G + g) * D, s, h, col, row, table[col]) * sc;
       }
@@ -92,7 +100,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tabl
         softmax_inplace(p, n_seen);
         float* o = op + (s * H + h * G + g) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-        for (int64_t pos = first; pos < len; ++pos) add_value(o, p[pos - first], h, pos % BS, table[pos / BS]);
+        for (int64_t pos = first; pos < len; ++pos) add_value(o, p[pos - first], h, pos & (BS - 1), table[pos >> shift]);
       }
     }
   });

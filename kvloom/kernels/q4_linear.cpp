@@ -106,6 +106,9 @@ void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, f
   for (int64_t b = 0; b < nb; ++b) {
     __m256i dot[MR];
     for (int i = 0; i < MR; ++i) dot[i] = _mm256_setzero_si256();
+    // Not unrolled: with all four loads unrolled GCC hoists every broadcast and spills the products to the
+    // stack (16 ymm registers); this loop ran 165 -> ~205 GMAC/s at 512 rows on the AVX2 build.
+#pragma GCC unroll 1
     for (int L = 0; L < 4; ++L) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 128 + L * 32));
       const __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
