@@ -97,8 +97,9 @@ constexpr int64_t kGemvMaxK = 4096;
 // needs llama.cpp's sign trick (vpsignb per pair of rows) otherwise: 3 uops on the multiply ports per 32
 // products. Widening both sides to int16 and using vpmaddwd (16 products into 8 int32, exact: a pair is at
 // most 2 * 127 * 127) costs 1 such uop per 16, and the weights' widening is shared by the tile's rows.
-// Tiles of 3 activation rows x 4 weight rows keep 12 accumulators in registers (3x4 ran at 88 GOP/s on one
-// thread here, 4x2 at 72, 4x3 at 60: its 16 live ymm spill, 8x4 at 69);
+// Tiles of 3 activation rows x 3 weight rows: 9 accumulators, 3 widened weights and a row of activations fit
+// the 16 ymm registers (3x4 needs 17 and spilled: the LM head at 48 rows, 49152 x 576, ran at 80-91 GMAC/s
+// on 2 threads against 86-122 for 3x3, 71-127 for 2x4, alternating on a noisy host);
 // activations are widened once per call, weights once per tile, from a block of rows that stays in L1.
 
 template <int MR, int NR>
@@ -127,7 +128,7 @@ void tile_avx2(const int16_t* x, int64_t ldx, const int8_t* w, int64_t K, int32_
 template <int MR>
 void tiles_avx2(const int16_t* x, int64_t ldx, const int8_t* w, int64_t K, int64_t n0, int64_t n1, int32_t* out,
                 int64_t ldo) {
-  constexpr int NR = 4;
+  constexpr int NR = 3;
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) tile_avx2<MR, NR>(x, ldx, w + n * K, K, out + n, ldo);
   for (; n < n1; ++n) tile_avx2<MR, 1>(x, ldx, w + n * K, K, out + n, ldo);
