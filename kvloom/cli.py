@@ -459,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--concurrency", type=int, default=1)
     sp.add_argument("--input-len", type=int, default=200, help="poisson workload prompt length")
     sp.add_argument("--output-len", type=int, default=128)
-    sp.add_argument("--rounds", type=int, default=2, help="runs per engine, alternating; the best counts")
+    sp.add_argument("--rounds", type=int, default=2,
+                    help="rounds of new prompts, both engines each, alternating who goes first; summed")
     sp.add_argument("--out", default=None)
     add_engine_args(sp)
     sp.set_defaults(func=cmd_bench)

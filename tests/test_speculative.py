@@ -7,6 +7,7 @@ from scipy.stats import chi2_contingency
 from conftest import hf_greedy, random_prompts
 from kvloom import LLM, SamplingParams
 from kvloom.engine.request import Request
+from kvloom.speculation.guard import PROBE_EVERY, WARM, SpeculationGuard
 from kvloom.speculation.lookahead import LookaheadSpeculator, SpecSettings
 from kvloom.speculation.ngram_trie import NGramTrie
 from kvloom.speculation.step_cost import StepCost
@@ -24,10 +25,12 @@ def _repetitive_prompts(n, seed):
 
 
 def _spec(model, **kw):
-    """Lookahead with a flat cost model (a pass costs the same at any size, chunks are free), so drafts are
-    always worth proposing: on a tiny model the measured costs would often say they are not."""
+    """Lookahead with a flat cost model (a pass costs the same at any size, chunks are free) and its timing
+    guard always agreeing, so drafts are always worth proposing: on a tiny model the measured costs and step
+    times would often say they are not, and these tests are about tokens, not speed."""
     llm = LLM(model, speculative="lookahead", **kw)
     llm.engine.speculator.step_cost = StepCost([1, 64], [1.0, 1.0])
+    llm.engine.speculator.guard.allows = lambda rows: True
     return llm
 
 
@@ -125,6 +128,49 @@ def test_skipping_drafts_that_cannot_pay_changes_no_decision(monkeypatch):
         assert outcomes[0] == outcomes[1], case
         skipped += not outcomes[0]
     assert 20 < skipped < 180, skipped      # both outcomes occur
+
+
+def test_guard_takes_turns_then_follows_the_faster_kind_and_probes():
+    guard = SpeculationGuard()
+    turns = []
+    for _ in range(2 * WARM):            # untrusted averages: drafted and plain steps alternate
+        allowed = guard.allows(20)
+        turns.append(allowed)
+        guard.record(20, allowed, 40 if allowed else 20, 0.1)   # drafted: 400 tok/s, plain: 200 tok/s
+    assert turns == [True, False] * WARM
+    assert all(guard.allows(21) for _ in range(50))           # 21 rows share 20's bucket: drafting wins
+    slow = SpeculationGuard()
+    for _ in range(WARM):
+        slow.record(33, True, 40, 0.2)   # drafted: 200 tok/s
+        slow.record(33, False, 32, 0.1)  # plain: 320 tok/s
+    allowed = [slow.allows(33) for _ in range(3 * PROBE_EVERY)]
+    assert allowed.count(True) == 3 and allowed[PROBE_EVERY - 1] and not allowed[0]   # one probe in 16
+    assert slow.allows(2) and slow.stats()["32"]["plain_steps"] == WARM     # other sizes are judged apart
+
+
+def test_guard_stops_drafting_that_measures_slower_and_tokens_stay_the_same(tiny_model_dir):
+    """Drafted passes made slow on purpose: the engine stops drafting at that batch size (but for the
+    turns and probes), and the tokens are those of plain decoding."""
+    import time
+
+    model = tiny_model_dir("llama")
+    prompts = _repetitive_prompts(4, seed=70)
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    want = [r.token_ids for r in LLM(model).generate(prompts, params)]
+    llm = LLM(model, speculative="lookahead")
+    llm.engine.speculator.step_cost = StepCost([1, 64], [1.0, 1.0])   # the curve always says "draft"
+    runner = llm.engine.runner
+    execute = runner.execute
+
+    def slow_when_drafted(plan, *args, **kwargs):
+        if any(c.num_draft_tokens for c in plan.chunks):
+            time.sleep(0.05)
+        return execute(plan, *args, **kwargs)
+    runner.execute = slow_when_drafted
+    assert [r.token_ids for r in llm.generate(prompts, params)] == want
+    seen = llm.engine.speculator.stats()["guard"]["4"]
+    assert seen["plain_steps"] > 60 and seen["drafted_tokens_per_s"] < seen["plain_tokens_per_s"], seen
+    assert seen["drafted_steps"] <= WARM + seen["plain_steps"] // (PROBE_EVERY - 1) + 1, seen
 
 
 def test_tree_mask_and_depths():

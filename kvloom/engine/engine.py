@@ -693,6 +693,7 @@ class Engine:
 
         An exception inside the step ends the requests of that step, each with finish_reason "error" and its
         blocks freed; every other request goes on as if nothing happened."""
+        started = time.perf_counter()   # the whole step's time is what speculation's guard compares
         failed = self._admit_compiled() if self._awaiting_grammar else []
         plan = self.scheduler.schedule()
         if plan.is_empty:
@@ -703,13 +704,13 @@ class Engine:
         if self.faults is not None:
             self.faults.begin_step([c.request_id for c in plan.chunks])
         try:
-            return failed + self._execute(plan)
+            return failed + self._execute(plan, started)
         except Exception as e:
             log.exception("a step failed; ending its %d requests", len(parents))
             why = f"internal error in the engine step that ran this request ({type(e).__name__}: {e})"
             return failed + [out for p in parents for out in self._end_with_error(p, why)]
 
-    def _execute(self, plan) -> list[RequestOutput]:
+    def _execute(self, plan, started: float) -> list[RequestOutput]:
         samplers, forks = self._samplers(plan)
         result = self.runner.execute(plan, samplers, self.faults)
         self._observe_drafts(plan, result)
@@ -738,6 +739,8 @@ class Engine:
                     req.truncate_output(len(req.output_token_ids) - (len(tokens) - used))
                     break
             outputs.append(self._output(req, state, now))
+        if self.speculator is not None:   # after the outputs: a drafted step's extra tokens cost text too
+            self.speculator.record_step(plan, result.token_ids, time.perf_counter() - started)
         return outputs
 
     def _end_with_error(self, parent: str, why: str) -> list[RequestOutput]:

@@ -242,6 +242,8 @@ class Scheduler:
         return out
 
     def _add_drafts(self, out: SchedulerOutput, budget: int) -> None:
+        if not self.speculator.allows_drafts(len(out.decodes), decode_only=not out.spans):
+            return
         candidates = []
         for c in out.decodes:
             req = self.requests[c.request_id]

@@ -13,7 +13,9 @@ and draft tokens go to the requests where they are worth most for as long as
 pass of 8 tokens costs little more than one, so guesses are cheap; in a
 large, compute-bound batch they are not, and speculation fades out by itself.
 A request whose guesses keep failing stops drafting; its estimate drifts back
-towards the prior while idle, so it is retried now and then.
+towards the prior while idle, so it is retried now and then. Where the cost
+curve is wrong, the guard (guard.py) sees drafted steps run slower than plain
+ones of the same batch size and stops drafting there.
 
 Only requests without penalties or logprobs speculate (their distributions
 would depend on the draft path); they decode normally.
@@ -25,7 +27,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvloom.engine.request import Request
+from kvloom.engine.scheduler_output import SchedulerOutput
 from kvloom.attention.backend import STACK_MAX_CHUNK
+from kvloom.speculation.guard import SpeculationGuard
 from kvloom.speculation.ngram_trie import DraftTree, NGramTrie
 from kvloom.speculation.step_cost import StepCost
 
@@ -69,6 +73,19 @@ class LookaheadSpeculator:
         self.num_verifications = 0
         self.num_proposed = 0      # draft tokens scored by the model
         self.num_accepted = 0      # of those, accepted
+        self.guard = SpeculationGuard()   # measured drafted steps against plain ones (guard.py)
+
+    def allows_drafts(self, num_decodes: int, decode_only: bool) -> bool:
+        """The guard's word for decode-only steps; steps with prompt chunks are not compared."""
+        return not decode_only or self.guard.allows(num_decodes)
+
+    def record_step(self, plan: SchedulerOutput, sampled: dict[str, int | list[int]], seconds: float) -> None:
+        """Tell the guard what a decode-only step produced (every chunk a decode, drafted or not)."""
+        chunks = plan.chunks
+        if not chunks or any(c.num_draft_tokens == 0 and len(c.token_ids) != 1 for c in chunks):
+            return
+        tokens = sum(len(t) if isinstance(t, list) else 1 for t in sampled.values())
+        self.guard.record(len(chunks), any(c.num_draft_tokens for c in chunks), tokens, seconds)
 
     @staticmethod
     def eligible(req: Request) -> bool:
@@ -209,7 +226,7 @@ class LookaheadSpeculator:
         return {"verifications": v, "proposed": self.num_proposed, "accepted": self.num_accepted,
                 "acceptance_rate": self.num_accepted / self.num_proposed if self.num_proposed else 0.0,
                 "mean_accepted_length": self.num_accepted / v if v else 0.0,
-                "global_trie_nodes": self.global_trie.num_nodes}
+                "global_trie_nodes": self.global_trie.num_nodes, "guard": self.guard.stats()}
 
 
 def _cannot_pay(best_gain: float, base_tokens: int, base_yield: int, context: int, shortest: int, most: int,
