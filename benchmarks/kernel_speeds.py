@@ -13,6 +13,9 @@ int8 products     GOP/s of the int32 product alone on SmolLM2-135M's shapes (576
 w8a8 linear       SmolLM2-135M's 121 linears (30 layers x 4, and the LM head) at 1-16 rows: the
                   native call (VNNI GEMV up to 16 rows) against the PyTorch path (quantize, oneDNN's
                   `_int_mm`, rescale).
+prefill           what a 512-token prompt spends its time in: the 4-bit product (w4a8) on the layer shapes
+                  at 512 rows, in GMAC/s, and one layer's causal attention (512 rows, row i over i + 1
+                  positions, 9 query heads on 3 KV heads), in ms and GMAC/s.
 """
 import argparse
 import time
@@ -20,6 +23,7 @@ import time
 import torch
 
 from kvloom.kernels import build, kernels
+from kvloom.quant.q4_linear import Q4Linear
 from kvloom.quant.w8a8_linear import W8A8Linear
 
 SHAPES = {"qkv 576->960": (960, 576), "o 576->576": (576, 576), "gate_up 576->3072": (3072, 576),
@@ -95,6 +99,27 @@ def linears(native) -> None:
               f"PyTorch path {times[1] * 1e3:6.2f} ms")
 
 
+def prefill(native) -> None:
+    torch.manual_seed(0)
+    print(f"prefill, build {native.isa()}: {native.q4_gemm_path()}")
+    rows, total_macs, total_s = 512, 0, 0.0
+    for name, (n, k) in list(SHAPES.items())[:4]:   # the layers, not the LM head (one row in a prefill)
+        lin = Q4Linear(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8),
+                       (torch.rand(n, 2, k // 32) / 100).half().float(), None)
+        x = torch.randn(rows, k)
+        seconds = best_of(lambda: native.q4_linear(x, lin.qs, lin.scales, n, None, None), 10)
+        total_macs, total_s = total_macs + rows * n * k, total_s + seconds
+        print(f"w4a8 {name:18s} {rows} rows: {seconds * 1e3:6.2f} ms, {rows * n * k / seconds / 1e9:6.1f} GMAC/s")
+    print(f"w4a8 the four layer shapes: {total_macs / total_s / 1e9:6.1f} GMAC/s")
+    kvh, bs, d, heads = 3, 16, 64, 9
+    k, v = torch.randn(64, kvh, bs, d), torch.randn(64, kvh, bs, d)
+    tables = torch.randperm(64)[: rows // bs].repeat(rows, 1).contiguous()
+    lens, q = torch.arange(1, rows + 1), torch.randn(rows, heads, d)
+    seconds = best_of(lambda: native.decode_attention_f32(q, k, v, tables, lens, 0.125, None), 20)
+    macs = rows * (rows + 1) / 2 * heads * d * 2
+    print(f"causal attention, {rows} rows, one layer: {seconds * 1e3:6.3f} ms, {macs / seconds / 1e9:6.1f} GMAC/s")
+
+
 def module_for(isa: str):
     return kernels() if isa == "native" else build.load(build.make_plan(isa))
 
@@ -102,11 +127,11 @@ def module_for(isa: str):
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--isa", default="native", help="native | avx512_vnni | avx512 | avx2 | baseline")
-    p.add_argument("--only", choices=["attention", "gemm", "linears"], default=None)
+    p.add_argument("--only", choices=["attention", "gemm", "linears", "prefill"], default=None)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     module = module_for(args.isa)
-    for section in (attention, gemm, linears):
+    for section in (attention, gemm, linears, prefill):
         if args.only in (None, section.__name__):
             section(module)

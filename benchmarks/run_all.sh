@@ -69,6 +69,8 @@ serve_and_bench w8a8_s24 --quantization w8a8 --max-num-seqs 24 --max-num-batched
 serve_and_bench w8a8_s32 --quantization w8a8 --max-num-seqs 32 --max-num-batched-tokens 256
 
 run kernel_speeds python benchmarks/kernel_speeds.py
+run kernel_speeds_avx2 python benchmarks/kernel_speeds.py --isa avx2
+run spec_concurrency bash benchmarks/spec_concurrency.sh "$OUT/spec_concurrency" 3
 for b in 1 32; do
   run "phases_${b}_modules" python benchmarks/step_phases.py w8a8 "$b" modules
   run "phases_${b}_stack" python benchmarks/step_phases.py w8a8 "$b"
@@ -90,5 +92,11 @@ if [ -n "${LLAMA_CPP_BIN:-}" ]; then
       --request-rate inf --num-requests 64 --input-len 100 --output-len 128 --slo ttft=2s,tpot=100ms \
       --out "$OUT/serve_64_llama_server.json"
   kill -TERM "$server"; wait "$server" || true
+  # Issue 14's per-class tables (docs/performance.md, "Fast on every CPU class"); the avx2 class needs a
+  # llama.cpp built with -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF in LLAMA_CPP_AVX2_BIN.
+  run cpu_class_native bash benchmarks/cpu_class.sh native "$LLAMA_CPP_BIN" "$OUT/cpu_class/native" 2
+  if [ -n "${LLAMA_CPP_AVX2_BIN:-}" ]; then
+    run cpu_class_avx2 bash benchmarks/cpu_class.sh avx2 "$LLAMA_CPP_AVX2_BIN" "$OUT/cpu_class/avx2" 2
+  fi
 fi
 echo done
