@@ -98,6 +98,27 @@ def test_float_decode_attention_matches_gathered_attention(kmod, heads, kvh, d):
 
 
 @pytest.mark.parametrize("d", [64, 32])   # the AVX-512 / AVX2 kernel and the portable loop
+def test_a_prompts_rows_split_between_threads_by_length_all_match(kmod, d):
+    """A prompt's rows as tasks, row i over i + 1 positions: split between threads by their length
+    (balanced_split.h), every row computed, each as alone."""
+    k, v = _pool(d=d)
+    tables = torch.randperm(40, generator=torch.Generator().manual_seed(4))[:6].repeat(90, 1)
+    lens = torch.arange(1, 91)
+    q = torch.randn(90, 6, d)
+    got = kmod.decode_attention_f32(q, k, v, tables, lens, 0.125)
+    assert torch.allclose(got, _reference(q, k, v, tables, lens, 0.125), atol=1e-5)
+    for i in (0, 44, 89):
+        assert torch.equal(kmod.decode_attention_f32(q[i:i + 1], k, v, tables[i:i + 1], lens[i:i + 1], 0.125), got[i:i + 1])
+
+
+def test_a_block_size_not_a_power_of_two_is_refused(kmod):
+    k, v = _pool(bs=12)
+    with pytest.raises(RuntimeError, match="block size must be a power of two, got 12"):
+        kmod.decode_attention_f32(torch.randn(1, 6, 64), k, v, torch.zeros(1, 2, dtype=torch.long),
+                                  torch.tensor([5]), 0.125)
+
+
+@pytest.mark.parametrize("d", [64, 32])   # the AVX-512 / AVX2 kernel and the portable loop
 def test_masked_rows_see_only_their_visible_positions(kmod, d):
     """A draft token's row sees the context and its ancestors: positions whose bit is clear get no weight."""
     k, v = _pool(d=d)

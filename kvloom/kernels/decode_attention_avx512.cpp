@@ -23,8 +23,6 @@
 
 namespace {
 
-constexpr int64_t kTaskOverhead = 16;   // a task's fixed cost, in positions of context
-
 // v[j] holds 16 partial sums of position j's score; returns the 16 totals, position j in lane j.
 inline __m512 sum_each(__m512* v) {
   __m512 a[8], b[4], c[2];
@@ -172,8 +170,6 @@ bool decode_attention_f32_avx512(const torch::Tensor& q, const torch::Tensor& k,
 #include "vec_exp.h"
 
 namespace {
-
-constexpr int64_t kTaskOverhead = 16;   // a task's fixed cost, in positions of context
 
 // v[j] holds 8 partial sums of position j's score; returns the 8 totals, position j in lane j.
 inline __m256 sum_each(const __m256* v) {

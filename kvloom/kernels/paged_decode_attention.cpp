@@ -11,6 +11,7 @@
 // its keys in float staging, see kvloom/kv/int8_kv_cache.py).
 #include "kernels.h"
 #include "balanced_split.h"
+#include "paged_rows.h"
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -47,8 +48,12 @@ inline void softmax_inplace(float* scores, int64_t len) {
   for (int64_t i = 0; i < len; ++i) scores[i] *= inv;
 }
 
-void check_common(const torch::Tensor& q, const torch::Tensor& tables, const torch::Tensor& lens) {
+void check_common(const torch::Tensor& q, const torch::Tensor& pool, const torch::Tensor& tables,
+                  const torch::Tensor& lens) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.is_contiguous(), "q: contiguous float [n, heads, d]");
+  TORCH_CHECK(pool.dim() == 4, "KV pool: [blocks, KV heads, block size, head size]");
+  const int64_t bs = pool.size(2);   // rows are addressed by shift and mask (paged_rows.h)
+  TORCH_CHECK(bs > 0 && (bs & (bs - 1)) == 0, "block size must be a power of two, got ", bs);
   TORCH_CHECK(tables.scalar_type() == torch::kLong && tables.is_contiguous(), "block tables: contiguous int64");
   TORCH_CHECK(lens.scalar_type() == torch::kLong && lens.is_contiguous(), "context lengths: contiguous int64");
 }
@@ -72,12 +77,10 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tabl
   const int64_t* lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  // A shift and a mask, not a division per position (kvloom/kv/block_pool.py sizes blocks in powers of two).
-  TORCH_CHECK(BS > 0 && (BS & (BS - 1)) == 0, "block size must be a power of two, got ", BS);
-  const int shift = __builtin_ctzll(static_cast<unsigned long long>(BS));
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(BS));   // BS: a power of two (check_common)
   auto cost = [&](int64_t task) {   // positions read, plus a fixed cost a task
     const int64_t len = lp[task / KVH];
-    return (window > 0 ? std::min(len, window) : len) + 16;
+    return (window > 0 ? std::min(len, window) : len) + kTaskOverhead;
   };
   parallel_for_balanced(n * KVH, cost, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -121,7 +124,7 @@ const int64_t* mask_rows(const c10::optional<torch::Tensor>& masks, const torch:
 torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
                                    torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks,
                                    int64_t window) {
-  check_common(q, tables, lens);
+  check_common(q, k, tables, lens);
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == torch::kFloat, "float KV pool");
   const int64_t KVH = k.size(1), BS = k.size(2), D = k.size(3);
   auto out = torch::empty_like(q);
@@ -148,7 +151,7 @@ torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tens
                                   torch::Tensor v_scale, torch::Tensor k_stage, torch::Tensor tables,
                                   torch::Tensor slots, torch::Tensor lens, double scale,
                                   c10::optional<torch::Tensor> masks) {
-  check_common(q, tables, lens);
+  check_common(q, kq, tables, lens);
   TORCH_CHECK(kq.is_contiguous() && vq.is_contiguous() && kq.scalar_type() == torch::kChar, "int8 KV pool");
   TORCH_CHECK(k_scale.scalar_type() == torch::kFloat && v_scale.scalar_type() == torch::kFloat &&
               k_stage.scalar_type() == torch::kFloat && k_stage.is_contiguous(), "float scales and staging");
