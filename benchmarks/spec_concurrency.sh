@@ -8,7 +8,6 @@ set -euo pipefail
 OUT=$1 ROUNDS=${2:-3}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
-grep -o 'avx512[a-z_]*\|avx2\|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ' > "$OUT/cpu_flags.txt"
 for q in auto w8a8; do
   for c in 16 32; do
     kvloom bench spec --quantization "$q" --workload poisson --num-requests $((2 * c)) --concurrency "$c" \

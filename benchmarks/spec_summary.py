@@ -11,15 +11,15 @@ def main(out: str) -> None:
         r = json.load(open(path))
         rows.append({"file": os.path.basename(path), "workload": r["workload"], "concurrency": r["concurrency"],
                      "quantization": r["system"]["quantization"],
+                     "cpu_class": r["system"]["inference_paths"]["kernels"]["isa"],
                      "per_round": r["throughput_per_round"], "median_round_ratio": r["median_round_ratio"],
                      "throughput_speedup": r["throughput_speedup"], "decode_speedup": r["decode_speedup"],
                      "plain_tokens_per_s": r["none"]["throughput_tokens_per_s"],
                      "lookahead_tokens_per_s": r["lookahead"]["throughput_tokens_per_s"],
                      "acceptance_rate": r["lookahead"]["speculation"]["acceptance_rate"],
                      "guard": r["lookahead"]["speculation"].get("guard")})
-    flags = open(os.path.join(out, "cpu_flags.txt")).read().split() if os.path.exists(
-        os.path.join(out, "cpu_flags.txt")) else []
-    cls = "avx512_vnni" if "avx512_vnni" in flags else "avx2"
+    classes = sorted({r["cpu_class"] for r in rows})
+    cls = classes[0] if len(classes) == 1 else classes
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({"cpu_class": cls, "rows": rows}, f, indent=1)
     print(f"CPU class: {cls}\n")

@@ -59,7 +59,7 @@ def run_spec_comparison(config: EngineConfig, workload: str, num_requests: int, 
         order = [("none", plain), ("lookahead", spec)]
         for name, engine in order if r % 2 == 0 else order[::-1]:
             runs[name].append(_run(engine, round_prompts, output_len, concurrency))
-        tput = {name: runs[name][-1]["output_tokens"] / runs[name][-1]["wall_s"] for name in runs}
+        tput = {name: _speeds(runs[name][-1:])["throughput_tokens_per_s"] for name in runs}
         per_round.append({"none": round(tput["none"], 1), "lookahead": round(tput["lookahead"], 1),
                           "ratio": round(tput["lookahead"] / tput["none"], 3)})
     none, look = _speeds(runs["none"]), _speeds(runs["lookahead"])

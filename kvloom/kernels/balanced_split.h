@@ -18,15 +18,14 @@ void parallel_for_balanced(int64_t n, Cost cost, const Fn& fn) {
     if (n > 0) fn(0, n);
     return;
   }
-  std::vector<double> prefix(n + 1, 0.0);
-  for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + static_cast<double>(cost(i));
-  std::vector<int64_t> bounds(threads + 1, n);
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += static_cast<double>(cost(i));
+  std::vector<int64_t> bounds(threads + 1, n);   // thread t: [bounds[t], bounds[t + 1])
   bounds[0] = 0;
-  int64_t at = 0;
-  for (int64_t t = 1; t < threads; ++t) {   // the first task whose prefix reaches t / threads of the total
-    const double goal = prefix[n] * static_cast<double>(t) / static_cast<double>(threads);
-    while (at < n && prefix[at] < goal) ++at;
-    bounds[t] = at;
+  double before = 0.0;   // the cost of the tasks ahead of `i`
+  for (int64_t i = 0, t = 1; i < n && t < threads; ++i) {
+    while (t < threads && before >= total * static_cast<double>(t) / static_cast<double>(threads)) bounds[t++] = i;
+    before += static_cast<double>(cost(i));
   }
   at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)

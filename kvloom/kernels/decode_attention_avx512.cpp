@@ -120,7 +120,7 @@ void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  parallel_for_balanced(n * KVH, [&](int64_t task) { return lp[task / KVH] + kTaskOverhead; },
+  parallel_for_balanced(n * KVH, [&](int64_t task) { return attention_task_cost(lp[task / KVH]); },
                         [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
@@ -279,7 +279,7 @@ void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  parallel_for_balanced(n * KVH, [&](int64_t task) { return lp[task / KVH] + kTaskOverhead; },
+  parallel_for_balanced(n * KVH, [&](int64_t task) { return attention_task_cost(lp[task / KVH]); },
                         [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {

@@ -78,10 +78,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tabl
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(BS));   // BS: a power of two (check_common)
-  auto cost = [&](int64_t task) {   // positions read, plus a fixed cost a task
-    const int64_t len = lp[task / KVH];
-    return (window > 0 ? std::min(len, window) : len) + kTaskOverhead;
-  };
+  auto cost = [&](int64_t task) { return attention_task_cost(lp[task / KVH], window); };
   parallel_for_balanced(n * KVH, cost, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {

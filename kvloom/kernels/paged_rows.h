@@ -2,9 +2,11 @@
 #pragma once
 #include <cstdint>
 
-// An attention task's fixed cost, in positions of context: what splitting tasks by cost adds to their length
-// (balanced_split.h).
-constexpr int64_t kTaskOverhead = 16;
+// What one (sequence, KV head) attention task costs, for splitting tasks between threads (balanced_split.h):
+// the positions it reads (its window's, on a sliding-window layer), plus a fixed part worth 16 of them.
+inline int64_t attention_task_cost(int64_t len, int64_t window = 0) {
+  return (window > 0 && window < len ? window : len) + 16;
+}
 
 // One (sequence, KV head)'s rows. Block sizes are powers of two (EngineConfig checks; the kernels' entry points
 // too): a shift and a mask replace the integer division, which cost as much as a position's multiply-adds.
