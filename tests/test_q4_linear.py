@@ -14,7 +14,9 @@ from kvloom import LLM, SamplingParams
 from kvloom.config import EngineConfig
 from kvloom.errors import KvloomError, WeightsError
 from kvloom.kernels import kernels
-from kvloom.models.model_source import default_model_path
+from kvloom.models.loader import load_model, materialize_deferred
+from kvloom.models.model_source import default_model_path, resolve_model
+from kvloom.quant.block_embedding import BlockEmbedding
 from kvloom.quant.q4_linear import Q4Linear, dequantize_grouped, group_rows, repack_gguf
 from test_kernels import _isas, _module
 
@@ -184,6 +186,44 @@ def test_gguf_on_a_model_without_4_bit_blocks_is_a_clear_error(tiny_model_dir):
 def test_gguf_needs_float32_activations():
     with pytest.raises(KvloomError, match="float32"):
         EngineConfig(model=default_model_path(), quantization="gguf", dtype="bfloat16")
+
+
+def test_4_bit_projections_are_never_dequantised_at_load():
+    """On the 4-bit path the float projections are never made (meta until repacked); another path gets
+    them dequantised later (materialize_deferred), equal to a plain float load's bit for bit."""
+    source = resolve_model(None)
+    kept, _ = load_model(source, torch.float32, keep_gguf_blocks=True)
+    fused = {n for n, p in kept.named_parameters() if n.endswith(("qkv_proj.weight", "o_proj.weight",
+                                                                   "gate_up_proj.weight", "down_proj.weight"))}
+    assert len(fused) == 4 * kept.shape.num_layers and set(kept.gguf_deferred) == fused
+    assert all(p.is_meta == (n in fused) for n, p in kept.named_parameters())
+    assert kept.gguf_blocks["model.embed_tokens.weight"][1] == "Q8_0"
+    materialize_deferred(kept)
+    plain, _ = load_model(source, torch.float32)
+    plain_params = dict(plain.named_parameters())
+    assert all(torch.equal(p, plain_params[n]) for n, p in kept.named_parameters())
+
+
+def test_auto_on_the_float_path_dequantises_the_deferred_blocks():
+    """Without the native kernels "auto" runs the GGUF in float: the same tokens as quantization none."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    auto = LLM(native_kernels=False)
+    assert auto.engine.config.quantization == "none" and not auto.engine.model.gguf_deferred
+    none = LLM(quantization="none", native_kernels=False)
+    assert auto.generate(PROMPTS[:2], params)[0].token_ids == none.generate(PROMPTS[:2], params)[0].token_ids
+
+
+def test_the_embedding_stays_in_the_files_blocks(default_llm):
+    """Lookups read the GGUF's Q8_0 rows, dequantised as the float table holds them, in a quarter the bytes."""
+    table = default_llm.engine.model.embed_tokens
+    assert isinstance(table, BlockEmbedding) and table.type.name == "Q8_0"
+    plain, _ = load_model(resolve_model(None), torch.float32)
+    floats = plain.embed_tokens.weight
+    assert table.row_bytes * 3 < floats[0].numel() * floats.element_size()
+    ids = torch.tensor([[0, 1, 17, table.num_embeddings - 1], [5, 5, 300, 42]])
+    assert torch.equal(table(ids), floats[ids])
+    with pytest.raises(IndexError, match="out of range"):
+        table(torch.tensor([table.num_embeddings]))
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])

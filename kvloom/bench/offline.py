@@ -9,6 +9,8 @@ import torch
 from kvloom.corpus import prompts_of_length
 from kvloom.engine.engine import Engine
 from kvloom.kv.kv_cache import kv_bytes_per_token
+from kvloom.quant.block_embedding import BlockEmbedding
+from kvloom.quant.w8a8_linear import W8A8Linear
 from kvloom.sampling_params import SamplingParams
 
 
@@ -21,13 +23,28 @@ def _macs(linear) -> int:
     return linear.in_features * linear.out_features
 
 
+def _head_bytes_at_one_row(head) -> int:
+    """The LM head's bytes a batch-1 step reads: with the grouped-GEMV copy (pack_row_groups), that copy and
+    not the [out, in] one beside it."""
+    read = _tensor_bytes(head)
+    if isinstance(head, W8A8Linear) and head.packed is not None:
+        read -= head.weight.numel() * head.weight.element_size()
+    return read
+
+
+def _embedding_row_bytes(embedding) -> int:
+    if isinstance(embedding, BlockEmbedding):
+        return embedding.row_bytes
+    return embedding.weight[0].numel() * embedding.weight.element_size()
+
+
 def weight_bytes(engine: Engine) -> tuple[int, int]:
-    """(bytes of every weight a decode step reads, multiply-accumulates per token in the decoder layers)."""
+    """(bytes of every weight a batch-1 decode step reads, multiply-accumulates per token in the decoder layers)."""
     model = engine.model
     # A decode step reads all layer weights (quantized ones as stored), the final norm, the
     # LM head, and of the embedding table one row.
-    read = (_tensor_bytes(model.layers) + _tensor_bytes(model.norm) + _tensor_bytes(model.lm_head)
-            + model.shape.hidden_size * model.embed_tokens.weight.element_size())
+    read = (_tensor_bytes(model.layers) + _tensor_bytes(model.norm) + _head_bytes_at_one_row(model.lm_head)
+            + _embedding_row_bytes(model.embed_tokens))
     layer_macs = sum(_macs(m) for layer in model.layers
                      for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                layer.mlp.down_proj))

@@ -42,7 +42,7 @@ from kvloom.kv.prefix_cache import PrefixCache, salt_bytes
 from kvloom.kv.session_store import SessionStore
 from kvloom.finetune.cotrainer import CoTrainer
 from kvloom.lora import LoraAdapter, LoraManager
-from kvloom.models.loader import load_model
+from kvloom.models.loader import load_model, materialize_deferred
 from kvloom.models.moe import has_experts
 from kvloom.models.model_source import resolve_model
 from kvloom.quant import quantize_model
@@ -122,12 +122,13 @@ class Engine:
         if asked != "auto":
             return asked
         integer_ok = self.config.dtype == "float32" and self.config.native_kernels and kernels() is not None
-        types, blocks = self.model.gguf_projection_types, bool(self.model.gguf_blocks)
+        types, blocks = self.model.gguf_projection_types, bool(self.model.gguf_deferred)
         chosen = auto_quantization(types, blocks, integer_ok)
         if chosen == "none" and auto_quantization(types, blocks, True) != "none":
             log.warning("quantization auto: %s runs as stored in float (its integer kernels need float32 and the "
                         "native kernels)", self.source.name)
         if chosen != "gguf":
+            materialize_deferred(self.model)     # the float path needs the 4-bit projections dequantised
             self.model.gguf_blocks = {}
         return chosen
 

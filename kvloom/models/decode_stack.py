@@ -39,7 +39,7 @@ def _linear_parts(linear: nn.Module) -> list[torch.Tensor | None] | None:
 def build_decode_stack(model: LlamaForCausalLM, kv) -> tuple[object | None, str | None]:
     """(the stack, None), or (None, why it does not apply)."""
     native = kernels()
-    weight = model.embed_tokens.weight
+    weight = model.norm.weight   # the model's float type
     if native is None:
         return None, "native kernels are off"
     if not isinstance(kv, (FloatKVCache, Int8KVCache)):

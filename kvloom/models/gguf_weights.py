@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ _PLUS_ONE_NORM_ARCHS = {"gemma3"}
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _SKIPPED = {"rope_freqs"}  # RoPE scaling factors: the config carries them
 _PERMUTED_ARCHS = {"llama"}
-_PROJECTIONS = tuple(f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+_FLOAT_TYPES = {"F32", "F16", "BF16"}
+EMBEDDING = "model.embed_tokens.weight"
+PROJECTION_SUFFIXES = tuple(f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"))
 
 
@@ -50,7 +53,7 @@ def open_gguf(path: str) -> GGUFReader:
 def projection_types(reader: GGUFReader) -> set[str]:
     """The tensor types of the decoder layers' projection weights (Q4_1, Q8_0, F16, ...)."""
     arch = gguf_architecture(reader)
-    return {t.tensor_type.name for t in reader.tensors if (hf_name(t.name, arch) or "").endswith(_PROJECTIONS)}
+    return {t.tensor_type.name for t in reader.tensors if (hf_name(t.name, arch) or "").endswith(PROJECTION_SUFFIXES)}
 
 
 def gguf_architecture(reader: GGUFReader) -> str:
@@ -92,11 +95,26 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def block_projection_names(reader: GGUFReader) -> set[str]:
+    """HF names of the decoder layers' projection weights stored in 4-bit blocks (q4_linear.GGUF_TYPES)."""
+    arch = gguf_architecture(reader)
+    return {name for t in reader.tensors if t.tensor_type.name in GGUF_TYPES
+            and (name := hf_name(t.name, arch) or "").endswith(PROJECTION_SUFFIXES)}
+
+
+def _raw_rows(t, heads: int, permute: bool) -> np.ndarray:
+    """A tensor's rows of raw block bytes [out, bytes a row] uint8, in Hugging Face row order."""
+    raw = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))
+    return (_unpermute(raw, heads) if permute and heads else raw).numpy()
+
+
 def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int,
-                      raw_blocks: dict[str, tuple[np.ndarray, str]] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, fp32 tensor) for every tensor. With raw_blocks, the decoder layers' 4-bit
-    projection weights (types in q4_linear.GGUF_TYPES) are also kept there as the file has them: name -> (rows of
-    raw block bytes [out, bytes] uint8, type name), for kvloom/quant/q4_linear.py."""
+                      raw_blocks: dict[str, tuple[np.ndarray, str]] | None = None,
+                      blocks_only: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, fp32 tensor) for every tensor. The tensors named in blocks_only are kept in
+    raw_blocks as the file has them (name -> (rows of raw block bytes [out, bytes] uint8, type name), for
+    kvloom/quant/q4_linear.py), never dequantised: they are yielded as their shape alone. A quantized
+    embedding table is kept there too (for kvloom/quant/block_embedding.py), and yielded dequantised."""
     arch = gguf_architecture(reader)
     permute = arch in _PERMUTED_ARCHS
     path = getattr(reader.data, "filename", None) or "GGUF file"  # the reader's memmap knows its file
@@ -104,20 +122,27 @@ def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int,
         name = _model_name(t, path, arch)
         if name is None:
             continue
+        heads = num_heads if name.endswith("q_proj.weight") else num_kv_heads if name.endswith("k_proj.weight") else 0
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))   # ggml lists dimensions fastest first
+        if permute and heads and (len(shape) == 0 or shape[0] % (2 * heads)):
+            raise WeightsError(f"{path}: GGUF tensor {t.name} has shape {shape}, not rows for "
+                               f"{heads} heads; the file does not match the config")
+        if name in blocks_only:
+            raw_blocks[name] = (_raw_rows(t, heads, permute), t.tensor_type.name)
+            yield name, SimpleNamespace(shape=shape)
+            continue
         try:
             arr = dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise WeightsError(f"{path}: cannot dequantise GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from e
-        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
-        heads = num_heads if name.endswith("q_proj.weight") else num_kv_heads if name.endswith("k_proj.weight") else 0
-        if permute and heads and (w.ndim == 0 or w.shape[0] % (2 * heads)):
-            raise WeightsError(f"{path}: GGUF tensor {t.name} has shape {tuple(w.shape)}, not rows for "
-                               f"{heads} heads; the file does not match the config")
+        # Float tensors come back as views of the file's memory map: those are copied. A dequantised one is
+        # already a new array (of the Q8_0 embedding, 1 GB at Llama-3.2-1B): no second copy of it.
+        fresh = t.tensor_type.name not in _FLOAT_TYPES and arr.dtype == np.float32 and arr.flags.writeable
+        w = torch.from_numpy(arr if fresh else np.array(arr, dtype=np.float32, copy=True))
         if permute and heads:
             w = _unpermute(w, heads)
         if arch in _PLUS_ONE_NORM_ARCHS and name.endswith("norm.weight"):
             w = w - 1
-        if raw_blocks is not None and t.tensor_type.name in GGUF_TYPES and name.endswith(_PROJECTIONS):
-            raw = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))     # [out, bytes a row]
-            raw_blocks[name] = ((_unpermute(raw, heads) if permute and heads else raw).numpy(), t.tensor_type.name)
+        if raw_blocks is not None and name == EMBEDDING and t.tensor_type.name not in _FLOAT_TYPES:
+            raw_blocks[name] = (_raw_rows(t, 0, False), t.tensor_type.name)
         yield name, w

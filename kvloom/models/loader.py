@@ -7,12 +7,15 @@ import sys
 from types import SimpleNamespace
 
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 from tqdm import tqdm
 from transformers import AutoConfig
 
 from kvloom.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from kvloom.models.gguf_metadata_cache import converted_dir
-from kvloom.models.gguf_weights import gguf_shapes, iter_gguf_weights, open_gguf, projection_types
+from kvloom.models.gguf_weights import (PROJECTION_SUFFIXES, block_projection_names,
+                                        gguf_shapes, iter_gguf_weights, open_gguf, projection_types)
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.model_source import ModelSource
 from kvloom.models.moe import MoeForCausalLM
@@ -53,7 +56,10 @@ def load_hf_config(source: ModelSource):
 def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | None = None,
                keep_gguf_blocks: bool = False) -> tuple[LlamaForCausalLM, object]:
     """Returns (model in eval mode with all weights loaded, its transformers config). keep_gguf_blocks: a
-    GGUF's 4-bit projection blocks stay on model.gguf_blocks (name -> (raw rows, type)) for the 4-bit path."""
+    GGUF's 4-bit projection blocks stay on model.gguf_blocks (name -> (raw rows, type)) for the 4-bit path,
+    and so does a quantized embedding table. A projection whose every part is in 4-bit blocks is then
+    never dequantised: its float weight stays on the meta device (model.gguf_deferred lists them) until
+    the 4-bit path replaces it, or materialize_deferred() makes it if another path is chosen."""
     where = source.gguf_path or source.directory  # errors name the file
     # The GGUF's header is checked (open_gguf) before transformers parses its metadata for the config.
     reader = open_gguf(source.gguf_path) if source.gguf_file else None
@@ -81,20 +87,65 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | Non
         model = cls(shape, None)
     _load_weights(model, ((name, SimpleNamespace(shape=s)) for name, s in file_shapes), where)  # shapes only
     model.build_rope(hf_config, max_positions)
-    model.to_empty(device="cpu")
+    keep = keep_gguf_blocks and reader is not None
+    deferred = _deferred_projections(model, block_projection_names(reader)) if keep else {}
+    _allocate_except(model, deferred)
     if shape.tie_word_embeddings:  # to_empty() gives the two names separate storage
         model.lm_head.weight = model.embed_tokens.weight
-    raw_blocks: dict | None = {} if keep_gguf_blocks and reader is not None else None
-    weights = (iter_gguf_weights(reader, shape.num_heads, shape.num_kv_heads, raw_blocks) if reader is not None
-               else iter_safetensors_weights(source.directory))
+    raw_blocks: dict | None = {} if keep else None
+    blocks_only = frozenset(name for names in deferred.values() for name in names)
+    weights = (iter_gguf_weights(reader, shape.num_heads, shape.num_kv_heads, raw_blocks, blocks_only)
+               if reader is not None else iter_safetensors_weights(source.directory))
     total = len(reader.tensors) if reader is not None else None
     bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=not sys.stderr.isatty(),
                leave=False)
     _load_weights(model, bar, where)
     model = model.to(dtype).eval().requires_grad_(False)
     model.gguf_blocks = raw_blocks or {}
+    model.gguf_deferred = deferred
     model.gguf_projection_types = projection_types(reader) if reader is not None else set()
     return model, hf_config
+
+
+def _deferred_projections(model: LlamaForCausalLM, block_names: set[str]) -> dict[str, list[str]]:
+    """Fused projection parameter -> the HF names of its parts, for those whose every part is in 4-bit blocks
+    (a part of another type, as Q4_K_M files have, needs the float weights of all parts)."""
+    parts: dict[str, list[tuple[int, str]]] = {}
+    for name in model.expected_weight_names():
+        if name.endswith(PROJECTION_SUFFIXES):
+            param, index = model.hf_to_param(name)
+            parts.setdefault(param, []).append((index or 0, name))
+    return {param: [name for _, name in sorted(named)] for param, named in parts.items()
+            if all(name in block_names for _, name in named)}
+
+
+def _allocate_except(model: LlamaForCausalLM, deferred: dict[str, list[str]]) -> None:
+    """model.to_empty() for every parameter but the deferred ones, which stay on the meta device."""
+    held = []
+    for param_name in deferred:
+        owner, _, attr = param_name.rpartition(".")
+        module = model.get_submodule(owner)
+        held.append((module, attr, module._parameters.pop(attr)))
+    model.to_empty(device="cpu")
+    for module, attr, param in held:
+        module._parameters[attr] = param
+
+
+def materialize_deferred(model: LlamaForCausalLM) -> None:
+    """Dequantise the deferred projections (load_model) into float weights, for a path other than 4-bit."""
+    for param_name, names in model.gguf_deferred.items():
+        owner, _, attr = param_name.rpartition(".")
+        module = model.get_submodule(owner)
+        meta = module._parameters[attr]
+        weight = torch.empty(meta.shape, dtype=meta.dtype)
+        offset = 0
+        for name in names:
+            raw, type_name = model.gguf_blocks[name]
+            part = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]))
+            weight[offset:offset + part.shape[0]].copy_(part)
+            offset += part.shape[0]
+        module._parameters[attr] = torch.nn.Parameter(weight, requires_grad=False)
+    model.gguf_deferred = {}
 
 
 def _load_weights(model: LlamaForCausalLM, weights, where: str) -> None:

@@ -7,7 +7,9 @@ from torch import nn
 
 from kvloom.config import QUANTIZATIONS
 from kvloom.errors import KvloomError
+from kvloom.models.gguf_weights import EMBEDDING
 from kvloom.models.moe import has_experts
+from kvloom.quant.block_embedding import BlockEmbedding
 from kvloom.quant.int4_linear import Int4Linear
 from kvloom.quant.q4_linear import Q4Linear
 from kvloom.quant.smoothing import activation_absmax, smooth
@@ -53,7 +55,8 @@ def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibrati
     quality where the layers are less sensitive. A tied embedding keeps its
     float table for lookups (only one row a token is read). gguf multiplies the
     GGUF's own 4-bit blocks (load_model(keep_gguf_blocks=True)) by int8
-    activations, the head in w8a8. For w8a8,
+    activations, the head in w8a8, and looks tokens up in the file's own
+    embedding blocks (block_embedding.py). For w8a8,
     run_calibration (one forward pass over sample text) lets SmoothQuant-style
     smoothing move activation outliers into the weights first.
     """
@@ -65,17 +68,19 @@ def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibrati
         raise KvloomError(f"quantization {scheme} does not cover mixture-of-experts weights yet; serve this "
                           "model with quantization none (the default for safetensors)")
     if scheme == "gguf":
-        blocks = getattr(model, "gguf_blocks", None)
-        if not blocks:
+        if not getattr(model, "gguf_deferred", None):
             raise KvloomError("quantization gguf multiplies a GGUF's 4-bit blocks; this model has none "
                               "(not a GGUF file, or no Q4_0/Q4_1/Q4_K projection in it)")
         for i, layer in enumerate(model.layers):
             for where, fused in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
                                  ("mlp", "down_proj")):
                 setattr(getattr(layer, where), fused, _from_gguf_blocks(model, i, where, fused, native_kernels))
-        model.gguf_blocks = {}        # repacked: the raw copies go
         model.lm_head = _quantized(model.lm_head, "w8a8", group, native_kernels)
         model.lm_head.pack_row_groups()   # its batch-1 GEMV on the grouped loop
+        table = model.gguf_blocks.get(EMBEDDING)
+        if table is not None:   # after the head: a tied head is quantized from the float table
+            model.embed_tokens = BlockEmbedding(*table, dtype=model.norm.weight.dtype)
+        model.gguf_blocks, model.gguf_deferred = {}, {}   # repacked: the raw copies go
         return model
     if scheme == "w8a8" and run_calibration is not None:
         smooth(model, activation_absmax(model, run_calibration))
