@@ -17,6 +17,7 @@ from kvloom.kernels import kernels
 from kvloom.models.loader import load_model, materialize_deferred
 from kvloom.models.model_source import default_model_path, resolve_model
 from kvloom.quant.block_embedding import BlockEmbedding
+from kvloom.quant.w8a8_linear import W8A8Linear
 from kvloom.quant.q4_linear import Q4Linear, dequantize_grouped, group_rows, repack_gguf
 from test_kernels import _isas, _module
 
@@ -189,16 +190,19 @@ def test_gguf_needs_float32_activations():
 
 
 def test_4_bit_projections_are_never_dequantised_at_load():
-    """On the 4-bit path the float projections are never made (meta until repacked); another path gets
-    them dequantised later (materialize_deferred), equal to a plain float load's bit for bit."""
+    """On the 4-bit path the float projections and embedding table are never made (meta until replaced);
+    another path gets them dequantised later (materialize_deferred), equal to a plain float load's bit for
+    bit."""
     source = resolve_model(None)
     kept, _ = load_model(source, torch.float32, keep_gguf_blocks=True)
     fused = {n for n, p in kept.named_parameters() if n.endswith(("qkv_proj.weight", "o_proj.weight",
                                                                    "gate_up_proj.weight", "down_proj.weight"))}
-    assert len(fused) == 4 * kept.shape.num_layers and set(kept.gguf_deferred) == fused
-    assert all(p.is_meta == (n in fused) for n, p in kept.named_parameters())
+    assert len(fused) == 4 * kept.shape.num_layers
+    assert set(kept.gguf_deferred) == fused | {"embed_tokens.weight"}     # the Q8_0 table too
+    assert all(p.is_meta == (n in kept.gguf_deferred) for n, p in kept.named_parameters())
     assert kept.gguf_blocks["model.embed_tokens.weight"][1] == "Q8_0"
     materialize_deferred(kept)
+    assert kept.lm_head.weight is kept.embed_tokens.weight                 # still tied
     plain, _ = load_model(source, torch.float32)
     plain_params = dict(plain.named_parameters())
     assert all(torch.equal(p, plain_params[n]) for n, p in kept.named_parameters())
@@ -224,6 +228,8 @@ def test_the_embedding_stays_in_the_files_blocks(default_llm):
     assert torch.equal(table(ids), floats[ids])
     with pytest.raises(IndexError, match="out of range"):
         table(torch.tensor([table.num_embeddings]))
+    head, ref = default_llm.engine.model.lm_head, W8A8Linear(floats, None)   # the tied head, from the blocks
+    assert torch.equal(head.weight, ref.weight) and torch.equal(head.scales, ref.scales)
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])

@@ -102,6 +102,11 @@ def block_projection_names(reader: GGUFReader) -> set[str]:
             and (name := hf_name(t.name, arch) or "").endswith(PROJECTION_SUFFIXES)}
 
 
+def embedding_in_blocks(reader: GGUFReader) -> bool:
+    """Whether the embedding table is stored quantized (Q8_0, Q6_K, ...), not as floats."""
+    return any(t.name == "token_embd.weight" and t.tensor_type.name not in _FLOAT_TYPES for t in reader.tensors)
+
+
 def _raw_rows(t, heads: int, permute: bool) -> np.ndarray:
     """A tensor's rows of raw block bytes [out, bytes a row] uint8, in Hugging Face row order."""
     raw = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))
@@ -113,8 +118,8 @@ def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int,
                       blocks_only: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, fp32 tensor) for every tensor. The tensors named in blocks_only are kept in
     raw_blocks as the file has them (name -> (rows of raw block bytes [out, bytes] uint8, type name), for
-    kvloom/quant/q4_linear.py), never dequantised: they are yielded as their shape alone. A quantized
-    embedding table is kept there too (for kvloom/quant/block_embedding.py), and yielded dequantised."""
+    kvloom/quant/q4_linear.py and block_embedding.py), never dequantised: they are yielded as their shape
+    alone."""
     arch = gguf_architecture(reader)
     permute = arch in _PERMUTED_ARCHS
     path = getattr(reader.data, "filename", None) or "GGUF file"  # the reader's memmap knows its file
@@ -143,6 +148,4 @@ def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int,
             w = _unpermute(w, heads)
         if arch in _PLUS_ONE_NORM_ARCHS and name.endswith("norm.weight"):
             w = w - 1
-        if raw_blocks is not None and name == EMBEDDING and t.tensor_type.name not in _FLOAT_TYPES:
-            raw_blocks[name] = (_raw_rows(t, 0, False), t.tensor_type.name)
         yield name, w

@@ -14,8 +14,8 @@ from transformers import AutoConfig
 
 from kvloom.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from kvloom.models.gguf_metadata_cache import converted_dir
-from kvloom.models.gguf_weights import (PROJECTION_SUFFIXES, block_projection_names,
-                                        gguf_shapes, iter_gguf_weights, open_gguf, projection_types)
+from kvloom.models.gguf_weights import (EMBEDDING, PROJECTION_SUFFIXES, block_projection_names,
+                                        embedding_in_blocks, gguf_shapes, iter_gguf_weights, open_gguf, projection_types)
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.model_source import ModelSource
 from kvloom.models.moe import MoeForCausalLM
@@ -57,9 +57,10 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | Non
                keep_gguf_blocks: bool = False) -> tuple[LlamaForCausalLM, object]:
     """Returns (model in eval mode with all weights loaded, its transformers config). keep_gguf_blocks: a
     GGUF's 4-bit projection blocks stay on model.gguf_blocks (name -> (raw rows, type)) for the 4-bit path,
-    and so does a quantized embedding table. A projection whose every part is in 4-bit blocks is then
-    never dequantised: its float weight stays on the meta device (model.gguf_deferred lists them) until
-    the 4-bit path replaces it, or materialize_deferred() makes it if another path is chosen."""
+    and so does a quantized embedding table. Those are never dequantised here: a projection whose every part
+    is in 4-bit blocks, and the table, keep their float weights on the meta device (model.gguf_deferred
+    lists them) until the 4-bit path replaces them, or materialize_deferred() makes them if another path is
+    chosen."""
     where = source.gguf_path or source.directory  # errors name the file
     # The GGUF's header is checked (open_gguf) before transformers parses its metadata for the config.
     reader = open_gguf(source.gguf_path) if source.gguf_file else None
@@ -89,6 +90,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, max_positions: int | Non
     model.build_rope(hf_config, max_positions)
     keep = keep_gguf_blocks and reader is not None
     deferred = _deferred_projections(model, block_projection_names(reader)) if keep else {}
+    if keep and embedding_in_blocks(reader):
+        deferred[model.hf_to_param(EMBEDDING)[0]] = [EMBEDDING]
     _allocate_except(model, deferred)
     if shape.tie_word_embeddings:  # to_empty() gives the two names separate storage
         model.lm_head.weight = model.embed_tokens.weight
@@ -119,32 +122,42 @@ def _deferred_projections(model: LlamaForCausalLM, block_names: set[str]) -> dic
             if all(name in block_names for _, name in named)}
 
 
+def _replace_parameter(model: LlamaForCausalLM, old: torch.nn.Parameter, new: torch.nn.Parameter | None) -> list:
+    """Every (module, attribute) holding old (a tied embedding is held by the LM head too) -> new; None
+    removes the attribute. Returns the places."""
+    places = [(m, attr) for m in model.modules() for attr, p in m._parameters.items() if p is old]
+    for module, attr in places:
+        if new is None:
+            del module._parameters[attr]
+        else:
+            module._parameters[attr] = new
+    return places
+
+
 def _allocate_except(model: LlamaForCausalLM, deferred: dict[str, list[str]]) -> None:
     """model.to_empty() for every parameter but the deferred ones, which stay on the meta device."""
     held = []
     for param_name in deferred:
-        owner, _, attr = param_name.rpartition(".")
-        module = model.get_submodule(owner)
-        held.append((module, attr, module._parameters.pop(attr)))
+        param = model.get_parameter(param_name)
+        held.append((param, _replace_parameter(model, param, None)))
     model.to_empty(device="cpu")
-    for module, attr, param in held:
-        module._parameters[attr] = param
+    for param, places in held:
+        for module, attr in places:
+            module._parameters[attr] = param
 
 
 def materialize_deferred(model: LlamaForCausalLM) -> None:
-    """Dequantise the deferred projections (load_model) into float weights, for a path other than 4-bit."""
+    """Dequantise the deferred weights (load_model) into float ones, for a path other than 4-bit."""
     for param_name, names in model.gguf_deferred.items():
-        owner, _, attr = param_name.rpartition(".")
-        module = model.get_submodule(owner)
-        meta = module._parameters[attr]
+        meta = model.get_parameter(param_name)
         weight = torch.empty(meta.shape, dtype=meta.dtype)
         offset = 0
         for name in names:
             raw, type_name = model.gguf_blocks[name]
-            part = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]))
+            part = model.convert_weight(name, torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name])))
             weight[offset:offset + part.shape[0]].copy_(part)
             offset += part.shape[0]
-        module._parameters[attr] = torch.nn.Parameter(weight, requires_grad=False)
+        _replace_parameter(model, meta, torch.nn.Parameter(weight, requires_grad=False))
     model.gguf_deferred = {}
 
 

@@ -29,13 +29,29 @@ class BlockEmbedding(nn.Module):
     def row_bytes(self) -> int:
         return self.rows.shape[1]
 
+    def _dequantized(self, rows: torch.Tensor) -> torch.Tensor:
+        values = dequantize(rows.numpy(), self.type)
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(self.dtype)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
-        values = dequantize(self.rows[ids].numpy(), self.type)
-        out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(self.dtype)
-        return out.reshape(*input_ids.shape, self.embedding_dim)
+        return self._dequantized(self.rows[ids]).reshape(*input_ids.shape, self.embedding_dim)
+
+    def float_rows(self) -> "FloatRows":
+        """The table as a float [rows, dim] that dequantises only the slice taken: a tied LM head is
+        quantized from it without the whole float table in memory."""
+        return FloatRows(self)
+
+
+class FloatRows:
+    def __init__(self, table: BlockEmbedding):
+        self.table = table
+        self.shape = (table.num_embeddings, table.embedding_dim)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.table._dequantized(self.table.rows[rows])
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, blocks={self.type.name}"

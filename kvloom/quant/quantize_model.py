@@ -75,11 +75,14 @@ def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibrati
             for where, fused in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
                                  ("mlp", "down_proj")):
                 setattr(getattr(layer, where), fused, _from_gguf_blocks(model, i, where, fused, native_kernels))
-        model.lm_head = _quantized(model.lm_head, "w8a8", group, native_kernels)
-        model.lm_head.pack_row_groups()   # its batch-1 GEMV on the grouped loop
         table = model.gguf_blocks.get(EMBEDDING)
-        if table is not None:   # after the head: a tied head is quantized from the float table
+        if table is not None:
             model.embed_tokens = BlockEmbedding(*table, dtype=model.norm.weight.dtype)
+        if model.lm_head.weight.is_meta:   # tied to the table in blocks: quantized from it a slice at a time
+            model.lm_head = W8A8Linear(model.embed_tokens.float_rows(), None, native_kernels)
+        else:
+            model.lm_head = _quantized(model.lm_head, "w8a8", group, native_kernels)
+        model.lm_head.pack_row_groups()   # its batch-1 GEMV on the grouped loop
         model.gguf_blocks, model.gguf_deferred = {}, {}   # repacked: the raw copies go
         return model
     if scheme == "w8a8" and run_calibration is not None:
