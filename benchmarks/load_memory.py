@@ -4,7 +4,8 @@
 
 For each model it builds `Engine(EngineConfig(model=M, num_threads=2))` (the defaults, as `kvloom serve M`
 would) in a new Python process and records the seconds to build it, the peak resident memory during the
-load (VmHWM), the resident memory after it (VmRSS) and the KV pool's share. With --before DIR (a checkout
+load (VmHWM) and the resident memory after it (VmRSS; the KV pool counts only where written). Each code
+checkout loads once unrecorded first (a first load may build its kernels). With --before DIR (a checkout
 of older code, e.g. `git worktree add DIR COMMIT`), the older code's loads alternate with this checkout's,
 pair by pair, so the host's drift falls on both alike.
 """
@@ -23,15 +24,12 @@ started = time.perf_counter()
 from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
 from kvloom.kernels import kernels_status
-import torch
 imported = time.perf_counter()
 engine = Engine(EngineConfig(model=sys.argv[1] or None, num_threads=2))
 built = time.perf_counter()
 status = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(("VmHWM", "VmRSS"))}
-kv = sum(t.numel() * t.element_size() for layer in engine.runner.kv.layers for t in vars(layer).values()
-         if isinstance(t, torch.Tensor))
 print(json.dumps({"import_s": imported - started, "engine_s": built - imported, "peak_mb": status["VmHWM"] / 1e3,
-                  "rss_mb": status["VmRSS"] / 1e3, "kv_pool_mb": kv / 1e6,
+                  "rss_mb": status["VmRSS"] / 1e3,
                   "quantization": engine.config.quantization, "cpu_class": kernels_status().get("isa")}))
 """
 
@@ -53,6 +51,8 @@ def main() -> None:
     here = Path(__file__).resolve().parent.parent
     codes = {"after": here, **({"before": args.before.resolve()} if args.before else {})}
     results = []
+    for code_dir in codes.values():
+        load_once((args.model or [""])[0], code_dir)   # warm-up: kernel builds, file caches
     for model in args.model or [""]:
         for run in range(args.runs):
             order = list(codes.items()) if run % 2 == 0 else list(reversed(codes.items()))

@@ -73,6 +73,23 @@ def test_scales_are_float16_where_exact():
         assert layer.scales.dtype == dtype, type_name
 
 
+def test_q4_0_stores_its_scales_alone():
+    """Q4_0's offsets are -8 x its scales: only the scales are stored (a ninth fewer bytes a weight), and
+    the kernel, making the offsets itself, gives the bits the stored offsets gave, in every ISA class."""
+    assert kernels() is not None
+    shapes = {t: Q4Linear.from_gguf_parts([(random_blocks(t, 16, 256), t)], 256, None).scales.shape[2]
+              for t in ("Q4_0", "Q4_1", "Q4_K")}
+    assert shapes == {"Q4_0": 1, "Q4_1": 2, "Q4_K": 2}
+    out_f, in_f = 37, 320
+    layer = Q4Linear.from_gguf_parts([(random_blocks("Q4_0", out_f, in_f, seed=8), "Q4_0")], in_f, None)
+    stored = torch.cat([layer.scales, layer.scales * -8], dim=2).contiguous()    # offsets written out
+    x = torch.randn(6, in_f)
+    for isa in _isas():
+        mod = _module(isa)
+        assert torch.equal(mod.q4_linear(x, layer.qs, layer.scales, out_f, None, None),
+                           mod.q4_linear(x, layer.qs, stored, out_f, None, None)), isa
+
+
 def test_gguf_quantize_round_trip_through_repack():
     """Tensors gguf itself quantizes (Q4_0, Q4_1), not only random bytes."""
     w = np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32)

@@ -37,23 +37,30 @@ struct QuantRows {
 // its low nibble and value 16 + 4 L + t in its high one; then 16 floats: the 8 rows' scales, their offsets.
 // The scales are float16 where the file's are exactly that (Q4_0, Q4_1: a quarter fewer bytes a weight to
 // read), else float32 (Q4_K's products of two scales); either way the kernel computes with the same floats.
+// Where every offset is -8 x its scale (Q4_0), only the 8 scales are stored: the kernel makes the offsets,
+// the same floats (a power-of-two product is exact), from 8 fewer entries a block to read.
 struct Q4Weights {
   const uint8_t* qs;      // [groups, nb, 128]
-  const float* scales;    // [groups, nb, 2, 8] float32, or null
+  const float* scales;    // [groups, nb, entries] float32, or null
   const uint16_t* half;   // the same as float16 bits, or null
   int64_t nb;
+  int entries;            // 16: scales then offsets; 8: scales only, offsets -8 x scale
   const uint8_t* group(int64_t g) const { return qs + g * nb * 128; }
+  float stored(int64_t i) const { return half ? c10::detail::fp16_ieee_to_fp32_value(half[i]) : scales[i]; }
   // Entry j (0-7: the rows' scales, 8-15: their offsets) of group g, block b.
   float scale(int64_t g, int64_t b, int j) const {
-    const int64_t i = (g * nb + b) * 16 + j;
-    return half ? c10::detail::fp16_ieee_to_fp32_value(half[i]) : scales[i];
+    const int64_t at = (g * nb + b) * entries;
+    if (j >= 8 && entries == 8) return -8.f * stored(at + j - 8);
+    return stored(at + j);
   }
 #if defined(__AVX2__)
   // Eight entries from `first` (0: scales, 8: offsets).
   __m256 load8(int64_t g, int64_t b, int first) const {
-    const int64_t i = (g * nb + b) * 16 + first;
-    return half ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(half + i)))
-                : _mm256_loadu_ps(scales + i);
+    const bool derived = first == 8 && entries == 8;
+    const int64_t i = (g * nb + b) * entries + (derived ? 0 : first);
+    const __m256 v = half ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(half + i)))
+                          : _mm256_loadu_ps(scales + i);
+    return derived ? _mm256_mul_ps(v, _mm256_set1_ps(-8.f)) : v;
   }
 #endif
 };
@@ -302,8 +309,8 @@ void epilogue(const float* v, const float* bias, float* y, int64_t n, bool accum
 }  // namespace
 
 // y = x @ dequant(w).T (+ bias) with x quantized per block of 32; `residual`: y is added into it (h += ...).
-// qs [ceil(N / 8), K / 32, 128] uint8 and scales [ceil(N / 8), K / 32, 2, 8] float32 or float16 in the grouped
-// layout above
+// qs [ceil(N / 8), K / 32, 128] uint8 and scales [ceil(N / 8), K / 32, 2, 8] (or [.., 1, 8]: offsets -8 x scale)
+// float32 or float16 in the grouped layout above
 // (kvloom/quant/q4_linear.py packs them); n_out = N.
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, int64_t n_out,
                         c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual) {
@@ -313,8 +320,10 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
   TORCH_CHECK(qs.scalar_type() == torch::kByte && qs.is_contiguous() && qs.numel() == groups * nb * 128,
               "qs: contiguous uint8 [ceil(N / 8), K / 32, 128]");
   const bool half = scales.scalar_type() == torch::kHalf;
+  const int entries = scales.numel() == groups * nb * 8 ? 8 : 16;
   TORCH_CHECK((half || scales.scalar_type() == torch::kFloat) && scales.is_contiguous() &&
-              scales.numel() == groups * nb * 16, "scales: contiguous float32 or float16 [ceil(N / 8), K / 32, 2, 8]");
+              scales.numel() == groups * nb * entries,
+              "scales: contiguous float32 or float16 [ceil(N / 8), K / 32, 2 or 1, 8]");
   if (bias.has_value()) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N, "bias: contiguous float [N]");
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kChar));
   auto xs = torch::empty({2, M, nb}, x.options());
@@ -326,7 +335,7 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
   });
   const QuantRows xr{qp, dp, sp, K, nb};
   const Q4Weights wr{qs.data_ptr<uint8_t>(), half ? nullptr : scales.data_ptr<float>(),
-                     half ? reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()) : nullptr, nb};
+                     half ? reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()) : nullptr, nb, entries};
   const bool accumulate = residual.has_value();
   auto y = accumulate ? *residual : torch::empty({M, N}, x.options());
   if (accumulate)

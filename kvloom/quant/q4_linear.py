@@ -84,6 +84,8 @@ def dequantize_grouped(qs: torch.Tensor, scales: torch.Tensor, out_features: int
     b = qs.reshape(groups, nb, 4, 8, 4).to(torch.int32)           # [g, block, L, row, t]
     q = torch.cat([b & 0x0F, b >> 4], dim=2)                       # [g, block, 8 (value / 4), row, t]
     q = q.permute(0, 3, 1, 2, 4).reshape(groups * 8, nb, 32).float()
+    if scales.shape[2] == 1:                                       # offsets not stored: -8 x scale (Q4_0)
+        scales = torch.cat([scales, scales.float() * -8.0], dim=2)
     sc = scales.float().permute(0, 3, 2, 1).reshape(groups * 8, 2, nb)    # [row, (d, off), block]
     w = q * sc[:, 0, :, None] + sc[:, 1, :, None]
     return w.reshape(groups * 8, nb * BLOCK)[:out_features]
@@ -100,6 +102,8 @@ class Q4Linear(nn.Module):
         self.native = native
         self.source_types = source_types
         grouped_qs, grouped_scales = group_rows(qs.numpy(), scales.float().numpy())
+        if np.array_equal(grouped_scales[:, :, 1], grouped_scales[:, :, 0] * np.float32(-8.0)):
+            grouped_scales = grouped_scales[:, :, :1].copy()   # Q4_0: the kernel makes the offsets, -8 x scale
         # float16 where that holds every scale and offset exactly (Q4_0, Q4_1 come as float16): fewer bytes
         # to read a step, the same values; Q4_K's products of two scales stay float32.
         half = grouped_scales.astype(np.float16)
