@@ -234,6 +234,15 @@ def test_auto_on_the_float_path_dequantises_the_deferred_blocks():
     assert auto.generate(PROMPTS[:2], params)[0].token_ids == none.generate(PROMPTS[:2], params)[0].token_ids
 
 
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K"])
+def test_an_embedding_in_other_block_types_reads_as_gguf_dequantises(type_name):
+    raw = random_blocks(type_name, 40, 512, seed=2)
+    table = BlockEmbedding(raw, type_name, torch.float32)
+    ids = torch.tensor([3, 0, 39, 3])
+    assert table.embedding_dim == 512
+    assert torch.equal(table(ids), torch.from_numpy(gguf_dequantized(raw, type_name, 512)[ids.numpy()]))
+
+
 def test_the_embedding_stays_in_the_files_blocks(default_llm):
     """Lookups read the GGUF's Q8_0 rows, dequantised as the float table holds them, in a quarter the bytes."""
     table = default_llm.engine.model.embed_tokens
