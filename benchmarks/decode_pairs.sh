@@ -21,4 +21,4 @@ for p in $(seq "$PAIRS"); do
   latency "$HERE" "kvloom_p$p"
   if [ -n "$BASE" ]; then latency "$BASE" "base_p$p"; fi
 done
-python "$HERE/benchmarks/decode_pairs_summary.py" "$OUT" "bash benchmarks/decode_pairs.sh $*"
+python "$HERE/benchmarks/decode_pairs_summary.py" "$OUT" "GGUF=$GGUF TOKENS=$TOKENS bash benchmarks/decode_pairs.sh $*"

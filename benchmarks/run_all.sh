@@ -69,6 +69,10 @@ serve_and_bench w8a8_s24 --quantization w8a8 --max-num-seqs 24 --max-num-batched
 serve_and_bench w8a8_s32 --quantization w8a8 --max-num-seqs 32 --max-num-batched-tokens 256
 
 run kernel_speeds python benchmarks/kernel_speeds.py
+# Start-up time and memory, the default model and a Llama-3.2-1B-shaped one (written here, random weights).
+run make_1b python benchmarks/make_1b_model.py "$OUT/model_1b_files"
+run load_memory python benchmarks/load_memory.py --model "" --model "$OUT/model_1b_files/llama1b-Q4_0.gguf" \
+    --runs 3 --out "$OUT/load_memory.json"
 run kernel_speeds_avx2 python benchmarks/kernel_speeds.py --isa avx2
 run spec_concurrency bash benchmarks/spec_concurrency.sh "$OUT/spec_concurrency" 3
 for b in 1 32; do
@@ -95,6 +99,8 @@ if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   # Issue 14's per-class tables (docs/performance.md, "Fast on every CPU class"); the avx2 class needs a
   # llama.cpp built with -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF in LLAMA_CPP_AVX2_BIN.
   run cpu_class_native bash benchmarks/cpu_class.sh native "$LLAMA_CPP_BIN" "$OUT/cpu_class/native" 2
+  GGUF="$OUT/model_1b_files/llama1b-Q4_0.gguf" TOKENS=64 run decode_pairs_1b bash benchmarks/decode_pairs.sh \
+      "$LLAMA_CPP_BIN" "$OUT/decode_pairs_1b" 4
   if [ -n "${LLAMA_CPP_AVX2_BIN:-}" ]; then
     run cpu_class_avx2 bash benchmarks/cpu_class.sh avx2 "$LLAMA_CPP_AVX2_BIN" "$OUT/cpu_class/avx2" 2
   fi

@@ -1,4 +1,5 @@
-"""Where a steady-state decode step's milliseconds go, by module: `python benchmarks/step_phases.py Q BATCH [modules]`.
+"""Where a steady-state decode step's milliseconds go, by module:
+`python benchmarks/step_phases.py Q BATCH [modules|stack] [MODEL]` (MODEL: default the built-in).
 
 Wraps the scheduler, the runner's input building, the model and each layer's
 parts with timers (sums over the 30 layers), fills a batch of 100-token
@@ -16,8 +17,8 @@ from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
 
 
-def main(quantization: str, batch: int, steps: int = 20, stack: bool = True) -> None:
-    engine = Engine(EngineConfig(quantization=quantization, num_threads=2))
+def main(quantization: str, batch: int, steps: int = 20, stack: bool = True, model: str | None = None) -> None:
+    engine = Engine(EngineConfig(model=model, quantization=quantization, num_threads=2))
     if not stack:
         engine.runner.decode_stack = None
     for p in prompts_of_length(engine.tokenizer, [100] * batch):
@@ -64,4 +65,5 @@ class _TimedStack:
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "w8a8", int(sys.argv[2]) if len(sys.argv) > 2 else 1,
-         stack=(sys.argv[3] if len(sys.argv) > 3 else "stack") != "modules")
+         stack=(sys.argv[3] if len(sys.argv) > 3 else "stack") != "modules",
+         model=sys.argv[4] if len(sys.argv) > 4 else None)
