@@ -73,7 +73,15 @@ def inference_paths(engine) -> dict:
     """Which native paths run (kernels, ISA class, attention backends, linear kernels) and, for each off, why."""
     kernels = kernels_status(native_kernels=engine.config.native_kernels)
     linears = sorted({_linear_path(m) for m in engine.model.modules() if _linear_path(m) is not None})
-    return {"kernels": kernels, **engine.runner.describe_backends(), "linear_kernels": linears}
+    return {"kernels": kernels, **engine.runner.describe_backends(), "linear_kernels": linears,
+            "embedding": _embedding_path(engine.model.embed_tokens)}
+
+
+def _embedding_path(table) -> str:
+    from kvloom.quant.block_embedding import BlockEmbedding
+    if isinstance(table, BlockEmbedding):
+        return f"{table.type.name} blocks as the file stores them, rows dequantised per lookup"
+    return f"{str(table.weight.dtype).removeprefix('torch.')} table"
 
 
 def _linear_path(module) -> str | None:

@@ -183,6 +183,7 @@ def test_auto_runs_a_gguf_on_its_own_4_bit_blocks(default_llm, tiny_model_dir):
     assert engine.runner.decode_stack is not None
     from kvloom.system_info import inference_paths
     assert any(p.startswith("Q4_1 blocks x int8") for p in inference_paths(engine)["linear_kernels"])
+    assert inference_paths(engine)["embedding"].startswith("Q8_0 blocks")
     assert LLM(tiny_model_dir("llama")).engine.config.quantization == "none"      # safetensors: float
 
 
