@@ -15,7 +15,8 @@ from transformers import AutoConfig
 from kvloom.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 from kvloom.models.gguf_metadata_cache import converted_dir
 from kvloom.models.gguf_weights import (EMBEDDING, PROJECTION_SUFFIXES, block_projection_names,
-                                        embedding_in_blocks, gguf_shapes, iter_gguf_weights, open_gguf, projection_types)
+                                        embedding_in_blocks, gguf_shapes, iter_gguf_weights, open_gguf,
+                                        projection_types)
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.model_source import ModelSource
 from kvloom.models.moe import MoeForCausalLM
