@@ -248,6 +248,7 @@ def test_the_embedding_stays_in_the_files_blocks(default_llm):
     """Lookups read the GGUF's Q8_0 rows, dequantised as the float table holds them, in a quarter the bytes."""
     table = default_llm.engine.model.embed_tokens
     assert isinstance(table, BlockEmbedding) and table.type.name == "Q8_0"
+    assert "blocks=Q8_0" in repr(table)
     plain, _ = load_model(resolve_model(None), torch.float32)
     floats = plain.embed_tokens.weight
     assert table.row_bytes * 3 < floats[0].numel() * floats.element_size()

@@ -42,6 +42,7 @@ from kvloom.kv.prefix_cache import PrefixCache, salt_bytes
 from kvloom.kv.session_store import SessionStore
 from kvloom.finetune.cotrainer import CoTrainer
 from kvloom.lora import LoraAdapter, LoraManager
+from kvloom.models.gguf_weights import FLOAT_TYPES
 from kvloom.models.loader import load_model, materialize_deferred
 from kvloom.models.moe import has_experts
 from kvloom.models.model_source import resolve_model
@@ -57,13 +58,12 @@ from kvloom.structured.matcher import RequestMatcher
 from kvloom.system_info import inference_paths
 from kvloom.tokenizer import Tokenizer
 
-_FLOAT_GGUF_TYPES = {"F32", "F16", "BF16"}
 log = logging.getLogger(__name__)
 
 
 def auto_quantization(projection_types: set[str], has_4bit_blocks: bool, integer_kernels: bool) -> str:
     """What quantization "auto" runs, from a GGUF's projection weight types (empty for safetensors)."""
-    if not integer_kernels or not projection_types - _FLOAT_GGUF_TYPES:
+    if not integer_kernels or not projection_types - FLOAT_TYPES:
         return "none"
     return "gguf" if has_4bit_blocks else "w8a8"
 

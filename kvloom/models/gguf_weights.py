@@ -36,10 +36,10 @@ _PLUS_ONE_NORM_ARCHS = {"gemma3"}
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _SKIPPED = {"rope_freqs"}  # RoPE scaling factors: the config carries them
 _PERMUTED_ARCHS = {"llama"}
-_FLOAT_TYPES = {"F32", "F16", "BF16"}
+FLOAT_TYPES = {"F32", "F16", "BF16"}   # tensor types stored as floats, not blocks
 EMBEDDING = "model.embed_tokens.weight"
-PROJECTION_SUFFIXES = tuple(f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj"))
+PROJECTION_SUFFIXES = tuple(f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                    "up_proj", "down_proj"))
 
 
 def open_gguf(path: str) -> GGUFReader:
@@ -53,7 +53,8 @@ def open_gguf(path: str) -> GGUFReader:
 def projection_types(reader: GGUFReader) -> set[str]:
     """The tensor types of the decoder layers' projection weights (Q4_1, Q8_0, F16, ...)."""
     arch = gguf_architecture(reader)
-    return {t.tensor_type.name for t in reader.tensors if (hf_name(t.name, arch) or "").endswith(PROJECTION_SUFFIXES)}
+    return {t.tensor_type.name for t in reader.tensors
+            if (hf_name(t.name, arch) or "").endswith(PROJECTION_SUFFIXES)}
 
 
 def gguf_architecture(reader: GGUFReader) -> str:
@@ -104,7 +105,7 @@ def block_projection_names(reader: GGUFReader) -> set[str]:
 
 def embedding_in_blocks(reader: GGUFReader) -> bool:
     """Whether the embedding table is stored quantized (Q8_0, Q6_K, ...), not as floats."""
-    return any(t.name == "token_embd.weight" and t.tensor_type.name not in _FLOAT_TYPES for t in reader.tensors)
+    return any(t.name == "token_embd.weight" and t.tensor_type.name not in FLOAT_TYPES for t in reader.tensors)
 
 
 def _raw_rows(t, heads: int, permute: bool) -> np.ndarray:
@@ -142,7 +143,7 @@ def iter_gguf_weights(reader: GGUFReader, num_heads: int, num_kv_heads: int,
             raise WeightsError(f"{path}: cannot dequantise GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from e
         # Float tensors come back as views of the file's memory map: those are copied. A dequantised one is
         # already a new array (of the Q8_0 embedding, 1 GB at Llama-3.2-1B): no second copy of it.
-        fresh = t.tensor_type.name not in _FLOAT_TYPES and arr.dtype == np.float32 and arr.flags.writeable
+        fresh = t.tensor_type.name not in FLOAT_TYPES and arr.dtype == np.float32 and arr.flags.writeable
         w = torch.from_numpy(arr if fresh else np.array(arr, dtype=np.float32, copy=True))
         if permute and heads:
             w = _unpermute(w, heads)

@@ -19,9 +19,9 @@ class BlockEmbedding(nn.Module):
     def __init__(self, rows: np.ndarray, type_name: str, dtype: torch.dtype):
         super().__init__()
         self.type = GGMLQuantizationType[type_name]
-        values, nbytes = GGML_QUANT_SIZES[self.type]
+        values, self.block_bytes = GGML_QUANT_SIZES[self.type]
         self.num_embeddings = rows.shape[0]
-        self.embedding_dim = rows.shape[1] // nbytes * values
+        self.embedding_dim = rows.shape[1] // self.block_bytes * values
         self.dtype = dtype
         self.register_buffer("rows", torch.from_numpy(np.ascontiguousarray(rows, dtype=np.uint8)), persistent=False)
 
@@ -31,7 +31,7 @@ class BlockEmbedding(nn.Module):
 
     def _dequantized(self, rows: torch.Tensor) -> torch.Tensor:
         if self.type == GGMLQuantizationType.Q8_0:   # every decode step looks up: a few torch ops, not gguf's numpy
-            blocks = rows.reshape(rows.shape[0], -1, 34)
+            blocks = rows.reshape(rows.shape[0], -1, self.block_bytes)   # a float16 scale, 32 int8
             scale = blocks[..., :2].contiguous().view(torch.float16).float()
             values = (blocks[..., 2:].contiguous().view(torch.int8).float() * scale).reshape(rows.shape[0], -1)
         else:
@@ -49,6 +49,9 @@ class BlockEmbedding(nn.Module):
         quantized from it without the whole float table in memory."""
         return FloatRows(self)
 
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, blocks={self.type.name}"
+
 
 class FloatRows:
     def __init__(self, table: BlockEmbedding):
@@ -57,6 +60,3 @@ class FloatRows:
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         return self.table._dequantized(self.table.rows[rows])
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, blocks={self.type.name}"
