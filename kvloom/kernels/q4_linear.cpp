@@ -108,8 +108,13 @@ void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, f
   const int64_t nb = x.nb;
   const uint8_t* q = w.group(g);
   const __m256i low = _mm256_set1_epi8(0x0F);
-  __m256 acc[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  // The offsets' sums are a chain of dependent multiply-adds per row. With few rows they ride along in the
+  // block loop; with more there are no registers left, and they run after it, rows interleaved, so that the
+  // chains overlap (one row after another they were a fifth of the tile's time). Either way each row sums
+  // its offsets in block order: the same floats.
+  constexpr bool kOffsetsInLoop = MR <= 2;
+  __m256 acc[MR], offs[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = offs[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m256i dot[MR];
     for (int i = 0; i < MR; ++i) dot[i] = _mm256_setzero_si256();
@@ -140,12 +145,19 @@ void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, f
       const __m256 s = _mm256_mul_ps(d, _mm256_set1_ps(x.d[(m0 + i) * nb + b]));
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, acc[i]);
     }
+    if (kOffsetsInLoop) {
+      const __m256 off = w.load8(g, b, 8);
+      for (int i = 0; i < MR; ++i) offs[i] = _mm256_fmadd_ps(off, _mm256_set1_ps(x.dsum[(m0 + i) * nb + b]), offs[i]);
+    }
+  }
+  if (!kOffsetsInLoop) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256 off = w.load8(g, b, 8);
+      for (int i = 0; i < MR; ++i) offs[i] = _mm256_fmadd_ps(off, _mm256_set1_ps(x.dsum[(m0 + i) * nb + b]), offs[i]);
+    }
   }
   for (int i = 0; i < MR; ++i) {
-    __m256 offs = _mm256_setzero_ps();
-    const float* ds = x.dsum + (m0 + i) * nb;
-    for (int64_t b = 0; b < nb; ++b) offs = _mm256_fmadd_ps(w.load8(g, b, 8), _mm256_set1_ps(ds[b]), offs);
-    const __m256 y = _mm256_add_ps(acc[i], offs);
+    const __m256 y = _mm256_add_ps(acc[i], offs[i]);
     if (valid == 8) {
       _mm256_storeu_ps(out + i * ldo, y);
     } else {
@@ -169,8 +181,8 @@ void group_pair_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t
   const int64_t nb = x.nb;
   const uint8_t *q0 = w.group(g), *q1 = w.group(g + 1);
   const __m512i low = _mm512_set1_epi8(0x0F);
-  __m512 acc[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  __m512 acc[MR], offs[MR];   // 32 registers: the offsets' sums ride along in the block loop
+  for (int i = 0; i < MR; ++i) acc[i] = offs[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512i dot[MR];
     for (int i = 0; i < MR; ++i) dot[i] = _mm512_setzero_si512();
@@ -203,15 +215,11 @@ void group_pair_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t
       const __m512 sc = _mm512_mul_ps(d, _mm512_set1_ps(x.d[(m0 + i) * nb + b]));
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[i]);
     }
+    const __m512 off = _mm512_insertf32x8(_mm512_castps256_ps512(w.load8(g, b, 8)), w.load8(g + 1, b, 8), 1);
+    for (int i = 0; i < MR; ++i) offs[i] = _mm512_fmadd_ps(off, _mm512_set1_ps(x.dsum[(m0 + i) * nb + b]), offs[i]);
   }
   for (int i = 0; i < MR; ++i) {
-    __m512 offs = _mm512_setzero_ps();
-    const float* ds = x.dsum + (m0 + i) * nb;
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m512 off = _mm512_insertf32x8(_mm512_castps256_ps512(w.load8(g, b, 8)), w.load8(g + 1, b, 8), 1);
-      offs = _mm512_fmadd_ps(off, _mm512_set1_ps(ds[b]), offs);
-    }
-    const __m512 y = _mm512_add_ps(acc[i], offs);
+    const __m512 y = _mm512_add_ps(acc[i], offs[i]);
     if (valid == 16) {
       _mm512_storeu_ps(out + i * ldo, y);
     } else {
