@@ -45,6 +45,7 @@ def engine_description(engine) -> dict:
     shape = engine.model.shape
     return {
         **stack_description(),
+        "torch_threads": engine.compute_threads,
         "inference_paths": inference_paths(engine),
         "model": engine.source.name,
         "parameters": engine.model.num_parameters(),

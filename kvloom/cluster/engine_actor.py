@@ -18,6 +18,7 @@ import torch
 from kvloom.cluster.load import LoadReport, load_report
 from kvloom.cluster.wire import from_wire, to_wire
 from kvloom.config import EngineConfig
+from kvloom.engine.openmp_pool import leave_compute_to_engine_thread
 from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.snapshot import RequestSnapshot
 from kvloom.sampling_params import SamplingParams
@@ -334,9 +335,18 @@ def _unwired(snap: RequestSnapshot) -> RequestSnapshot:
     return dataclasses.replace(snap, kv=dataclasses.replace(snap.kv, tensors=from_wire(snap.kv.tensors)))
 
 
+class _ActorWorker(EngineWorker):
+    """EngineWorker with a process of its own: the thread Ray calls it on built the engine, and leaves the
+    compute to the step thread (engine/openmp_pool.py)."""
+
+    def __init__(self, config: EngineConfig, instance_id: int = 0, idle_wait: float = 0.05):
+        super().__init__(config, instance_id, idle_wait)
+        leave_compute_to_engine_thread()
+
+
 def engine_actor_class(num_cpus: float = 1, max_restarts: int = -1):
     """EngineWorker as a Ray actor class, taking num_cpus of the cluster's CPUs. Ray restarts a dead one
     (max_restarts, -1: always) with a fresh engine; calls in flight when it died fail (no retries): the
     front resumes their requests elsewhere."""
     import ray
-    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)(EngineWorker)
+    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)(_ActorWorker)

@@ -75,6 +75,9 @@ class Engine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        # The step's threads: what every thread that starts computing gets (a server's event loop, which
+        # hands its compute to the engine's thread, later runs on one: engine/openmp_pool.py).
+        self.compute_threads = torch.get_num_threads()
         self._load()
         self._size_kv_pool()
         self._build_scheduler_and_runner()

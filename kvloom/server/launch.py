@@ -8,6 +8,7 @@ import uvicorn
 
 from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
+from kvloom.engine.openmp_pool import leave_compute_to_engine_thread
 from kvloom.errors import KvloomError
 from kvloom.server.app import ServerSettings, build_app
 from kvloom.server.async_engine import AsyncEngine
@@ -55,6 +56,9 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
     log.info("limits: %s", ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(limits).items()))
     log.info("serving %s at http://%s:%d/v1%s", name, host, port,
              f" ({len(settings.api_keys)} API key(s) required)" if settings.api_keys else "")
+    if not cluster.enabled and leave_compute_to_engine_thread():
+        log.info("OpenMP: the event loop's workers released; the engine thread computes on %d threads",
+                 engine.compute_threads)
     # uvicorn stops accepting on SIGTERM/SIGINT, lets open requests finish within the grace period,
     # then runs the lifespan shutdown, which stops the engine thread.
     _CleanExitServer(uvicorn.Config(app, host=host, port=port, log_level="info",
