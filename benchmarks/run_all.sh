@@ -74,6 +74,10 @@ run make_1b python benchmarks/make_1b_model.py "$OUT/model_1b_files"
 run load_memory python benchmarks/load_memory.py --model "" --model "$OUT/model_1b_files/llama1b-Q4_0.gguf" \
     --runs 3 --out "$OUT/load_memory.json"
 run kernel_speeds_avx2 python benchmarks/kernel_speeds.py --isa avx2
+# The serving burst with its compute threads' context switches (docs/results/serving_threads/: this tree's side).
+for isa in native avx2; do
+  run "serving_threads_$isa" python benchmarks/serving_threads.py "$OUT/serving_threads_$isa.json" --isa "$isa"
+done
 run spec_concurrency bash benchmarks/spec_concurrency.sh "$OUT/spec_concurrency" 3
 for b in 1 32; do
   run "phases_${b}_modules" python benchmarks/step_phases.py w8a8 "$b" modules
