@@ -1,10 +1,12 @@
 """One 48-request burst against a fresh `kvloom serve` (defaults), with how often its threads slept:
-`python benchmarks/serving_threads.py OUT.json [--isa avx2] [--sampled]`.
+`python benchmarks/serving_threads.py OUT.json [--isa avx2] [--sampled] [--models N]`.
 
 Each thread's voluntary context switches over the burst (from /proc) show whether the engine's compute
 threads spin at OpenMP barriers (a few hundred) or sleep and wake at each of them (tens of thousands,
 kvloom/engine/openmp_pool.py). The serving figures are `kvloom bench serve`'s, whose own JSON is kept
-beside OUT. To compare two trees, run this once from each in turn (PYTHONPATH=TREE).
+beside OUT. To compare two trees, run this once from each in turn (PYTHONPATH=TREE). --models N serves the
+default model under N names, one loaded at a time (`--model mI=PATH ... --max-loaded-models 1`): the burst
+goes to the first, which loads on the warm-up request.
 """
 import argparse
 import json
@@ -54,12 +56,15 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--isa", choices=["native", "avx2"], default="native")
     p.add_argument("--sampled", action="store_true", help="temperature 0.7, top-p 0.95")
+    p.add_argument("--models", type=int, default=1, help="names the model is served under (2+: the multi-model server)")
     p.add_argument("--port", type=int, default=8139)
     args = p.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(AVX2_CAP if args.isa == "avx2" else {})}
     model, url = default_model_path(), f"http://127.0.0.1:{args.port}"
     log = open(args.out + ".server.log", "w")
-    server = subprocess.Popen(["kvloom", "serve", model, "--port", str(args.port)], env=env, stdout=log,
+    served = [model] if args.models == 1 else \
+        [a for i in range(args.models) for a in ("--model", f"m{i}={model}")] + ["--max-loaded-models", "1"]
+    server = subprocess.Popen(["kvloom", "serve", *served, "--port", str(args.port)], env=env, stdout=log,
                               stderr=subprocess.STDOUT)
     try:
         wait_healthy(url, server)
@@ -72,6 +77,8 @@ def main() -> None:
             subprocess.run(cmd, env=env, check=True, stdout=client_log, stderr=subprocess.STDOUT)
         after = thread_stats(server.pid)
         info = json.load(urllib.request.urlopen(url + "/server_info"))
+        if args.models > 1:   # the multi-model front: each loaded model's description
+            info = info["loaded"]["m0"]
     finally:
         server.terminate()
         server.wait()

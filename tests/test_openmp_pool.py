@@ -59,6 +59,37 @@ def test_the_building_thread_releases_its_workers_and_the_engine_thread_keeps_it
     assert r["same"]                                            # the same values on 1 and 2 threads
 
 
+RELEASE_ONLY = textwrap.dedent("""
+    import json, os
+    import torch
+    from kvloom.engine.openmp_pool import release_openmp_workers
+
+    torch.set_num_threads(2)
+    big = torch.randn(4_000_000)
+    count = lambda: len(os.listdir("/proc/self/task"))
+    first = big * 1.5 + 0.25
+    with_pool = count()
+    released = release_openmp_workers()
+    after_release = count()
+    again = big * 1.5 + 0.25     # a model loader's next load: its full thread count, a new pool
+    print(json.dumps({"released": released, "with_pool": with_pool, "after_release": after_release,
+                      "after_work": count(), "threads": torch.get_num_threads(), "same": torch.equal(first, again)}))
+""")
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a pool of workers needs two CPUs")
+def test_a_loader_thread_releases_its_workers_and_keeps_its_thread_count():
+    out = subprocess.run([sys.executable, "-c", RELEASE_ONLY], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["released"] is True
+    assert r["after_release"] == r["with_pool"] - 1
+    assert r["after_work"] == r["with_pool"]
+    assert r["threads"] == 2
+    assert r["same"]
+
+
 def test_server_info_reports_the_engine_threads_not_the_event_loops(tiny_model_dir):
     import torch
 

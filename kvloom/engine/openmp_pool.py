@@ -26,6 +26,19 @@ def _libgomp() -> ctypes.CDLL | None:
         return None
 
 
+def release_openmp_workers() -> bool:
+    """Release this thread's OpenMP workers (its next parallel region makes new ones). Returns whether there
+    was a libgomp that could."""
+    gomp = _libgomp()
+    if gomp is None or not hasattr(gomp, "omp_pause_resource_all"):   # OpenMP 5.0: libgomp from GCC 9
+        log.info("OpenMP: no libgomp that can release its threads here; the thread pools are left as they are")
+        return False
+    if gomp.omp_pause_resource_all(OMP_PAUSE_HARD) != 0:
+        log.warning("OpenMP: this thread's workers could not be released (called inside a parallel region?)")
+        return False
+    return True
+
+
 def leave_compute_to_engine_thread() -> bool:
     """Release this thread's OpenMP workers and run its own parallel regions (ATen's and the native
     kernels') on one thread from now on. (MKL keeps its own thread count: its few ops would make a pool.)
@@ -33,12 +46,7 @@ def leave_compute_to_engine_thread() -> bool:
     Called on the thread that built the engine (a server's event loop, an actor's call thread) once the
     engine steps on its own thread: this thread should do no heavy compute any more, and a pool it built
     again would throttle the engine's. Returns whether there was a libgomp to tell."""
-    gomp = _libgomp()
-    if gomp is None:
-        log.info("OpenMP: no libgomp in the process; the thread pools are left as they are")
+    if not release_openmp_workers():
         return False
-    if gomp.omp_pause_resource_all(OMP_PAUSE_HARD) != 0:
-        log.warning("OpenMP: this thread's workers could not be released (called inside a parallel region?)")
-        return False
-    gomp.omp_set_num_threads(1)
+    _libgomp().omp_set_num_threads(1)
     return True

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import Metric
 
 from kvloom.config import EngineConfig
+from kvloom.engine.openmp_pool import release_openmp_workers
 from kvloom.errors import InvalidRequestError, NotFoundError
 from kvloom.router.routes import AUTO, BanditRoute, CascadeRoute, RouteSpec, build_routes
 from kvloom.router.cascade import TOP_FOR_ENTROPY
@@ -75,6 +76,10 @@ def model_loader(configs: dict[str, EngineConfig], max_waiting_requests: int = 2
         except BaseException:
             async_engine.shutdown()      # actors that did start are not left running
             raise
+        if not cluster.enabled:
+            # The loader thread's pool would throttle the engine thread's (engine/openmp_pool.py); it may load
+            # another model later, at its full thread count, so it keeps its own.
+            release_openmp_workers()
         return LoadedModel(app, async_engine, metrics)
     return load
 
