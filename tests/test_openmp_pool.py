@@ -45,12 +45,17 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a pool of workers needs two CPUs")
-def test_the_building_thread_releases_its_workers_and_the_engine_thread_keeps_its_own():
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120,
+def run_child(script: str) -> dict:
+    """The script's result: the JSON on its last line (a fresh process, two OpenMP threads)."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a pool of workers needs two CPUs")
+def test_the_building_thread_releases_its_workers_and_the_engine_thread_keeps_its_own():
+    r = run_child(CHILD)
     assert r["released"] is True
     assert r["after_release"] == r["with_both_pools"] - 1      # the main thread's one worker is gone
     assert r["after_main_work"] == r["after_release"]          # and its later work builds no new pool
@@ -79,10 +84,7 @@ RELEASE_ONLY = textwrap.dedent("""
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a pool of workers needs two CPUs")
 def test_a_loader_thread_releases_its_workers_and_keeps_its_thread_count():
-    out = subprocess.run([sys.executable, "-c", RELEASE_ONLY], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_child(RELEASE_ONLY)
     assert r["released"] is True
     assert r["after_release"] == r["with_pool"] - 1
     assert r["after_work"] == r["with_pool"]
