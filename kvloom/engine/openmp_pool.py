@@ -3,9 +3,9 @@
 libgomp keeps a pool of worker threads for every thread that has run a parallel region, and counts them
 all. Once they outnumber the CPUs it stops spinning at its barriers (about 100 spins, then a futex
 sleep), so every parallel region of every step pays thread wake-ups. A server builds the model on its
-main thread (whose pool stays behind) and then steps the engine on another: on 2 cores its decode steps
-ran ~40% slower than the same steps offline, each compute thread switching context ~60k times in a
-14 s burst against ~150 offline (benchmarks/serving_threads.sh).
+main thread (whose pool stays behind) and then steps the engine on another: on 2 cores each of its two
+compute threads slept and woke 55-64k times in a 48-request burst, and the burst ran 1.15-1.95x faster
+once the main thread's pool was gone (benchmarks/serving_threads.py, docs/results/serving_threads/).
 """
 from __future__ import annotations
 

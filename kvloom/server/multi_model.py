@@ -77,8 +77,8 @@ def model_loader(configs: dict[str, EngineConfig], max_waiting_requests: int = 2
             async_engine.shutdown()      # actors that did start are not left running
             raise
         if not cluster.enabled:
-            # The loader thread's pool would throttle the engine thread's (engine/openmp_pool.py); it may load
-            # another model later, at its full thread count, so it keeps its own.
+            # The loader thread's pool would throttle the engine thread's (engine/openmp_pool.py). It may load
+            # another model later, so it keeps its thread count and builds a pool again for that load.
             release_openmp_workers()
         return LoadedModel(app, async_engine, metrics)
     return load
