@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 CHILD = textwrap.dedent("""
     import json, os, threading
@@ -46,14 +45,14 @@ CHILD = textwrap.dedent("""
 
 
 def run_child(script: str) -> dict:
-    """The script's result: the JSON on its last line (a fresh process, two OpenMP threads)."""
+    """The script's result: the JSON on its last line (a fresh process, two OpenMP threads: libgomp makes the
+    worker even on one CPU, so this runs everywhere)."""
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a pool of workers needs two CPUs")
 def test_the_building_thread_releases_its_workers_and_the_engine_thread_keeps_its_own():
     r = run_child(CHILD)
     assert r["released"] is True
@@ -82,7 +81,6 @@ RELEASE_ONLY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a pool of workers needs two CPUs")
 def test_a_loader_thread_releases_its_workers_and_keeps_its_thread_count():
     r = run_child(RELEASE_ONLY)
     assert r["released"] is True

@@ -26,17 +26,22 @@ def _libgomp() -> ctypes.CDLL | None:
         return None
 
 
-def release_openmp_workers() -> bool:
-    """Release this thread's OpenMP workers (its next parallel region makes new ones). Returns whether there
-    was a libgomp that could."""
+def _release() -> ctypes.CDLL | None:
+    """Release this thread's OpenMP workers; the libgomp that did, or None."""
     gomp = _libgomp()
     if gomp is None or not hasattr(gomp, "omp_pause_resource_all"):   # OpenMP 5.0: libgomp from GCC 9
         log.info("OpenMP: no libgomp that can release its threads here; the thread pools are left as they are")
-        return False
+        return None
     if gomp.omp_pause_resource_all(OMP_PAUSE_HARD) != 0:
         log.warning("OpenMP: this thread's workers could not be released (called inside a parallel region?)")
-        return False
-    return True
+        return None
+    return gomp
+
+
+def release_openmp_workers() -> bool:
+    """Release this thread's OpenMP workers (its next parallel region makes new ones). Returns whether there
+    was a libgomp that could."""
+    return _release() is not None
 
 
 def leave_compute_to_engine_thread() -> bool:
@@ -46,7 +51,8 @@ def leave_compute_to_engine_thread() -> bool:
     Called on the thread that built the engine (a server's event loop, an actor's call thread) once the
     engine steps on its own thread: this thread should do no heavy compute any more, and a pool it built
     again would throttle the engine's. Returns whether there was a libgomp to tell."""
-    if not release_openmp_workers():
+    gomp = _release()
+    if gomp is None:
         return False
-    _libgomp().omp_set_num_threads(1)
+    gomp.omp_set_num_threads(1)
     return True
