@@ -111,6 +111,32 @@ def test_a_prompts_rows_split_between_threads_by_length_all_match(kmod, d):
         assert torch.equal(kmod.decode_attention_f32(q[i:i + 1], k, v, tables[i:i + 1], lens[i:i + 1], 0.125), got[i:i + 1])
 
 
+@pytest.mark.parametrize("heads,kvh,d", [(6, 2, 64), (3, 3, 64), (8, 2, 64), (14, 2, 128), (8, 1, 128)])
+def test_a_chunks_rows_get_their_bits_alone_in_pairs_and_among_drafts(kmod, heads, kvh, d):
+    """The AVX2 kernel takes two rows of one sequence, one position apart, as one tile: every row's output is
+    the same bits alone, paired, out of order, and next to draft rows (which attend alone under their masks)."""
+    k, v = _pool(d=d, kvh=kvh)
+    g = torch.Generator().manual_seed(5)
+    tables = torch.randperm(40, generator=g)[:8].repeat(23, 1)
+    lens = torch.arange(100, 123)                  # a chunk after 99 cached positions
+    q = torch.randn(23, heads, d, generator=g)
+    masks = torch.full((23,), -1, dtype=torch.long)
+    masks[20:] = torch.tensor([~(1 << 1), ~(1 << 2) & ~(1 << 3), ~(1 << 1)])   # three drafts at the end
+    alone = torch.cat([kmod.decode_attention_f32(q[i:i + 1], k, v, tables[i:i + 1], lens[i:i + 1], 0.125,
+                                                 masks[i:i + 1]) for i in range(23)])
+    assert torch.equal(kmod.decode_attention_f32(q, k, v, tables, lens, 0.125, masks), alone)
+    assert torch.equal(kmod.decode_attention_f32(q[:20], k, v, tables[:20], lens[:20], 0.125), alone[:20])
+    order = torch.randperm(23, generator=g)
+    got = kmod.decode_attention_f32(q[order], k, v, tables[order], lens[order], 0.125, masks[order])
+    assert torch.equal(got, alone[order])
+    assert torch.allclose(alone[:20], _reference(q[:20], k, v, tables[:20], lens[:20], 0.125), atol=1e-5)
+    # One position apart but two sequences (other blocks): not a tile.
+    two = torch.stack([tables[0], torch.randperm(40, generator=g)[:8]])
+    pair = kmod.decode_attention_f32(q[:2], k, v, two, lens[:2], 0.125)
+    assert torch.equal(pair[1:], kmod.decode_attention_f32(q[1:2], k, v, two[1:], lens[1:2], 0.125))
+    assert torch.allclose(pair, _reference(q[:2], k, v, two, lens[:2], 0.125), atol=1e-5)
+
+
 def test_a_block_size_not_a_power_of_two_is_refused(kmod):
     k, v = _pool(bs=12)
     with pytest.raises(RuntimeError, match="block size must be a power of two, got 12"):

@@ -164,19 +164,44 @@ bool decode_attention_f32_avx512(const torch::Tensor& q, const torch::Tensor& k,
 #elif defined(__AVX2__) && defined(__FMA__)
 // The same kernel for AVX2 machines, 8 lanes: scores eight positions at a time (an 8-way transpose-and-add
 // of hadds), the vectorized softmax with the 8-lane exp, and the values in column slices of the head
-// (G query heads x CB vectors of accumulators: 16 ymm registers cannot hold a group's whole heads).
+// (16 ymm registers cannot hold a group's whole heads).
+//
+// A prompt chunk's rows are decodes of one sequence over one more position each (row i over len0 + i). Two
+// such rows go together as one tile: each key and value row read serves both, and the scores pair their
+// query vectors, so a multiply-add takes 0.75 loads instead of 2 (a ymm FMA waited on the load ports). Each
+// (row, head, position) score and each row's softmax and value sums are the same float operations in the
+// same order whichever tile holds the row: a row gets the same bits alone, in a decode batch or in a chunk.
 #include <immintrin.h>
+
+#include <cstring>
 
 #include "vec_exp.h"
 
 namespace {
 
-// v[j] holds 8 partial sums of position j's score; returns the 8 totals, position j in lane j.
-inline __m256 sum_each(const __m256* v) {
-  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
-  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);   // [lo halves of 4 | hi halves of 4]
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+// Stands in for the key rows past the longest context of a tile: their lanes' scores are never read.
+alignas(32) const float kZeroRow[128] = {};
+
+// NQ query vectors against four key rows: per vector, the four positions' partial sums added pairwise twice
+// (hadd of hadds), the first half of an 8-position transpose-and-add; `complete` finishes it.
+template <int C, int NQ>
+inline void four_positions(const float* const* qv, const float* const* rows, __m256* u) {
+  __m256 part[NQ][4];
+  for (int c = 0; c < C; ++c) {
+    __m256 qc[NQ];
+    for (int n = 0; n < NQ; ++n) qc[n] = _mm256_loadu_ps(qv[n] + c * 8);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 kv = _mm256_loadu_ps(rows[j] + c * 8);
+      for (int n = 0; n < NQ; ++n) part[n][j] = c ? _mm256_fmadd_ps(qc[n], kv, part[n][j]) : _mm256_mul_ps(qc[n], kv);
+    }
+  }
+  for (int n = 0; n < NQ; ++n)
+    u[n] = _mm256_hadd_ps(_mm256_hadd_ps(part[n][0], part[n][1]), _mm256_hadd_ps(part[n][2], part[n][3]));
+}
+
+// Positions 0-3's and 4-7's halves -> the 8 scores, position j in lane j.
+inline __m256 complete(__m256 lo, __m256 hi) {
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
 inline float hmax(__m256 v) {
@@ -198,42 +223,62 @@ inline void prefetch_row(const float* r) {
   for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(r + c), _MM_HINT_T0);
 }
 
-template <int D, int G>
-void attend(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t len, int64_t KVH,
-            int64_t BS, int64_t h, float scale, const int64_t* mask, float* scores, float* out) {
-  constexpr int C = D / 8;
-  constexpr int CB = G == 1 ? 8 : G == 2 ? 4 : G <= 4 ? 2 : 1;   // value columns (vectors) a pass
+// Rows a tile holds for a group size: two while their value accumulators fit the 16 registers.
+constexpr int tile_rows(int G) { return G <= 7 ? 2 : 1; }
+
+// Value columns (vectors) a pass: R x G x CB accumulators plus CB value vectors in registers.
+constexpr int value_columns(int G, int R) {
+  if (R == 1) return G == 1 ? 8 : G == 2 ? 4 : G <= 4 ? 2 : 1;
+  return G == 1 ? 4 : G <= 3 ? 2 : 1;
+}
+
+// R rows of one sequence, row r over len0 + r positions, and the G query heads of KV head h (row r's heads
+// at q + r * q_row, its outputs at out + r * out_row). scores: R * G * padded floats. A mask (draft rows) is
+// only taken with R == 1.
+template <int D, int G, int R>
+void attend(const float* q, int64_t q_row, const float* kp, const float* vp, const int64_t* table, int64_t len0,
+            int64_t KVH, int64_t BS, int64_t h, float scale, const int64_t* mask, float* scores, float* out,
+            int64_t out_row) {
+  constexpr int C = D / 8, N = R * G;
+  constexpr int CB = value_columns(G, R);
   static_assert(C % CB == 0, "head size");
   const PagedRows rows_of{table, KVH, BS, h, D};
   auto row = [&](const float* pool, int64_t pos) { return rows_of.at(pool, pos); };
-  const int64_t padded = (len + 7) / 8 * 8;
-  for (int64_t j = 8; j < std::min<int64_t>(len, 32); ++j) prefetch_row<D>(row(kp, j));
-  for (int64_t p0 = 0; p0 < len; p0 += 8) {
-    const int64_t cnt = std::min<int64_t>(8, len - p0);
+  const int64_t len_max = len0 + R - 1;
+  const int64_t padded = (len_max + 7) / 8 * 8;
+  const float* qv[N];   // query vector r * G + g: row r's head g
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) qv[r * G + g] = q + r * q_row + g * D;
+  for (int64_t j = 8; j < std::min<int64_t>(len_max, 32); ++j) prefetch_row<D>(row(kp, j));
+  for (int64_t p0 = 0; p0 < len_max; p0 += 8) {
+    const int64_t cnt = std::min<int64_t>(8, len_max - p0);
     const float* rows[8];
-    for (int64_t j = 0; j < cnt; ++j) rows[j] = row(kp, p0 + j);
-    for (int64_t j = p0 + 32; j < std::min(len, p0 + 40); ++j) prefetch_row<D>(row(kp, j));
-    for (int g = 0; g < G; ++g) {
-      const float* qg = q + g * D;
-      __m256 part[8];
-      for (int64_t j = 0; j < 8; ++j) {
-        if (j >= cnt) { part[j] = _mm256_setzero_ps(); continue; }
-        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(rows[j]));
-        for (int c = 1; c < C; ++c) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c * 8), _mm256_loadu_ps(rows[j] + c * 8), acc);
-        part[j] = acc;
+    for (int64_t j = 0; j < 8; ++j) rows[j] = j < cnt ? row(kp, p0 + j) : kZeroRow;
+    for (int64_t j = p0 + 32; j < std::min(len_max, p0 + 40); ++j) prefetch_row<D>(row(kp, j));
+    for (int a = 0; a < N; a += 2) {
+      __m256 lo[2], hi[2];
+      const int nq = a + 1 < N ? 2 : 1;
+      if (nq == 2) {
+        four_positions<C, 2>(qv + a, rows, lo);
+        four_positions<C, 2>(qv + a, rows + 4, hi);
+      } else {
+        four_positions<C, 1>(qv + a, rows, lo);
+        four_positions<C, 1>(qv + a, rows + 4, hi);
       }
-      _mm256_storeu_ps(scores + g * padded + p0, _mm256_mul_ps(sum_each(part), _mm256_set1_ps(scale)));
+      for (int n = 0; n < nq; ++n)
+        _mm256_storeu_ps(scores + (a + n) * padded + p0, _mm256_mul_ps(complete(lo[n], hi[n]), _mm256_set1_ps(scale)));
     }
   }
   if (mask)
-    for (int64_t pos = std::max<int64_t>(0, len - 64); pos < len; ++pos)
-      if (!((static_cast<uint64_t>(*mask) >> (len - 1 - pos)) & 1))
+    for (int64_t pos = std::max<int64_t>(0, len0 - 64); pos < len0; ++pos)
+      if (!((static_cast<uint64_t>(*mask) >> (len0 - 1 - pos)) & 1))
         for (int g = 0; g < G; ++g) scores[g * padded + pos] = -std::numeric_limits<float>::infinity();
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256 low = _mm256_set1_ps(-3.0e38f), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  float inv_sum[G];
-  for (int g = 0; g < G; ++g) {   // softmax numerators in place (0 past len); the division waits for the end
-    float* s = scores + g * padded;
+  float inv_sum[N];
+  for (int a = 0; a < N; ++a) {   // softmax numerators in place (0 past the row's length); the division waits
+    float* s = scores + a * padded;
+    const int64_t len = len0 + a / G;
     __m256 m = low;
     for (int64_t p0 = 0; p0 < len; p0 += 8) {
       const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(len - p0)), iota));
@@ -249,45 +294,79 @@ void attend(const float* q, const float* kp, const float* vp, const int64_t* tab
       _mm256_storeu_ps(s + p0, e);
       sum = _mm256_add_ps(sum, e);
     }
-    inv_sum[g] = 1.f / hadd(sum);
+    inv_sum[a] = 1.f / hadd(sum);
   }
-  for (int64_t pos = 0; pos < std::min<int64_t>(len, 16); ++pos) prefetch_row<D>(row(vp, pos));
+  for (int64_t pos = 0; pos < std::min<int64_t>(len_max, 16); ++pos) prefetch_row<D>(row(vp, pos));
   for (int c0 = 0; c0 < C; c0 += CB) {
-    __m256 acc[G][CB];
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < CB; ++c) acc[g][c] = _mm256_setzero_ps();
-    for (int64_t pos = 0; pos < len; ++pos) {
+    __m256 acc[N][CB];
+    for (int a = 0; a < N; ++a)
+      for (int c = 0; c < CB; ++c) acc[a][c] = _mm256_setzero_ps();
+    // Position pos adds to the rows it is inside of: every row up to len0, then from row pos - len0 + 1 on.
+    auto add_position = [&](int64_t pos, int first_row) {
       const float* vr = row(vp, pos) + c0 * 8;
-      if (c0 == 0 && pos + 16 < len) prefetch_row<D>(row(vp, pos + 16));
+      if (c0 == 0 && pos + 16 < len_max) prefetch_row<D>(row(vp, pos + 16));
       __m256 v[CB];
       for (int c = 0; c < CB; ++c) v[c] = _mm256_loadu_ps(vr + c * 8);
-      for (int g = 0; g < G; ++g) {
-        const __m256 w = _mm256_set1_ps(scores[g * padded + pos]);
-        for (int c = 0; c < CB; ++c) acc[g][c] = _mm256_fmadd_ps(w, v[c], acc[g][c]);
+      for (int a = 0; a < N; ++a) {
+        if (a < first_row * G) continue;   // (constant indices keep the accumulators in registers)
+        const __m256 w = _mm256_set1_ps(scores[a * padded + pos]);
+        for (int c = 0; c < CB; ++c) acc[a][c] = _mm256_fmadd_ps(w, v[c], acc[a][c]);
       }
-    }
-    for (int g = 0; g < G; ++g)
+    };
+    for (int64_t pos = 0; pos < len0; ++pos) add_position(pos, 0);
+    for (int64_t pos = len0; pos < len_max; ++pos) add_position(pos, static_cast<int>(pos - len0 + 1));
+    for (int a = 0; a < N; ++a)
       for (int c = 0; c < CB; ++c)
-        _mm256_storeu_ps(out + g * D + (c0 + c) * 8, _mm256_mul_ps(acc[g][c], _mm256_set1_ps(inv_sum[g])));
+        _mm256_storeu_ps(out + (a / G) * out_row + (a % G) * D + (c0 + c) * 8,
+                         _mm256_mul_ps(acc[a][c], _mm256_set1_ps(inv_sum[a])));
   }
+}
+
+// A tile: `count` rows from `first` (one, or two whose contexts are one sequence's, one position apart).
+struct Tile {
+  int64_t first, count;
+};
+
+// Row i + 1 continues row i: the same blocks and one more position, neither a masked draft row.
+bool continues(const int64_t* tp, int64_t W, const int64_t* lp, const int64_t* masks, int64_t BS, int64_t i) {
+  if (lp[i + 1] != lp[i] + 1) return false;
+  if (masks && (masks[i] != -1 || masks[i + 1] != -1)) return false;
+  const int64_t used = std::min<int64_t>(W, (lp[i + 1] + BS - 1) / BS);
+  return std::memcmp(tp + i * W, tp + (i + 1) * W, used * sizeof(int64_t)) == 0;
 }
 
 template <int D, int G>
 void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& tables,
                 const torch::Tensor& lens, float scale, const int64_t* masks, torch::Tensor& out) {
+  constexpr int R = tile_rows(G);
   const int64_t n = q.size(0), H = q.size(1), W = tables.size(1), KVH = k.size(1), BS = k.size(2);
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  parallel_for_balanced(n * KVH, [&](int64_t task) { return attention_task_cost(lp[task / KVH]); },
-                        [&](int64_t begin, int64_t end) {
+  std::vector<Tile> tiles;
+  tiles.reserve(n);
+  for (int64_t i = 0; i < n;) {
+    const int64_t count = R == 2 && i + 1 < n && continues(tp, W, lp, masks, BS, i) ? 2 : 1;
+    tiles.push_back({i, count});
+    i += count;
+  }
+  const int64_t T = static_cast<int64_t>(tiles.size());
+  parallel_for_balanced(T * KVH, [&](int64_t task) {
+    const Tile& t = tiles[task / KVH];
+    return t.count * attention_task_cost(lp[t.first]);
+  }, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / KVH, h = task % KVH, len = lp[s];
-      scores.resize(G * ((len + 15) / 16 * 16));
+      const Tile& t = tiles[task / KVH];
+      const int64_t s = t.first, h = task % KVH, len = lp[s];
+      scores.resize(R * G * ((len + R + 6) / 8 * 8));
       const int64_t first = (s * H + h * G) * D;
-      attend<D, G>(qp + first, kp, vp, tp + s * W, len, KVH, BS, h, scale, masks ? masks + s : nullptr,
-                   scores.data(), op + first);
+      if (t.count == 2)
+        attend<D, G, R>(qp + first, H * D, kp, vp, tp + s * W, len, KVH, BS, h, scale, nullptr, scores.data(),
+                        op + first, H * D);
+      else
+        attend<D, G, 1>(qp + first, H * D, kp, vp, tp + s * W, len, KVH, BS, h, scale, masks ? masks + s : nullptr,
+                        scores.data(), op + first, H * D);
     }
   });
 }
