@@ -13,9 +13,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
+from kvloom.bench.soak_server import ServerProcess
 from kvloom.kernels.build import cpu_info
 from kvloom.models.model_source import default_model_path
 
@@ -38,50 +38,36 @@ def thread_stats(pid: int) -> dict[int, dict]:
     return stats
 
 
-def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if server.poll() is not None:
-            sys.exit(f"the server exited with {server.returncode}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    sys.exit("the server never answered /health")
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("--isa", choices=["native", "avx2"], default="native")
     p.add_argument("--sampled", action="store_true", help="temperature 0.7, top-p 0.95")
     p.add_argument("--models", type=int, default=1, help="names the model is served under (2+: the multi-model server)")
-    p.add_argument("--port", type=int, default=8139)
     args = p.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(AVX2_CAP if args.isa == "avx2" else {})}
-    model, url = default_model_path(), f"http://127.0.0.1:{args.port}"
-    log = open(args.out + ".server.log", "w")
-    served = [model] if args.models == 1 else \
+    if args.isa == "avx2":
+        os.environ.update(AVX2_CAP)   # the server and the benchmark client alike
+    model = default_model_path()
+    served = [] if args.models == 1 else \
         [a for i in range(args.models) for a in ("--model", f"m{i}={model}")] + ["--max-loaded-models", "1"]
-    server = subprocess.Popen(["kvloom", "serve", *served, "--port", str(args.port)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+    server = ServerProcess(str(model) if args.models == 1 else None, None, served, log_path=args.out + ".server.log")
+    url = server.base_url
     try:
-        wait_healthy(url, server)
+        server.start()
         before = thread_stats(server.pid)
         burst = args.out + ".bench.json"
-        cmd = ["kvloom", "bench", "serve", "--base-url", url, "--tokenizer", model, "--workload", "poisson",
+        cmd = ["kvloom", "bench", "serve", "--base-url", url, "--tokenizer", str(model), "--workload", "poisson",
                "--request-rate", "inf", "--num-requests", "48", "--input-len", "100", "--output-len", "128",
                "--out", burst] + (["--temperature", "0.7", "--top-p", "0.95"] if args.sampled else [])
         with open(args.out + ".bench.log", "w") as client_log:
-            subprocess.run(cmd, env=env, check=True, stdout=client_log, stderr=subprocess.STDOUT)
+            subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, stdout=client_log,
+                           stderr=subprocess.STDOUT)
         after = thread_stats(server.pid)
         info = json.load(urllib.request.urlopen(url + "/server_info"))
         if args.models > 1:   # the multi-model front: each loaded model's description
             info = info["loaded"]["m0"]
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
     threads = []
     for tid, end in after.items():
         start = before.get(tid, {"cpu_s": 0.0, "voluntary_switches": 0, "involuntary_switches": 0})

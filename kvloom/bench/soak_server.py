@@ -39,14 +39,16 @@ def require_loopback(base_url: str) -> None:
 
 
 class ServerProcess:
-    """`python -m kvloom.cli serve [MODEL] --port P --max-waiting-requests K ...`, stopped with SIGTERM."""
+    """`python -m kvloom.cli serve [MODEL] --port P [--max-waiting-requests K] ...`, stopped with SIGTERM
+    (max_waiting_requests None: the server's default)."""
 
-    def __init__(self, model: str | None, max_waiting_requests: int, extra_args: list[str],
+    def __init__(self, model: str | None, max_waiting_requests: int | None, extra_args: list[str],
                  log_path: str | None = None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        waiting = ["--max-waiting-requests", str(max_waiting_requests)] if max_waiting_requests is not None else []
         self.cmd = [sys.executable, "-m", "kvloom.cli", "serve", *([model] if model else []), "--host", "127.0.0.1",
-                    "--port", str(self.port), "--max-waiting-requests", str(max_waiting_requests), *extra_args]
+                    "--port", str(self.port), *waiting, *extra_args]
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="kvloom-soak-server-", suffix=".log")
             os.close(fd)
