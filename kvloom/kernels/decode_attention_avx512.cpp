@@ -43,6 +43,11 @@ inline void prefetch_row(const float* r) {
   for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(r + c), _MM_HINT_T0);
 }
 
+template <int D>
+inline void prefetch_row_l2(const float* r) {
+  for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(r + c), _MM_HINT_T1);
+}
+
 template <int D, int G>
 void attend(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t len, int64_t KVH,
             int64_t BS, int64_t h, float scale, const int64_t* mask, float* scores, float* out) {
@@ -58,6 +63,9 @@ void attend(const float* q, const float* kp, const float* vp, const int64_t* tab
     // Keys two groups ahead are fetched while these are scored: blocks are scattered 4 KB pieces, and
     // the hardware prefetcher stops at each one's end (18 -> 21-27 GB/s of KV read, 32 sequences).
     for (int64_t j = p0 + 32; j < std::min(len, p0 + 48); ++j) prefetch_row<D>(row(kp, j));
+    // The values of these positions start on their way to L2 too, so the value pass begins warm and the two
+    // streams overlap.
+    for (int64_t j = p0; j < p0 + cnt; ++j) prefetch_row_l2<D>(row(vp, j));
     for (int g = 0; g < G; ++g) {
       __m512 qv[C], part[16];
       for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * D + c * 16);
@@ -223,6 +231,11 @@ inline void prefetch_row(const float* r) {
   for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(r + c), _MM_HINT_T0);
 }
 
+template <int D>
+inline void prefetch_row_l2(const float* r) {
+  for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(r + c), _MM_HINT_T1);
+}
+
 // Rows a tile holds for a group size: two while their value accumulators fit the 16 registers.
 constexpr int tile_rows(int G) { return G <= 7 ? 2 : 1; }
 
@@ -255,6 +268,7 @@ void attend(const float* q, int64_t q_row, const float* kp, const float* vp, con
     const float* rows[8];
     for (int64_t j = 0; j < 8; ++j) rows[j] = j < cnt ? row(kp, p0 + j) : kZeroRow;
     for (int64_t j = p0 + 32; j < std::min(len_max, p0 + 40); ++j) prefetch_row<D>(row(kp, j));
+    for (int64_t j = p0; j < p0 + cnt; ++j) prefetch_row_l2<D>(row(vp, j));   // values on their way to L2 (above)
     for (int a = 0; a < N; a += 2) {
       __m256 lo[2], hi[2];
       const int nq = a + 1 < N ? 2 : 1;
