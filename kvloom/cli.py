@@ -39,6 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running requests at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="token budget of one forward pass (Dynamic SplitFuse)")
+    p.add_argument("--tpot-target-ms", type=float, default=None,
+                   help="keep steps that carry decodes under this many ms: prompt chunks sized to fit, new requests "
+                        "wait while the decodes fill it (learned from the steps; `serve` defaults to 100, 0: off)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse KV blocks of identical leading tokens across requests")
     p.add_argument("--session-kv-fraction", type=float, default=d.session_kv_fraction,
@@ -77,6 +80,7 @@ def engine_config(args) -> EngineConfig:
                         max_model_len=args.max_model_len, block_size=args.block_size,
                         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+                        tpot_target_ms=args.tpot_target_ms or None,
                         num_threads=args.num_threads, enable_prefix_caching=args.enable_prefix_caching,
                         session_kv_fraction=args.session_kv_fraction, session_ttl=args.session_ttl,
                         enable_lora=args.enable_lora, lora_modules=tuple(args.lora_modules),
@@ -408,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the model writes tool calls (default: from its chat template; kvloom/structured)")
     s.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
                    help="split <think>...</think> into reasoning_content")
-    s.set_defaults(func=cmd_serve)
+    s.set_defaults(func=cmd_serve, tpot_target_ms=100.0)   # a server keeps its streams' pace (engine/tpot_target.py)
 
     tu = sub.add_parser("tune", help="sweep max_num_seqs x max_num_batched_tokens on this machine; print the best")
     tu.add_argument("--num-requests", type=int, default=64, help="requests arriving at once")

@@ -48,6 +48,9 @@ class EngineConfig:
     kv_cache_memory: int = 1 << 30        # bytes for the KV pool
     max_num_seqs: int = 64                # running requests at most
     max_num_batched_tokens: int = 512     # the SplitFuse token budget of one forward pass
+    # Steps that carry decodes stay under this many ms (prompt chunks sized to fit, admissions wait while the
+    # decodes fill it: engine/tpot_target.py); None: the token budget alone. `kvloom serve` defaults to 100.
+    tpot_target_ms: float | None = None
     enable_prefix_caching: bool = True    # reuse KV blocks of identical leading tokens across requests
     session_kv_fraction: float = 0.5      # at most this share of the pool kept for idle agent sessions
     session_ttl: float = 300.0            # seconds an idle session's KV is kept
@@ -95,5 +98,7 @@ class EngineConfig:
             raise KvloomError("max_loras and max_lora_rank must be >= 1")
         if not self.fine_tuning_step_ms > 0:
             raise KvloomError(f"fine_tuning_step_ms must be > 0, got {self.fine_tuning_step_ms}")
+        if self.tpot_target_ms is not None and not self.tpot_target_ms > 0:
+            raise KvloomError(f"tpot_target_ms must be > 0 (None: no target), got {self.tpot_target_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise KvloomError(f"max_model_len must be >= 2, got {self.max_model_len}")

@@ -53,6 +53,7 @@ def engine_description(engine) -> dict:
         "quantization": engine.config.quantization,
         "kv_cache_dtype": engine.config.kv_cache_dtype,
         "engine_config": {k: v for k, v in vars(engine.config).items()},
+        "tpot_target": None if getattr(engine, "tpot", None) is None else engine.tpot.describe(),
         "max_model_len": engine.max_model_len,
         "kv_cache_blocks": engine.num_blocks,
         "kv_cache_tokens": engine.kv_capacity_tokens,

@@ -32,6 +32,7 @@ from kvloom.engine.request import Request, RequestStatus
 from kvloom.engine.sampler import TokenLogprobs
 from kvloom.engine.scheduler import Scheduler
 from kvloom.engine.snapshot import KVBlocks, RequestSnapshot, SampleSnapshot
+from kvloom.engine.tpot_target import TpotTarget
 from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError
 from kvloom.kernels import kernels
 from kvloom.kv.block_pool import BlockPool
@@ -90,6 +91,9 @@ class Engine:
         self.runner.enable_decode_stack()      # backends that read the weights are built over the final ones
         self.speculator = self._measure_speculation() if config.speculative == "lookahead" else None
         self.scheduler.speculator = self.speculator
+        self.tpot = TpotTarget(config.tpot_target_ms / 1e3) if config.tpot_target_ms else None
+        self.scheduler.tpot = self.tpot
+        self._last_step: tuple[int, float, float] | None = None   # (tokens, start, end): the TPOT fit's next point
         self._states: dict[str, OutputState] = {}
         self._pending_forks: dict[str, list[Request]] = {}   # parent id -> samples 1..n-1, made at its first token
         self._family: dict[str, list[str]] = {}              # parent id -> ids of all its samples
@@ -698,6 +702,8 @@ class Engine:
         An exception inside the step ends the requests of that step, each with finish_reason "error" and its
         blocks freed; every other request goes on as if nothing happened."""
         started = time.perf_counter()   # the whole step's time is what speculation's guard compares
+        if self._last_step is not None:
+            self._observe_pace(started)
         failed = self._admit_compiled() if self._awaiting_grammar else []
         plan = self.scheduler.schedule()
         if plan.is_empty:
@@ -745,7 +751,18 @@ class Engine:
             outputs.append(self._output(req, state, now))
         if self.speculator is not None:   # after the outputs: a drafted step's extra tokens cost text too
             self.speculator.record_step(plan, result.token_ids, time.perf_counter() - started)
+        if self.tpot is not None:
+            self._last_step = (plan.num_tokens, started, time.perf_counter())
         return outputs
+
+    def _observe_pace(self, now: float) -> None:
+        """The step before, from its start to this one's: what a request decoding in it waited for its token.
+        A gap longer than the step itself is not the loop's work between steps (the engine idled, or a
+        fine-tuning slice ran): then the step's own time."""
+        tokens, start, end = self._last_step
+        self._last_step = None
+        between = now - end < end - start and not (self.trainer is not None and self.trainer.active)
+        self.tpot.observe(tokens, (now if between else end) - start)
 
     def _end_with_error(self, parent: str, why: str) -> list[RequestOutput]:
         """End every sample of a request with finish_reason "error" and free its blocks."""

@@ -27,6 +27,9 @@ A model with sliding-window layers (kv/window_pages.py) counts pages: a block
 costs 1 + num_groups pages while some request's window covers it and one page
 after, so the pool checks below multiply by pages_per_block.
 
+With a TPOT target (engine/tpot_target.py), a step that carries decodes gives its prompt chunks only the
+tokens the target leaves, and nobody new is admitted while the running requests' decodes would fill it.
+
 With a speculator, decodes may carry draft tokens after everything else is
 scheduled: they take what is left of the budget and only free blocks (a
 guess never preempts anyone), and such a decode travels with the prompt
@@ -60,6 +63,7 @@ class Scheduler:
         self.sessions = sessions
         self.speculator = speculator
         self.lora = None           # a LoraManager when adapters are served: running requests pin their slots
+        self.tpot = None           # a TpotTarget: steps with decodes sized to keep their pace (engine/tpot_target.py)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []          # sorted by arrival order
         self.requests: dict[str, Request] = {}
@@ -197,6 +201,10 @@ class Scheduler:
             scheduled.add(req.request_id)
             budget -= 1
 
+        within = None if self.tpot is None else self.tpot.tokens_within()
+        if within is not None and out.decodes:               # keep the decoders' pace (engine/tpot_target.py)
+            budget = min(budget, max(self.tpot.min_chunk, within - len(out.decodes)))
+
         for req in list(self.running):                       # 2. prompts already under way
             if budget == 0:
                 break
@@ -210,6 +218,8 @@ class Scheduler:
                 budget -= n
 
         while budget > 0:                                    # 3. admissions
+            if within is not None and self.running and len(self.running) + 1 + self.tpot.min_chunk > within:
+                break   # a new request decodes in every later step: only while they stay inside the target
             req = self._next_waiting()
             if req is None or (len(self.running) >= self.max_num_seqs and not self._preempt_paused(out)):
                 break

@@ -36,8 +36,8 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
     if config.speculative != "none":
         log.info("speculative decoding: %s, up to %d draft tokens, %d branches", config.speculative,
                  config.spec_max_tokens, config.spec_branches)
-    log.info("scheduler: max_num_seqs=%d max_num_batched_tokens=%d max_waiting_requests=%d",
-             config.max_num_seqs, config.max_num_batched_tokens, max_waiting_requests)
+    log.info("scheduler: max_num_seqs=%d max_num_batched_tokens=%d max_waiting_requests=%d tpot_target_ms=%s",
+             config.max_num_seqs, config.max_num_batched_tokens, max_waiting_requests, config.tpot_target_ms)
     metrics = ServerMetrics()
     if cluster.enabled:
         # Ray actors run the instances; the local engine only answers for the tokenizer and limits.
