@@ -78,6 +78,10 @@ run kernel_speeds_avx2 python benchmarks/kernel_speeds.py --isa avx2
 for isa in native avx2; do
   run "serving_threads_$isa" python benchmarks/serving_threads.py "$OUT/serving_threads_$isa.json" --isa "$isa"
 done
+# The burst with serve's TPOT target and without, alternating (docs/results/cpu_class/tpot_target_*).
+for isa in native avx2; do
+  run "tpot_target_$isa" bash benchmarks/tpot_target.sh "$isa" "$OUT/tpot_target_$isa" 2
+done
 run spec_concurrency bash benchmarks/spec_concurrency.sh "$OUT/spec_concurrency" 3
 for b in 1 32; do
   run "phases_${b}_modules" python benchmarks/step_phases.py w8a8 "$b" modules

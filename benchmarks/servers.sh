@@ -3,8 +3,9 @@
 wait_for() { for _ in $(seq 900); do curl -sf "$1" > /dev/null && return 0; sleep 1; done; return 1; }
 
 start_server() {  # $1: kvloom | llama, $2: log file, $3: llama-server's context (tokens over its 16 slots)
-  if [ "$1" = kvloom ]; then
-    kvloom serve "$GGUF" --port "$PORT" > "$2" 2>&1 &
+  if [ "$1" = kvloom ]; then   # $KVLOOM_SERVE_FLAGS: more flags for kvloom serve (default: none)
+    # shellcheck disable=SC2086
+    kvloom serve "$GGUF" --port "$PORT" ${KVLOOM_SERVE_FLAGS:-} > "$2" 2>&1 &
   else
     "$LLAMA/llama-server" -m "$GGUF" -t 2 -np 16 -c "$3" --port "$PORT" > "$2" 2>&1 &
   fi

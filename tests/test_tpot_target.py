@@ -52,9 +52,13 @@ def test_bad_targets_are_refused():
         EngineConfig(tpot_target_ms=-5)
 
 
-def _burst(target_s: float | None, num_requests=30, prompt=40, max_tokens=24):
-    """A burst through the scheduler on a simulated host whose step takes 2 ms + 1 ms a token; returns
-    each request's mean time per output token, the plans and the TpotTarget."""
+def _linear(plan):
+    return 0.002 + 0.001 * plan.num_tokens
+
+
+def _burst(target_s: float | None, num_requests=30, prompt=40, max_tokens=24, step_seconds=_linear):
+    """A burst through the scheduler on a simulated host whose step takes step_seconds(plan) (by default
+    2 ms + 1 ms a token); returns each request's mean time per output token and the plans."""
     pool = BlockPool(1000)
     s = Scheduler(pool, block_size=4, max_num_seqs=64, max_num_batched_tokens=256)
     s.tpot = TpotTarget(target_s) if target_s else None
@@ -67,10 +71,10 @@ def _burst(target_s: float | None, num_requests=30, prompt=40, max_tokens=24):
     while s.has_unfinished():
         within = s.tpot.tokens_within() if s.tpot else None   # what this step is planned with
         plan = s.schedule()
-        seconds = 0.002 + 0.001 * plan.num_tokens
+        seconds = step_seconds(plan)
         clock += seconds
         if s.tpot is not None:
-            s.tpot.observe(plan.num_tokens, seconds)
+            s.tpot.observe(plan.num_tokens, seconds, paced=bool(plan.decodes))
         plans.append((plan, within))
         s.update(plan, {c.request_id: 7 for c in plan.chunks if c.sample})
         for c in plan.chunks:
@@ -105,6 +109,18 @@ def test_when_decodes_fill_the_target_new_requests_wait_and_prompts_under_way_fi
     running = [len(p.decodes) + len(p.spans) for p, _ in plans]
     assert max(running) == within - MIN_CHUNK                  # the queue waited (40 requests came at once)
     assert max(tpot.values()) <= 0.04
+
+
+def test_the_correction_keeps_the_target_when_decode_rows_cost_more_than_prompt_tokens():
+    # The host of a real CPU burst: a decode row (logits, attention over its context) costs 2.5x a prompt token.
+    def step_seconds(plan):
+        return 0.002 + 0.001 * (plan.num_tokens - len(plan.decodes)) + 0.0025 * len(plan.decodes)
+    plain, _ = _burst(None, step_seconds=step_seconds)
+    assert max(plain.values()) > 0.08
+    paced, plans = _burst(0.08, step_seconds=step_seconds)
+    assert max(paced.values()) <= 0.08
+    # Not by starving the batch: the decodes reach ~what fits beside a 16-token chunk, (72 - 2 - 16) / 2.5 ms.
+    assert max(len(p.decodes) for p, _ in plans) >= 19
 
 
 def test_engine_outputs_are_the_same_paced_or_not_and_the_fit_learns(tiny_model_dir):

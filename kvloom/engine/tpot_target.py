@@ -8,6 +8,12 @@ It follows the host's speed, the context lengths and the mix of the batch as the
 budget holds a target on the host it was tuned on only (the same burst ran at TPOT p99 87-90 ms one
 evening and 127-159 ms the next, on the same code).
 
+One line through every step's cost is not exact: a decode row costs more than a prompt token (its logits
+and its attention over the context), and the prompt-only steps at the start of a burst pull the line their
+way. So the steps that carry decodes, the ones the target paces, also keep a correction: the running mean of
+their measured time over the fit's prediction for them, which scales the fit where the pacing works (without
+it, the avx2 burst's paced steps ran ~5% over their plan: docs/results/cpu_class/tpot_target_first_fit/).
+
 When the decodes alone fill the target, no new request is admitted until some finish, so the requests
 running keep their pace while new ones wait in the queue; prompts already under way still take a small
 chunk a step, so they finish. A step without decodes (prompts only) has nobody's pace to keep and takes
@@ -19,6 +25,7 @@ import math
 
 HEADROOM = 0.9     # aim below the target: a request's TPOT is the mean of its steps, and the fit is an estimate
 HALF_LIFE = 32     # steps after which an observation weighs half
+BIAS_RATE = 0.1    # how fast the correction of the fit (below) follows the paced steps
 MIN_CHUNK = 16     # prompt tokens a step still takes when the decodes fill the target (prompts under way finish)
 
 
@@ -31,11 +38,17 @@ class TpotTarget:
         self._decay = 0.5 ** (1.0 / half_life)
         self._w = self._x = self._y = self._xx = self._xy = 0.0   # weighted sums of 1, T, s, T^2, T*s
         self.num_observed = 0
+        self.bias = 1.0      # measured / predicted seconds of the paced steps (running mean)
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
-        """One step: the tokens it carried and the seconds from its start to the next step's."""
+    def observe(self, num_tokens: int, seconds: float, paced: bool = True) -> None:
+        """One step: the tokens it carried, the seconds from its start to the next step's, and whether it
+        carried decodes (was paced)."""
         if num_tokens <= 0 or not seconds > 0:
             return
+        predicted = self.predict(num_tokens)
+        if paced and predicted:
+            ratio = min(2.0, max(0.5, seconds / predicted))
+            self.bias += BIAS_RATE * (ratio - self.bias)
         d = self._decay
         x, y = float(num_tokens), seconds
         self._w = self._w * d + 1.0
@@ -59,17 +72,23 @@ class TpotTarget:
         # One step size so far, or a fit the noise bent: every second on the tokens.
         return 0.0, self._y / self._x
 
+    def predict(self, num_tokens: int) -> float | None:
+        """Seconds of a step of num_tokens by the fit alone (no correction); None before any step."""
+        c = self.cost()
+        return None if c is None else c[0] + c[1] * num_tokens
+
     def tokens_within(self) -> int | None:
         """Tokens a step can carry and still end inside the target (with headroom); None until measured."""
         c = self.cost()
         if c is None:
             return None
         per_step, per_token = c
-        return max(0, math.floor((self.target_s * HEADROOM - per_step) / per_token))
+        return max(0, math.floor((self.target_s * HEADROOM / self.bias - per_step) / per_token))
 
     def describe(self) -> dict:
         c = self.cost()
         return {"target_ms": self.target_s * 1e3, "steps_observed": self.num_observed,
                 "step_ms": None if c is None else round(c[0] * 1e3, 3),
                 "token_ms": None if c is None else round(c[1] * 1e3, 4),
+                "correction": round(self.bias, 4),
                 "tokens_within_target": self.tokens_within()}
