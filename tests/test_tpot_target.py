@@ -7,42 +7,47 @@ from kvloom.config import EngineConfig
 from kvloom.engine.engine import Engine
 from kvloom.engine.request import Request, RequestStatus
 from kvloom.engine.scheduler import Scheduler
+from kvloom.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from kvloom.engine.tpot_target import HEADROOM, MIN_CHUNK, TpotTarget
 from kvloom.errors import KvloomError
 from kvloom.kv.block_pool import BlockPool
 from kvloom.sampling_params import SamplingParams
 
 
-def test_the_fit_recovers_a_linear_step_cost_and_the_tokens_it_leaves():
+def test_the_fit_recovers_a_step_cost_of_decode_rows_and_prompt_tokens_and_what_it_leaves():
     t = TpotTarget(0.1)
-    assert t.tokens_within() is None                    # nothing measured: no limit yet
-    for i in range(40):
-        n = 20 + (i * 37) % 400
-        t.observe(n, 0.004 + 0.0002 * n)
-    per_step, per_token = t.cost()
-    assert per_step == pytest.approx(0.004, rel=1e-6) and per_token == pytest.approx(0.0002, rel=1e-6)
-    assert t.tokens_within() == int((0.1 * HEADROOM - 0.004) / 0.0002)
-    assert t.describe()["tokens_within_target"] == t.tokens_within()
+    assert t.prompt_tokens_within(10) is None and t.admits(1000)   # nothing measured: no limit yet
+    for i in range(60):
+        d, p = (i * 7) % 40, (i * 37) % 300
+        t.observe(d, p, 0.004 + 0.0025 * d + 0.001 * p)
+    per_step, per_decode, per_prompt = t.cost()
+    assert per_step == pytest.approx(0.004, rel=1e-4) and per_decode == pytest.approx(0.0025, rel=1e-4)
+    assert per_prompt == pytest.approx(0.001, rel=1e-4)
+    assert t.correction == pytest.approx(1.0, abs=1e-3)     # an exact fit leaves ~nothing to correct
+    assert t.prompt_tokens_within(20) == pytest.approx((0.1 * HEADROOM - 0.004 - 0.0025 * 20) / 0.001, abs=1)
+    seats = int((0.1 * HEADROOM - 0.004 - 0.001 * MIN_CHUNK) / 0.0025)    # running requests that fit
+    assert t.admits(seats - 2) and not t.admits(seats + 1)
+    assert t.describe()["decode_row_ms"] == pytest.approx(2.5)
 
 
-def test_one_step_size_puts_every_second_on_its_tokens():
+def test_one_mix_of_steps_puts_every_second_on_its_tokens():
     t = TpotTarget(0.05)
     for _ in range(5):
-        t.observe(100, 0.02)
-    assert t.cost() == (0.0, pytest.approx(0.0002))
-    assert t.tokens_within() == int(0.05 * HEADROOM / 0.0002)
+        t.observe(0, 100, 0.02)                             # prompt-only steps of one size: nothing tells them apart
+    assert t.cost() == (0.0, pytest.approx(0.0002), pytest.approx(0.0002))
+    assert t.prompt_tokens_within(0) == int(0.05 * HEADROOM / 0.0002)
 
 
 def test_the_fit_follows_a_host_that_slows_down():
     t = TpotTarget(0.1)
-    for i in range(200):
-        n = 50 + (i * 53) % 300
-        t.observe(n, 0.001 * n)
-    fast = t.tokens_within()
-    for i in range(200):                               # the host now takes twice as long per token
-        n = 50 + (i * 53) % 300
-        t.observe(n, 0.002 * n)
-    assert t.tokens_within() == pytest.approx(fast / 2, abs=2)
+    for slowdown in (1, 2):                                 # the host then takes twice as long for everything
+        for i in range(200):
+            d, p = (i * 7) % 40, (i * 53) % 300
+            t.observe(d, p, slowdown * (0.002 + 0.002 * d + 0.001 * p))
+        if slowdown == 1:
+            fast = t.prompt_tokens_within(10)
+    assert t.prompt_tokens_within(10) == pytest.approx((0.1 * HEADROOM - 0.004 - 0.004 * 10) / 0.002, abs=2)
+    assert fast == pytest.approx((0.1 * HEADROOM - 0.002 - 0.02) / 0.001, abs=2)
 
 
 def test_bad_targets_are_refused():
@@ -63,19 +68,22 @@ def _burst(target_s: float | None, num_requests=30, prompt=40, max_tokens=24, st
     s = Scheduler(pool, block_size=4, max_num_seqs=64, max_num_batched_tokens=256)
     s.tpot = TpotTarget(target_s) if target_s else None
     if s.tpot is not None:          # the host's cost, as the engine's first steps would have measured it
-        for n in (10, 100):
-            s.tpot.observe(n, 0.002 + 0.001 * n)
+        for d, p in ((0, 100), (10, 0), (5, 40)):
+            plan = SchedulerOutput(decodes=[None] * d, spans=[ScheduledChunk("x", [0] * p, 0, [], True)] if p else [])
+            s.tpot.observe(d, p, step_seconds(plan), paced=False)
     for i in range(num_requests):
         s.add(Request(str(i), list(range(1, prompt + 1)), SamplingParams(max_tokens=max_tokens), max_tokens, 0.0, None))
     clock, first, last, plans = 0.0, {}, {}, []
     while s.has_unfinished():
-        within = s.tpot.tokens_within() if s.tpot else None   # what this step is planned with
+        running = len(s.running)
         plan = s.schedule()
+        # What this step was planned with: the prompt tokens its decodes left room for.
+        room = s.tpot.prompt_tokens_within(len(plan.decodes)) if s.tpot else None
         seconds = step_seconds(plan)
         clock += seconds
         if s.tpot is not None:
-            s.tpot.observe(plan.num_tokens, seconds, paced=bool(plan.decodes))
-        plans.append((plan, within))
+            s.tpot.observe(len(plan.decodes), plan.num_tokens - len(plan.decodes), seconds, paced=bool(plan.decodes))
+        plans.append((plan, room))
         s.update(plan, {c.request_id: 7 for c in plan.chunks if c.sample})
         for c in plan.chunks:
             r = s.requests[c.request_id]
@@ -95,19 +103,16 @@ def test_steps_with_decodes_keep_the_target_that_a_plain_budget_misses():
     assert max(plain.values()) > 0.06                   # the workload does break a 60 ms target unpaced
     paced, plans = _burst(0.06)
     assert max(paced.values()) <= 0.06
-    for plan, within in plans:
-        if plan.decodes and within is not None:
-            prompt_tokens = plan.num_tokens - len(plan.decodes)
-            assert prompt_tokens <= max(MIN_CHUNK, within - len(plan.decodes))
+    for plan, room in plans:
+        if plan.decodes:
+            assert plan.num_tokens - len(plan.decodes) <= max(MIN_CHUNK, room)
 
 
 def test_when_decodes_fill_the_target_new_requests_wait_and_prompts_under_way_finish():
-    # 1 ms a token and a 40 ms target leave 34 tokens: one more is admitted while 17 or fewer run.
+    # 1 ms a token and a 40 ms target: 2 + (R + 1) + 16 <= 36 admits one more while 17 or fewer run.
     tpot, plans = _burst(0.04, num_requests=40, prompt=12, max_tokens=30)
-    within = int((0.04 * HEADROOM - 0.002) / 0.001)
-    assert all(w == pytest.approx(within, abs=1) for _, w in plans)
     running = [len(p.decodes) + len(p.spans) for p, _ in plans]
-    assert max(running) == within - MIN_CHUNK                  # the queue waited (40 requests came at once)
+    assert max(running) == 18                              # the queue waited (40 requests came at once)
     assert max(tpot.values()) <= 0.04
 
 
@@ -141,7 +146,8 @@ def test_engine_outputs_are_the_same_paced_or_not_and_the_fit_learns(tiny_model_
     # A target below any step's time: every step with decodes takes the smallest prompt chunk and admits no one.
     paced, engine = run(tpot_target_ms=0.001)
     assert paced == plain
-    assert engine.tpot.num_observed > 10 and engine.tpot.tokens_within() == 0
+    assert engine.tpot.num_observed > 10 and engine.tpot.prompt_tokens_within(1) == 0
+    assert not engine.tpot.admits(1)
     assert engine.pool.num_free == engine.num_blocks
 
 

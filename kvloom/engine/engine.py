@@ -93,7 +93,7 @@ class Engine:
         self.scheduler.speculator = self.speculator
         self.tpot = TpotTarget(config.tpot_target_ms / 1e3) if config.tpot_target_ms else None
         self.scheduler.tpot = self.tpot
-        self._last_step: tuple | None = None   # (tokens, had decodes, start, end): the TPOT fit's next point
+        self._last_step: tuple | None = None   # (decodes, other tokens, start, end): the TPOT fit's next point
         self._states: dict[str, OutputState] = {}
         self._pending_forks: dict[str, list[Request]] = {}   # parent id -> samples 1..n-1, made at its first token
         self._family: dict[str, list[str]] = {}              # parent id -> ids of all its samples
@@ -752,17 +752,17 @@ class Engine:
         if self.speculator is not None:   # after the outputs: a drafted step's extra tokens cost text too
             self.speculator.record_step(plan, result.token_ids, time.perf_counter() - started)
         if self.tpot is not None:
-            self._last_step = (plan.num_tokens, bool(plan.decodes), started, time.perf_counter())
+            self._last_step = (len(plan.decodes), plan.num_tokens - len(plan.decodes), started, time.perf_counter())
         return outputs
 
     def _observe_pace(self, now: float) -> None:
         """The step before, from its start to this one's: what a request decoding in it waited for its token.
         A gap longer than the step itself is not the loop's work between steps (the engine idled, or a
         fine-tuning slice ran): then the step's own time."""
-        tokens, paced, start, end = self._last_step
+        decodes, prompt_tokens, start, end = self._last_step
         self._last_step = None
         between = now - end < end - start and not (self.trainer is not None and self.trainer.active)
-        self.tpot.observe(tokens, (now if between else end) - start, paced)
+        self.tpot.observe(decodes, prompt_tokens, (now if between else end) - start, paced=decodes > 0)
 
     def _end_with_error(self, parent: str, why: str) -> list[RequestOutput]:
         """End every sample of a request with finish_reason "error" and free its blocks."""

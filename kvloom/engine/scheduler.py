@@ -201,9 +201,10 @@ class Scheduler:
             scheduled.add(req.request_id)
             budget -= 1
 
-        within = None if self.tpot is None else self.tpot.tokens_within()
-        if within is not None and out.decodes:               # keep the decoders' pace (engine/tpot_target.py)
-            budget = min(budget, max(self.tpot.min_chunk, within - len(out.decodes)))
+        if self.tpot is not None and out.decodes:            # keep the decoders' pace (engine/tpot_target.py)
+            room = self.tpot.prompt_tokens_within(len(out.decodes))
+            if room is not None:
+                budget = min(budget, max(self.tpot.min_chunk, room))
 
         for req in list(self.running):                       # 2. prompts already under way
             if budget == 0:
@@ -218,7 +219,7 @@ class Scheduler:
                 budget -= n
 
         while budget > 0:                                    # 3. admissions
-            if within is not None and self.running and len(self.running) + 1 + self.tpot.min_chunk > within:
+            if self.tpot is not None and self.running and not self.tpot.admits(len(self.running)):
                 break   # a new request decodes in every later step: only while they stay inside the target
             req = self._next_waiting()
             if req is None or (len(self.running) >= self.max_num_seqs and not self._preempt_paused(out)):

@@ -1,32 +1,35 @@
 """Holding the time per output token under a target, on whatever host the engine runs.
 
 A step that carries decodes is the next inter-token gap of every request decoding in it, so its prompt
-chunks get only the tokens the target leaves. What a step of T tokens costs is learned from the steps
-themselves: seconds = per_step + per_token * T, an exponentially weighted least-squares fit over the
-recent steps (each observed from its start to the next step's, so the work between steps counts too).
-It follows the host's speed, the context lengths and the mix of the batch as they change; a fixed token
-budget holds a target on the host it was tuned on only (the same burst ran at TPOT p99 87-90 ms one
-evening and 127-159 ms the next, on the same code).
+chunks get only the time the target leaves. What a step costs is learned from the steps themselves:
+seconds = per_step + per_decode * D + per_prompt_token * P for D decode rows and P prompt (or draft) tokens,
+an exponentially weighted least-squares fit over the recent steps, each observed from its start to the next
+step's, so the work between steps counts too. It follows the host's speed, the context lengths and the mix
+of the batch as they change; a fixed token budget holds a target on the host it was tuned on only (the avx2
+burst's TPOT p99 was 87-90 ms in one sitting and 120-159 ms three hours later, the VM that much slower:
+docs/performance.md, issue 14).
 
-One line through every step's cost is not exact: a decode row costs more than a prompt token (its logits
-and its attention over the context), and the prompt-only steps at the start of a burst pull the line their
-way. So the steps that carry decodes, the ones the target paces, also keep a correction: the running mean of
-their measured time over the fit's prediction for them, which scales the fit where the pacing works (without
-it, the avx2 burst's paced steps ran ~5% over their plan: docs/results/cpu_class/tpot_target_first_fit/).
+Decode rows and prompt tokens are apart because they cost apart: a decode row brings its logits and its
+attention over the whole context (the avx2 burst's fit: 2.1 ms a decode row, 1.0 ms a prompt token,
+docs/results/cpu_class/tpot_target_avx2/). One line through all tokens ran the avx2 burst's paced steps ~5%
+over their plan (docs/results/cpu_class/tpot_target_first_fit/), and even with the correction below it
+held the target at 24-26% of the burst's throughput where the two-feature fit costs 15-16%. What the fit
+still misses, the paced steps correct: the running mean of their measured time over the fit's prediction
+scales the fit.
 
-When the decodes alone fill the target, no new request is admitted until some finish, so the requests
-running keep their pace while new ones wait in the queue; prompts already under way still take a small
-chunk a step, so they finish. A step without decodes (prompts only) has nobody's pace to keep and takes
-the whole token budget.
+When the decodes fill the target, no new request is admitted until some finish, so the requests running
+keep their pace while new ones wait in the queue; prompts already under way still take a small chunk a
+step, so they finish. A step without decodes (prompts only) has nobody's pace to keep and takes the whole
+token budget.
 """
 from __future__ import annotations
 
 import math
 
-HEADROOM = 0.9     # aim below the target: a request's TPOT is the mean of its steps, and the fit is an estimate
-HALF_LIFE = 32     # steps after which an observation weighs half
-BIAS_RATE = 0.1    # how fast the correction of the fit (below) follows the paced steps
-MIN_CHUNK = 16     # prompt tokens a step still takes when the decodes fill the target (prompts under way finish)
+HEADROOM = 0.9          # aim below the target: a request's TPOT is the mean of its steps, and the fit is an estimate
+HALF_LIFE = 32          # steps after which an observation weighs half
+CORRECTION_RATE = 0.1   # how fast the fit's correction (above) follows the paced steps
+MIN_CHUNK = 16          # prompt tokens a step still takes when the decodes fill the target (prompts under way finish)
 
 
 class TpotTarget:
@@ -36,59 +39,84 @@ class TpotTarget:
         self.target_s = target_s
         self.min_chunk = min_chunk
         self._decay = 0.5 ** (1.0 / half_life)
-        self._w = self._x = self._y = self._xx = self._xy = 0.0   # weighted sums of 1, T, s, T^2, T*s
+        self._m = [[0.0] * 3 for _ in range(3)]   # weighted sums of f f^T, f = (1, decodes, prompt tokens)
+        self._v = [0.0] * 3                       # weighted sums of f * seconds
         self.num_observed = 0
-        self.bias = 1.0      # measured / predicted seconds of the paced steps (running mean)
+        self.correction = 1.0   # measured / predicted seconds of the paced steps (running mean)
 
-    def observe(self, num_tokens: int, seconds: float, paced: bool = True) -> None:
-        """One step: the tokens it carried, the seconds from its start to the next step's, and whether it
-        carried decodes (was paced)."""
-        if num_tokens <= 0 or not seconds > 0:
+    def observe(self, num_decodes: int, num_prompt_tokens: int, seconds: float, paced: bool = True) -> None:
+        """One step: its decode rows, its other tokens (prompt chunks, drafts), the seconds from its start to
+        the next step's, and whether it was paced (carried decodes)."""
+        if num_decodes + num_prompt_tokens <= 0 or not seconds > 0:
             return
-        predicted = self.predict(num_tokens)
+        predicted = self.predict(num_decodes, num_prompt_tokens)
         if paced and predicted:
             ratio = min(2.0, max(0.5, seconds / predicted))
-            self.bias += BIAS_RATE * (ratio - self.bias)
+            self.correction += CORRECTION_RATE * (ratio - self.correction)
+        f = (1.0, float(num_decodes), float(num_prompt_tokens))
         d = self._decay
-        x, y = float(num_tokens), seconds
-        self._w = self._w * d + 1.0
-        self._x = self._x * d + x
-        self._y = self._y * d + y
-        self._xx = self._xx * d + x * x
-        self._xy = self._xy * d + x * y
+        for i in range(3):
+            self._v[i] = self._v[i] * d + f[i] * seconds
+            for j in range(3):
+                self._m[i][j] = self._m[i][j] * d + f[i] * f[j]
         self.num_observed += 1
 
-    def cost(self) -> tuple[float, float] | None:
-        """(seconds per step, seconds per token) of the fit; None before any step was observed."""
+    def cost(self) -> tuple[float, float, float] | None:
+        """(seconds per step, per decode row, per prompt token); None before any step was observed."""
         if self.num_observed == 0:
             return None
-        mx, my = self._x / self._w, self._y / self._w
-        var = self._xx / self._w - mx * mx
-        if var > 1e-6 * mx * mx:
-            per_token = (self._xy / self._w - mx * my) / var
-            per_step = my - per_token * mx
-            if per_token > 0 and per_step >= 0:
-                return per_step, per_token
-        # One step size so far, or a fit the noise bent: every second on the tokens.
-        return 0.0, self._y / self._x
+        m, v = self._m, self._v
+        ridge = 1e-12 * (m[0][0] + m[1][1] + m[2][2])   # keeps the solve defined; moves no real fit
+        fit = _solve3([[m[i][j] + (ridge if i == j else 0.0) for j in range(3)] for i in range(3)], v)
+        if fit is not None and fit[1] > 0 and fit[2] > 0:
+            return max(0.0, fit[0]), fit[1], fit[2]
+        # One mix of steps so far, or a fit the noise bent: every second on the tokens, alike.
+        per_token = v[0] / (m[0][1] + m[0][2])
+        return 0.0, per_token, per_token
 
-    def predict(self, num_tokens: int) -> float | None:
-        """Seconds of a step of num_tokens by the fit alone (no correction); None before any step."""
+    def predict(self, num_decodes: int, num_prompt_tokens: int) -> float | None:
+        """Seconds of such a step by the fit alone (no correction); None before any step."""
         c = self.cost()
-        return None if c is None else c[0] + c[1] * num_tokens
+        return None if c is None else c[0] + c[1] * num_decodes + c[2] * num_prompt_tokens
 
-    def tokens_within(self) -> int | None:
-        """Tokens a step can carry and still end inside the target (with headroom); None until measured."""
+    def _room(self) -> float:
+        return self.target_s * HEADROOM / self.correction
+
+    def prompt_tokens_within(self, num_decodes: int) -> int | None:
+        """Prompt tokens a step with these decodes can carry inside the target; None until measured."""
         c = self.cost()
         if c is None:
             return None
-        per_step, per_token = c
-        return max(0, math.floor((self.target_s * HEADROOM / self.bias - per_step) / per_token))
+        return max(0, math.floor((self._room() - c[0] - c[1] * num_decodes) / c[2]))
+
+    def admits(self, num_running: int) -> bool:
+        """Whether one more running request (one more decode row in every later step, beside the smallest
+        prompt chunk) keeps the steps inside the target; True until measured."""
+        c = self.cost()
+        return c is None or c[0] + c[1] * (num_running + 1) + c[2] * self.min_chunk <= self._room()
 
     def describe(self) -> dict:
         c = self.cost()
         return {"target_ms": self.target_s * 1e3, "steps_observed": self.num_observed,
                 "step_ms": None if c is None else round(c[0] * 1e3, 3),
-                "token_ms": None if c is None else round(c[1] * 1e3, 4),
-                "correction": round(self.bias, 4),
-                "tokens_within_target": self.tokens_within()}
+                "decode_row_ms": None if c is None else round(c[1] * 1e3, 4),
+                "prompt_token_ms": None if c is None else round(c[2] * 1e3, 4),
+                "correction": round(self.correction, 4)}
+
+
+def _solve3(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """x with a x = b (3 x 3, Gaussian elimination with partial pivoting); None when a is singular."""
+    a = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-300:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(col + 1, 3):
+            k = a[r][col] / a[col][col]
+            for j in range(col, 4):
+                a[r][j] -= k * a[col][j]
+    x = [0.0] * 3
+    for i in (2, 1, 0):
+        x[i] = (a[i][3] - sum(a[i][j] * x[j] for j in range(i + 1, 3))) / a[i][i]
+    return x
