@@ -75,14 +75,16 @@ def _burst(target_s: float | None, num_requests=30, prompt=40, max_tokens=24, st
         s.add(Request(str(i), list(range(1, prompt + 1)), SamplingParams(max_tokens=max_tokens), max_tokens, 0.0, None))
     clock, first, last, plans = 0.0, {}, {}, []
     while s.has_unfinished():
-        running = len(s.running)
+        decoding = [r.request_id for r in s.running if r.num_uncomputed == 1 and r.output_token_ids]
+        slack = s.tpot.slack(decoding) if s.tpot else 0.0
         plan = s.schedule()
         # What this step was planned with: the prompt tokens its decodes left room for.
-        room = s.tpot.prompt_tokens_within(len(plan.decodes)) if s.tpot else None
+        room = s.tpot.prompt_tokens_within(len(plan.decodes), slack) if s.tpot else None
         seconds = step_seconds(plan)
         clock += seconds
         if s.tpot is not None:
-            s.tpot.observe(len(plan.decodes), plan.num_tokens - len(plan.decodes), seconds, paced=bool(plan.decodes))
+            s.tpot.observe(len(plan.decodes), plan.num_tokens - len(plan.decodes), seconds, paced=bool(plan.decodes),
+                           decoded=tuple(c.request_id for c in plan.decodes))
         plans.append((plan, room))
         s.update(plan, {c.request_id: 7 for c in plan.chunks if c.sample})
         for c in plan.chunks:
@@ -126,6 +128,21 @@ def test_the_correction_keeps_the_target_when_decode_rows_cost_more_than_prompt_
     assert max(paced.values()) <= 0.08
     # Not by starving the batch: the decodes reach ~what fits beside a 16-token chunk, (72 - 2 - 16) / 2.5 ms.
     assert max(len(p.decodes) for p, _ in plans) >= 19
+
+
+def test_decodes_under_the_target_bank_slack_that_prompt_chunks_spend(monkeypatch):
+    # Decode rows are cheap here (a 20-row decode step takes 22 ms of a 60 ms target), prompt tokens dear.
+    def step_seconds(plan):
+        return 0.002 + 0.002 * (plan.num_tokens - len(plan.decodes)) + 0.001 * len(plan.decodes)
+    with_slack, plans = _burst(0.06, num_requests=20, prompt=60, max_tokens=40, step_seconds=step_seconds)
+    assert max(with_slack.values()) <= 0.06
+    paced_steps = [step_seconds(p) for p, _ in plans if p.decodes]
+    assert max(paced_steps) > 0.06 * HEADROOM              # some steps spent banked time
+    monkeypatch.setattr(TpotTarget, "slack", lambda self, ids: 0.0)
+    every_step, strict = _burst(0.06, num_requests=20, prompt=60, max_tokens=40, step_seconds=step_seconds)
+    assert max(step_seconds(p) for p, _ in strict if p.decodes) <= 0.06
+    # Spending the slack finished the burst sooner: fewer, fuller steps.
+    assert sum(step_seconds(p) for p, _ in plans) < sum(step_seconds(p) for p, _ in strict)
 
 
 def test_engine_outputs_are_the_same_paced_or_not_and_the_fit_learns(tiny_model_dir):

@@ -752,7 +752,8 @@ class Engine:
         if self.speculator is not None:   # after the outputs: a drafted step's extra tokens cost text too
             self.speculator.record_step(plan, result.token_ids, time.perf_counter() - started)
         if self.tpot is not None:
-            self._last_step = (len(plan.decodes), plan.num_tokens - len(plan.decodes), started, time.perf_counter())
+            self._last_step = (tuple(c.request_id for c in plan.decodes), plan.num_tokens - len(plan.decodes), started,
+                               time.perf_counter())
         return outputs
 
     def _observe_pace(self, now: float) -> None:
@@ -762,7 +763,8 @@ class Engine:
         decodes, prompt_tokens, start, end = self._last_step
         self._last_step = None
         between = now - end < end - start and not (self.trainer is not None and self.trainer.active)
-        self.tpot.observe(decodes, prompt_tokens, (now if between else end) - start, paced=decodes > 0)
+        self.tpot.observe(len(decodes), prompt_tokens, (now if between else end) - start, paced=bool(decodes),
+                          decoded=decodes)
 
     def _end_with_error(self, parent: str, why: str) -> list[RequestOutput]:
         """End every sample of a request with finish_reason "error" and free its blocks."""

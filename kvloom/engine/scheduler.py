@@ -131,6 +131,8 @@ class Scheduler:
         if req is not None:
             (self.running if req.status == RequestStatus.RUNNING else self.waiting).remove(req)
             self._drop_adapter(req)
+            if self.tpot is not None:
+                self.tpot.forget(request_id)
         return req
 
     def _take_adapter(self, req: Request) -> bool:
@@ -202,7 +204,8 @@ class Scheduler:
             budget -= 1
 
         if self.tpot is not None and out.decodes:            # keep the decoders' pace (engine/tpot_target.py)
-            room = self.tpot.prompt_tokens_within(len(out.decodes))
+            slack = self.tpot.slack(c.request_id for c in out.decodes)
+            room = self.tpot.prompt_tokens_within(len(out.decodes), slack)
             if room is not None:
                 budget = min(budget, max(self.tpot.min_chunk, room))
 

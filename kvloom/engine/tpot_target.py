@@ -11,11 +11,15 @@ docs/performance.md, issue 14).
 
 Decode rows and prompt tokens are apart because they cost apart: a decode row brings its logits and its
 attention over the whole context (the avx2 burst's fit: 2.1 ms a decode row, 1.0 ms a prompt token,
-docs/results/cpu_class/tpot_target_avx2/). One line through all tokens ran the avx2 burst's paced steps ~5%
-over their plan (docs/results/cpu_class/tpot_target_first_fit/), and even with the correction below it
-held the target at 24-26% of the burst's throughput where the two-feature fit costs 15-16%. What the fit
-still misses, the paced steps correct: the running mean of their measured time over the fit's prediction
-scales the fit.
+docs/results/cpu_class/tpot_target_two_features_avx2/). One line through all tokens ran the avx2 burst's
+paced steps ~5% over their plan (docs/results/cpu_class/tpot_target_first_fit/). What the fit still
+misses, the paced steps correct: the running mean of their measured time over the fit's prediction scales
+the fit.
+
+The target is each request's mean, not each step's: a request that ran its steps under it has slack (the
+target times its steps so far, less their time), and a step may run over by the least slack among its
+decodes (a host whose plain decode steps beat the target banks time that prompt chunks then spend). Every
+request stays at or under the target after every step, so its TPOT ends there too.
 
 When the decodes fill the target, no new request is admitted until some finish, so the requests running
 keep their pace while new ones wait in the queue; prompts already under way still take a small chunk a
@@ -43,12 +47,18 @@ class TpotTarget:
         self._v = [0.0] * 3                       # weighted sums of f * seconds
         self.num_observed = 0
         self.correction = 1.0   # measured / predicted seconds of the paced steps (running mean)
+        self._paces: dict[str, list[float]] = {}   # request id -> [its decode steps, their seconds]
 
-    def observe(self, num_decodes: int, num_prompt_tokens: int, seconds: float, paced: bool = True) -> None:
+    def observe(self, num_decodes: int, num_prompt_tokens: int, seconds: float, paced: bool = True,
+                decoded: tuple[str, ...] = ()) -> None:
         """One step: its decode rows, its other tokens (prompt chunks, drafts), the seconds from its start to
-        the next step's, and whether it was paced (carried decodes)."""
+        the next step's, whether it was paced (carried decodes), and the requests that decoded in it."""
         if num_decodes + num_prompt_tokens <= 0 or not seconds > 0:
             return
+        for rid in decoded:
+            pace = self._paces.setdefault(rid, [0.0, 0.0])
+            pace[0] += 1
+            pace[1] += seconds
         predicted = self.predict(num_decodes, num_prompt_tokens)
         if paced and predicted:
             ratio = min(2.0, max(0.5, seconds / predicted))
@@ -79,15 +89,30 @@ class TpotTarget:
         c = self.cost()
         return None if c is None else c[0] + c[1] * num_decodes + c[2] * num_prompt_tokens
 
-    def _room(self) -> float:
-        return self.target_s * HEADROOM / self.correction
+    def forget(self, request_id: str) -> None:
+        """The request has left (finished, aborted, moved): its pace no longer counts."""
+        self._paces.pop(request_id, None)
 
-    def prompt_tokens_within(self, num_decodes: int) -> int | None:
-        """Prompt tokens a step with these decodes can carry inside the target; None until measured."""
+    def slack(self, request_ids) -> float:
+        """Seconds the next step may run over the target and keep each of these requests' mean inside it:
+        the least of their slacks, at most one more target (a step of two targets at most)."""
+        goal = self.target_s * HEADROOM
+        least = goal
+        for rid in request_ids:
+            pace = self._paces.get(rid)   # none yet: its first decode step, no slack
+            least = min(least, 0.0 if pace is None else goal * pace[0] - pace[1])
+        return max(0.0, least)
+
+    def _room(self, slack: float = 0.0) -> float:
+        return (self.target_s * HEADROOM + slack) / self.correction
+
+    def prompt_tokens_within(self, num_decodes: int, slack: float = 0.0) -> int | None:
+        """Prompt tokens a step with these decodes can carry inside the target, running over it by at most
+        `slack` seconds (see slack()); None until measured."""
         c = self.cost()
         if c is None:
             return None
-        return max(0, math.floor((self._room() - c[0] - c[1] * num_decodes) / c[2]))
+        return max(0, math.floor((self._room(slack) - c[0] - c[1] * num_decodes) / c[2]))
 
     def admits(self, num_running: int) -> bool:
         """Whether one more running request (one more decode row in every later step, beside the smallest
