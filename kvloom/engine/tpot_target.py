@@ -18,8 +18,9 @@ the fit.
 
 The target is each request's mean, not each step's: a request that ran its steps under it has slack (the
 target times its steps so far, less their time), and a step may run over by the least slack among its
-decodes (a host whose plain decode steps beat the target banks time that prompt chunks then spend). Every
-request stays at or under the target after every step, so its TPOT ends there too.
+decodes, and by one target at most (a host whose plain decode steps beat the target banks time that
+prompt chunks then spend). As far as the fit predicts, every request stays at or under the target after
+every step, so its TPOT ends there too.
 
 When the decodes fill the target, no new request is admitted until some finish, so the requests running
 keep their pace while new ones wait in the queue; prompts already under way still take a small chunk a
