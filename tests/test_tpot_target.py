@@ -145,6 +145,24 @@ def test_decodes_under_the_target_bank_slack_that_prompt_chunks_spend(monkeypatc
     assert sum(step_seconds(p) for p, _ in plans) < sum(step_seconds(p) for p, _ in strict)
 
 
+def test_paused_samples_do_not_count_against_the_target_so_the_requests_they_wait_for_get_in():
+    # A search pauses its samples while another request runs: they decode in no step, so they fill no target.
+    pool = BlockPool(200)
+    s = Scheduler(pool, block_size=4, max_num_seqs=64, max_num_batched_tokens=64)
+    for i in range(6):
+        s.add(Request(f"p{i}", [1, 2, 3], SamplingParams(max_tokens=8), 8, 0.0, None))
+    s.update(s.schedule(), {f"p{i}": 7 for i in range(6)})
+    s.tpot = TpotTarget(0.01)                   # ~1.4 ms a token: six decodes fill the 9 ms goal
+    s.tpot.observe(2, 0, 0.003, paced=False)
+    s.tpot.observe(4, 8, 0.017, paced=False)
+    assert len(s.running) == 6 and not s.tpot.admits(6)
+    for r in s.running:
+        r.paused = True
+    s.add(Request("next", [4, 5, 6], SamplingParams(max_tokens=8), 8, 0.0, None))
+    plan = s.schedule()
+    assert [c.request_id for c in plan.spans] == ["next"]
+
+
 def test_engine_outputs_are_the_same_paced_or_not_and_the_fit_learns(tiny_model_dir):
     prompts = [[(7 * i + j) % 200 + 3 for j in range(5 + 3 * i)] for i in range(12)]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -221,8 +221,9 @@ class Scheduler:
                 scheduled.add(req.request_id)
                 budget -= n
 
+        pacing = sum(not r.paused for r in self.running)    # the requests whose decodes fill later steps
         while budget > 0:                                    # 3. admissions
-            if self.tpot is not None and self.running and not self.tpot.admits(len(self.running)):
+            if self.tpot is not None and pacing and not self.tpot.admits(pacing):
                 break   # a new request decodes in every later step: only while they stay inside the target
             req = self._next_waiting()
             if req is None or (len(self.running) >= self.max_num_seqs and not self._preempt_paused(out)):
@@ -246,6 +247,7 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.time()
             bisect.insort(self.running, req, key=_order)
+            pacing += 1
             # One token left of one that ran before (moved here, or a fork that waited): a plain decode.
             batched = n == req.num_uncomputed == 1 and req.output_token_ids
             (out.decodes if batched else out.spans).append(self._chunk(req, n))
