@@ -11,15 +11,10 @@ CLASS=$1 LLAMA=$2 OUT=$3 ROUNDS=${4:-2}
 GGUF=${5:-$(python -c "from kvloom.models.model_source import default_model_path as d; print(d())")}
 PORT=${PORT:-8137}
 mkdir -p "$OUT"
-if [ "$CLASS" = avx2 ]; then
-  export KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2
-fi
-export HF_HUB_OFFLINE=1
-grep -o 'avx512[a-z_]*\|avx2\|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ' > "$OUT/cpu_flags.txt"
+source "$(dirname "$0")/servers.sh"
+cap_class "$CLASS" "$OUT"
 "$LLAMA/llama-bench" --version > "$OUT/llama_version.txt" 2>&1 || true
 python -m kvloom.kernels build > "$OUT/kernels.txt" 2>&1
-
-source "$(dirname "$0")/servers.sh"
 
 serve_runs() {  # $1: round; each serving figure for kvloom, then for llama-server
   local r=$1 url="http://127.0.0.1:$PORT"

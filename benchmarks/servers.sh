@@ -1,5 +1,6 @@
 # Sourced by the side-by-side benchmark scripts: start a fresh kvloom or llama-server on $GGUF at $PORT
 # ($LLAMA: llama.cpp's bin folder) and wait until it answers; the caller kills "$server" when done.
+# cap_class: a run's CPU class and the flags it ran with.
 wait_for() { for _ in $(seq 900); do curl -sf "$1" > /dev/null && return 0; sleep 1; done; return 1; }
 
 start_server() {  # $1: kvloom | llama, $2: log file, $3: llama-server's context (tokens over its 16 slots)
@@ -11,4 +12,12 @@ start_server() {  # $1: kvloom | llama, $2: log file, $3: llama-server's context
   fi
   server=$!
   wait_for "http://127.0.0.1:$PORT/health"
+}
+
+cap_class() {  # $1: native | avx2 (kvloom's kernels, PyTorch and oneDNN capped at AVX2), $2: OUT for cpu_flags.txt
+  if [ "$1" = avx2 ]; then
+    export KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2
+  fi
+  export HF_HUB_OFFLINE=1
+  grep -o 'avx512[a-z_]*\|avx2\|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ' > "$2/cpu_flags.txt"
 }

@@ -8,12 +8,8 @@ CLASS=$1 OUT=$2 PAIRS=${3:-2}
 GGUF=$(python -c "from kvloom.models.model_source import default_model_path as d; print(d())")
 PORT=${PORT:-8137}
 mkdir -p "$OUT"
-if [ "$CLASS" = avx2 ]; then
-  export KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2
-fi
-export HF_HUB_OFFLINE=1
-grep -o 'avx512[a-z_]*\|avx2\|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ' > "$OUT/cpu_flags.txt"
 source "$(dirname "$0")/servers.sh"
+cap_class "$CLASS" "$OUT"
 for r in $(seq "$PAIRS"); do
   for mode in on off; do
     flags=(); [ "$mode" = off ] && flags=(--tpot-target-ms 0)

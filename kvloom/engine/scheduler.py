@@ -221,7 +221,8 @@ class Scheduler:
                 scheduled.add(req.request_id)
                 budget -= n
 
-        pacing = sum(not r.paused for r in self.running)    # the requests whose decodes fill later steps
+        # The requests whose decodes fill later steps (paused samples decode in none).
+        pacing = 0 if self.tpot is None else sum(not r.paused for r in self.running)
         while budget > 0:                                    # 3. admissions
             if self.tpot is not None and pacing and not self.tpot.admits(pacing):
                 break   # a new request decodes in every later step: only while they stay inside the target

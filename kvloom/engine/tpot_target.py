@@ -47,6 +47,7 @@ class TpotTarget:
         self._m = [[0.0] * 3 for _ in range(3)]   # weighted sums of f f^T, f = (1, decodes, prompt tokens)
         self._v = [0.0] * 3                       # weighted sums of f * seconds
         self.num_observed = 0
+        self._cost: tuple[float, float, float] | None = None   # the fit of the sums above, solved once a step
         self.correction = 1.0   # measured / predicted seconds of the paced steps (running mean)
         self._paces: dict[str, list[float]] = {}   # request id -> [its decode steps, their seconds]
 
@@ -71,11 +72,13 @@ class TpotTarget:
             for j in range(3):
                 self._m[i][j] = self._m[i][j] * d + f[i] * f[j]
         self.num_observed += 1
+        self._cost = self._solve()
 
     def cost(self) -> tuple[float, float, float] | None:
         """(seconds per step, per decode row, per prompt token); None before any step was observed."""
-        if self.num_observed == 0:
-            return None
+        return self._cost
+
+    def _solve(self) -> tuple[float, float, float]:
         m, v = self._m, self._v
         ridge = 1e-12 * (m[0][0] + m[1][1] + m[2][2])   # keeps the solve defined; moves no real fit
         fit = _solve3([[m[i][j] + (ridge if i == j else 0.0) for j in range(3)] for i in range(3)], v)
