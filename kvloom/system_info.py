@@ -29,14 +29,14 @@ def stack_description() -> dict:
 
 
 def save_kernel_result(path: str, script: str, results: list, **fields) -> None:
-    """A native-kernel benchmark's result file: its command, the CPU class of the kernels it ran, the stack,
-    `fields` and the results."""
+    """A native-kernel benchmark's result file: its command (the script with this process's arguments), the
+    CPU class of the kernels it ran, the stack, `fields` and the results."""
     import json
+    import sys
     status = kernels_status()
     with open(path, "w") as f:
-        json.dump({"command": f"python {script} {path}", "cpu_class": status["isa"], "cpu_isa": status["cpu_isa"],
-                   "isa_request": status["isa_request"],
-                   "note": "2 shared cores; other agents were loading the machine", "stack": stack_description(),
+        json.dump({"command": " ".join(["python", script, *sys.argv[1:]]), "cpu_class": status["isa"],
+                   "cpu_isa": status["cpu_isa"], "isa_request": status["isa_request"], "stack": stack_description(),
                    **fields, "results": results}, f, indent=1)
 
 

@@ -341,8 +341,9 @@ def test_top_candidates_equal_a_stable_sort(kmod, vocab):
 
 @pytest.mark.parametrize("n,k", [(49_152 // 16 + 5, 576), (37, 70), (16, 64)])   # ragged groups, K not of 4
 def test_grouped_gemv_equals_the_int8_product(kmod, n, k):
-    """The grouped GEMV's int32 sums are the exact product's, for 1-6 rows; through w8a8_linear (the LM head's
-    call) a row's output has the same bits with or without the packed weights, alone or batched."""
+    """The grouped loop's int32 sums are the exact product's, for 1-6 rows and for row counts that fill tiles of
+    4 and leave 1-3 over; through w8a8_linear (the LM head's call) a row's output has the same bits with or
+    without the packed weights, alone or batched (13 rows: the AVX2 build's tiles, other builds' plain loop)."""
     if not kmod.int8_grouped_gemv_available():
         pytest.skip("this build has no grouped GEMV")
     g = torch.Generator().manual_seed(n)
@@ -350,16 +351,16 @@ def test_grouped_gemv_equals_the_int8_product(kmod, n, k):
     w[0] = -127                                    # extremes: the largest sums, and the sign trick's edge
     packed, sums = kmod.int8_pack_row_groups(w)
     assert torch.equal(sums, w.int().sum(1, dtype=torch.int32))
-    for m in range(1, 7):
+    for m in (*range(1, 7), 9, 13, 48):
         x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
         x[0] = 127
         want = x.int() @ w.int().t()
         assert torch.equal(kmod.int8_grouped_gemv(x, packed, sums, n), want), m
-    xf = torch.randn(4, k, generator=g)
+    xf = torch.randn(13, k, generator=g)
     scales, bias = torch.rand(n, generator=g), torch.randn(n, generator=g)
     plain = kmod.w8a8_linear(xf, w.t(), scales, bias)
     batched = kmod.w8a8_linear(xf, w.t(), scales, bias, packed=packed, row_sums=sums)
     assert torch.equal(batched, plain)
-    for i in range(4):
+    for i in (0, 3, 12):
         alone = kmod.w8a8_linear(xf[i:i + 1].contiguous(), w.t(), scales, bias, packed=packed, row_sums=sums)
         assert torch.equal(alone[0], plain[i]), i

@@ -43,6 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("xq"), py::arg("w_t"), py::arg("path") = "auto", nogil);
   m.def("set_int8_gemm", &set_int8_gemm, "which loop runs the w8a8 product above 16 rows: auto, native, int_mm");
   m.def("int8_gemm_path", &int8_gemm_path, "what computes the w8a8 product in this build on this CPU");
+  m.def("int8_grouped_path", &int8_grouped_path, "what computes the product of a layer with packed weights");
   m.def("top_candidates", &top_candidates, "per row, its largest values in order until a count and a mass are met",
         py::arg("values"), py::arg("counts"), py::arg("masses"), nogil);
   m.def("isa", &kernels_isa, "the instruction-set class the kernels were compiled for");

@@ -16,6 +16,7 @@ std::string q4_gemm_path();
 torch::Tensor int8_matmul(torch::Tensor xq, torch::Tensor w_t, std::string path);
 void set_int8_gemm(std::string mode);
 std::string int8_gemm_path();
+std::string int8_grouped_path();
 std::string kernels_isa();
 torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
                                    torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks,

@@ -206,9 +206,6 @@ constexpr int64_t kGemvMaxRows = 16;
 constexpr int64_t kGemvMaxRows = 2;
 #endif
 
-// The rows up to which the grouped GEMV (int8_grouped_gemv.cpp) takes a layer that has packed weights.
-constexpr int64_t kGroupedMaxRows = 4;
-
 // Which loop computes the int32 product (every one exact, so the choice never changes a result's bits):
 //   VNNI builds: the VNNI GEMV up to 16 rows, oneDNN's _int_mm above (its VNNI GEMM is the faster one there);
 //   other AVX2 builds: the AVX2 loop at every row count, unless this CPU has AVX-512 VNNI, where oneDNN
@@ -254,6 +251,22 @@ int64_t int_mm_above(GemmMode mode) {
 
 GemmMode gemm_mode() { return static_cast<GemmMode>(g_gemm_mode.load(std::memory_order_relaxed)); }
 
+// The rows up to which the grouped loop (int8_grouped_gemv.cpp) takes a layer that has packed weights (the LM
+// head): 4 on VNNI builds (the VNNI GEMV and oneDNN are faster above); on AVX2 builds every row count that
+// does not go to oneDNN's VNNI GEMM (a VNNI host), where its tiles of 4 rows ran the 49152 x 576 head 1.3-1.6x
+// as fast as the widened int16 loop at 16-48 rows (an AVX2 build capped as on an AVX2-only host).
+int64_t grouped_max_rows(GemmMode mode) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  (void)mode;
+  return 4;
+#elif defined(__AVX2__)
+  return int_mm_above(mode);
+#else
+  (void)mode;
+  return 0;
+#endif
+}
+
 // acc [M, N] int32 = xq [M, K] int8 @ w_t [K, N] int8 (w_t.t() contiguous: [N, K]).
 torch::Tensor int8_product(const torch::Tensor& xq, const torch::Tensor& w_t, GemmMode mode) {
   const torch::Tensor w = w_t.t();   // [N, K]
@@ -297,8 +310,8 @@ void dequant_row(const int32_t* a, float s, const float* cs, const float* bias, 
 // y = dequant(quant(x) @ w): x [M, K] float -> int8 per row (scale = absmax / 127), int8 GEMM to int32,
 // then y = acc * row_scale * col_scale (+ bias). One call for what is ten small ops in eager PyTorch.
 // With `residual`, y is added into it in place (h += linear(x)) and it is returned.
-// With `packed` and `row_sums` (int8_pack_row_groups of the same weights), up to kGroupedMaxRows rows take
-// the grouped GEMV: the same exact int32 sums, so the same bits.
+// With `packed` and `row_sums` (int8_pack_row_groups of the same weights), up to grouped_max_rows rows take
+// the grouped loop: the same exact int32 sums, so the same bits.
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_scales,
                           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual,
                           c10::optional<torch::Tensor> packed, c10::optional<torch::Tensor> row_sums) {
@@ -324,7 +337,7 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_
       sp[i] = scale;
     }
   });
-  const bool grouped = packed.has_value() && row_sums.has_value() && M <= kGroupedMaxRows &&
+  const bool grouped = packed.has_value() && row_sums.has_value() && M <= grouped_max_rows(gemm_mode()) &&
                        int8_grouped_gemv_available();
   torch::Tensor acc = grouped ? int8_grouped_gemv(xq, *packed, *row_sums, N) : int8_product(xq, w_t, gemm_mode());
   auto y = residual.has_value() ? *residual : torch::empty({M, N}, x.options());
@@ -363,6 +376,14 @@ void set_int8_gemm(std::string mode) {
   else if (mode == "native") g_gemm_mode = static_cast<int>(GemmMode::kNative);
   else if (mode == "int_mm") g_gemm_mode = static_cast<int>(GemmMode::kIntMm);
   else TORCH_CHECK(false, "set_int8_gemm: 'auto', 'native' or 'int_mm', not '", mode, "'");
+}
+
+// What computes the product of a layer that has packed weights (the LM head), for /server_info and the logs.
+std::string int8_grouped_path() {
+  const int64_t rows = grouped_max_rows(gemm_mode());
+  if (!int8_grouped_gemv_available() || rows <= 0) return int8_gemm_path();
+  if (rows == INT64_MAX) return "grouped 16-row loop (all rows)";
+  return "grouped 16-row loop (<=" + std::to_string(rows) + " rows), then " + int8_gemm_path();
 }
 
 // What computes the w8a8 product in this build on this CPU, for /server_info and the logs.

@@ -39,14 +39,15 @@ class W8A8Linear(nn.Module):
         self.register_buffer("weight", q.contiguous())
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
-        # The weights again in groups of 16 rows, for the grouped GEMV at 1-4 rows (pack_row_groups).
+        # The weights again in groups of 16 rows, for the grouped loop (pack_row_groups).
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("row_sums", None, persistent=False)
 
     def pack_row_groups(self) -> bool:
-        """Keep a second copy of the weights in the grouped GEMV's layout (kernels/int8_grouped_gemv.cpp) and
-        use it at 1-4 rows: the same bits, read faster. Meant for the LM head, whose batch-1 GEMV is a large
-        share of a decode step; it costs the weights' size again. False where the kernels cannot."""
+        """Keep a second copy of the weights in the grouped loop's layout (kernels/int8_grouped_gemv.cpp) and
+        use it at 1-4 rows (VNNI builds) or at every row count (AVX2 builds, unless oneDNN's VNNI GEMM takes the
+        larger batches): the same bits, computed faster. Meant for the LM head, a large share of a decode step;
+        it costs the weights' size again. False where the kernels cannot."""
         native = kernels() if self.native else None
         if native is None or not native.int8_grouped_gemv_available():
             return False
@@ -56,8 +57,9 @@ class W8A8Linear(nn.Module):
     @property
     def gemm_path(self) -> str:
         """Which loop runs this layer's int8 product (a string for /server_info and the logs)."""
-        path = w8a8_gemm_path(self.native)
-        return path if self.packed is None else f"grouped gemv (<=4 rows), then {path}"
+        if self.packed is None:
+            return w8a8_gemm_path(self.native)
+        return kernels().int8_grouped_path()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
