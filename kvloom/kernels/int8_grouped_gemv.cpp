@@ -49,10 +49,8 @@ std::vector<uint32_t> quads(const int8_t* x, int64_t M, int64_t K, uint8_t add) 
 // shift comes back out as 128 * the row's sum. Four accumulators a row over alternating steps hide
 // vpdpbusd's latency; the weights stream once, in order.
 template <int M>
-void groups_vnni(const int8_t* x, int64_t K, const int8_t* packed, const int32_t* row_sums, int64_t g0, int64_t g1,
-                 int64_t N, int32_t* out) {
-  const int64_t steps = (K + kQuad - 1) / kQuad;
-  const std::vector<uint32_t> xq = quads(x, M, K, 128);
+void groups_vnni(const uint32_t* xq, int64_t steps, const int8_t* packed, const int32_t* row_sums, int64_t g0,
+                 int64_t g1, int64_t N, int32_t* out) {
   for (int64_t g = g0; g < g1; ++g) {
     const int8_t* w = packed + g * kGroup * steps * kQuad;
     __m512i acc[M][4];
@@ -79,19 +77,20 @@ void groups_vnni(const int8_t* x, int64_t K, const int8_t* packed, const int32_t
     }
   }
 }
-constexpr int kTileRows = 4;   // activation rows a call of groups_vnni
+constexpr int kTileRows = 4;          // activation rows a call of groups_vnni
+constexpr uint8_t kQuadShift = 128;   // the activations enter unsigned
 
-void groups(const int8_t* x, int64_t M, int64_t K, const int8_t* packed, const int32_t* sums, int64_t g0, int64_t g1,
-            int64_t N, int32_t* out) {
+void groups(const uint32_t* xq, int64_t M, int64_t steps, const int8_t* packed, const int32_t* sums, int64_t g0,
+            int64_t g1, int64_t N, int32_t* out) {
   for (int64_t m = 0; m < M; m += kTileRows) {
     const int64_t rows = std::min<int64_t>(kTileRows, M - m);
-    const int8_t* xm = x + m * K;
+    const uint32_t* xm = xq + m * steps;
     int32_t* om = out + m * N;
     switch (rows) {
-      case 1: groups_vnni<1>(xm, K, packed, sums, g0, g1, N, om); break;
-      case 2: groups_vnni<2>(xm, K, packed, sums, g0, g1, N, om); break;
-      case 3: groups_vnni<3>(xm, K, packed, sums, g0, g1, N, om); break;
-      case 4: groups_vnni<4>(xm, K, packed, sums, g0, g1, N, om); break;
+      case 1: groups_vnni<1>(xm, steps, packed, sums, g0, g1, N, om); break;
+      case 2: groups_vnni<2>(xm, steps, packed, sums, g0, g1, N, om); break;
+      case 3: groups_vnni<3>(xm, steps, packed, sums, g0, g1, N, om); break;
+      case 4: groups_vnni<4>(xm, steps, packed, sums, g0, g1, N, om); break;
       default: break;
     }
   }
@@ -127,14 +126,13 @@ void group_tile_avx2(const uint32_t* xq, int64_t steps, const int8_t* w, int32_t
 // of 4 rows (4 x 2 accumulators, the group's two halves and their absolute values fill the 16 ymm registers).
 // On the LM head (49152 x 576) this ran 1.23-1.36x as fast as the widened int16 loop in w8a8_linear.cpp at
 // 16-64 rows and 1.68x at 8 (benchmarks/lm_head_gemv.py); at 1-4 rows about as fast as one row pair at a time.
-void groups(const int8_t* x, int64_t M, int64_t K, const int8_t* packed, const int32_t*, int64_t g0, int64_t g1,
-            int64_t N, int32_t* out) {
-  const int64_t steps = (K + kQuad - 1) / kQuad;
-  const std::vector<uint32_t> xq = quads(x, M, K, 0);
+constexpr uint8_t kQuadShift = 0;   // the sign trick takes the activations as they are
+
+void groups(const uint32_t* xm, int64_t M, int64_t steps, const int8_t* packed, const int32_t*, int64_t g0,
+            int64_t g1, int64_t N, int32_t* out) {
   for (int64_t g = g0; g < g1; ++g) {
     const int8_t* w = packed + g * kGroup * steps * kQuad;
     const int64_t n = g * kGroup, cnt = std::min<int64_t>(kGroup, N - n);
-    const uint32_t* xm = xq.data();
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) group_tile_avx2<4>(xm + m * steps, steps, w, out + m * N + n, N, cnt);
     switch (M - m) {
@@ -147,7 +145,6 @@ void groups(const int8_t* x, int64_t M, int64_t K, const int8_t* packed, const i
 }
 #define KVLOOM_HAS_GROUPS
 #endif
-
 
 }  // namespace
 
@@ -198,7 +195,8 @@ torch::Tensor int8_grouped_gemv(torch::Tensor xq, torch::Tensor packed, torch::T
   const int8_t* pp = packed.data_ptr<int8_t>();
   const int32_t* sp = row_sums.data_ptr<int32_t>();
   int32_t* op = out.data_ptr<int32_t>();
-  at::parallel_for(0, groups_n, 16, [&](int64_t b, int64_t e) { groups(xp, M, K, pp, sp, b, e, N, op); });
+  const std::vector<uint32_t> xw = quads(xp, M, K, kQuadShift);   // once, shared by the threads
+  at::parallel_for(0, groups_n, 16, [&](int64_t b, int64_t e) { groups(xw.data(), M, steps, pp, sp, b, e, N, op); });
 #else
   TORCH_CHECK(false, "int8_grouped_gemv: this build has no grouped loop (it needs AVX2 or AVX-512 VNNI)");
 #endif

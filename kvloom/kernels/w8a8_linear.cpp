@@ -253,8 +253,8 @@ GemmMode gemm_mode() { return static_cast<GemmMode>(g_gemm_mode.load(std::memory
 
 // The rows up to which the grouped loop (int8_grouped_gemv.cpp) takes a layer that has packed weights (the LM
 // head): 4 on VNNI builds (the VNNI GEMV and oneDNN are faster above); on AVX2 builds every row count that
-// does not go to oneDNN's VNNI GEMM (a VNNI host), where its tiles of 4 rows ran the 49152 x 576 head 1.3-1.6x
-// as fast as the widened int16 loop at 16-48 rows (an AVX2 build capped as on an AVX2-only host).
+// does not go to oneDNN's VNNI GEMM (a VNNI host), where its tiles of 4 rows ran the 49152 x 576 head 1.23-1.36x
+// as fast as the widened int16 loop at 16-64 rows (an AVX2 build capped as on an AVX2-only host).
 int64_t grouped_max_rows(GemmMode mode) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   (void)mode;
