@@ -3,9 +3,9 @@
 --isa     the class to build and time (native, avx2, avx512, avx512_vnni, baseline; default native: the
           engine's build); --only attention|linears|gemm runs one section.
 
-decode attention  KV read speed over the float pool for a few (sequences, context) shapes, each call
-                  over one of four layers' pools (41 MB each, so the KV comes from memory, not cache);
-                  blocks scattered at random as a long-running pool leaves them.
+decode attention  KV read speed over the float32 and the float16 pool for a few (sequences, context)
+                  shapes, each call over one of four layers' pools (50 / 25 MB each, so the KV comes from
+                  memory, not cache); blocks scattered at random as a long-running pool leaves them.
 int8 products     GOP/s of the int32 product alone on SmolLM2-135M's shapes (576 -> 960 q/k/v, 576 -> 576 o,
                   576 -> 3072 gate/up, 1536 -> 576 down, 576 -> 49152 head) at 1, 4, 16 rows (decode GEMV)
                   and 128, 512 (prefill GEMM): the build's own loop (`native`: its loop at any row count;
@@ -41,18 +41,25 @@ def best_of(fn, repeats: int) -> float:
 
 def attention(native) -> None:
     num_blocks, kvh, bs, d, heads = 4096, 3, 16, 64, 9
-    pools = [(torch.randn(num_blocks, kvh, bs, d), torch.randn(num_blocks, kvh, bs, d)) for _ in range(4)]
-    for n, ctx in ((1, 200), (32, 200), (64, 200), (32, 1000)):
+    pools = {torch.float32: [(torch.randn(num_blocks, kvh, bs, d), torch.randn(num_blocks, kvh, bs, d))
+                             for _ in range(4)]}
+    pools[torch.float16] = [(k.half(), v.half()) for k, v in pools[torch.float32]]
+    for n, ctx in ((1, 200), (32, 200), (48, 164), (64, 200), (32, 1000)):
         width = -(-ctx // bs)
         tables = torch.randperm(num_blocks)[: n * width].view(n, width)
         lens, q = torch.full((n,), ctx), torch.randn(n, heads, d)
-
-        def run():
-            for k, v in pools:
-                native.decode_attention_f32(q, k, v, tables, lens, 0.125)
-        per_layer = best_of(run, 20) / len(pools)
-        read = n * ctx * kvh * d * 4 * 2
-        print(f"attention  {n:3d} x {ctx:4d} tokens: {per_layer * 1e3:6.3f} ms a layer, {read / per_layer / 1e9:5.1f} GB/s")
+        per_layer = {}
+        for dtype, layers in pools.items():
+            def run():
+                for k, v in layers:
+                    native.decode_attention_f32(q, k, v, tables, lens, 0.125)
+            per_layer[dtype] = best_of(run, 20) / len(layers)
+        line = []
+        for dtype, seconds in per_layer.items():
+            read = n * ctx * kvh * d * dtype.itemsize * 2
+            line.append(f"{str(dtype)[6:]} {seconds * 1e3:6.3f} ms a layer, {read / seconds / 1e9:5.1f} GB/s")
+        print(f"attention  {n:3d} x {ctx:4d} tokens: {'; '.join(line)}; "
+              f"float16 pool {per_layer[torch.float32] / per_layer[torch.float16]:.2f}x")
 
 
 def gemm(native) -> None:

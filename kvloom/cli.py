@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from kvloom.config import QUANTIZATIONS, EngineConfig, parse_size
+from kvloom.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig, parse_size
 from kvloom.errors import KvloomError
 
 
@@ -27,8 +27,12 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
                         "activations), gguf (the file's Q4 blocks x int8 activations)")
     p.add_argument("--quantization-group-size", type=int, default=d.quantization_group_size, choices=[32, 64, 128],
                    help="int4 group size")
-    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "int8"],
-                   help="KV cache precision: auto (the model's dtype) or int8 (keys per channel, values per token)")
+    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
+                   help="KV cache precision: auto (float16 when the weights run quantized and the vector "
+                        "attention kernels read it, as llama.cpp's default; else the model's dtype, so the "
+                        "reference mode stays exact), float32, "
+                        "bfloat16, float16 (half float32's bytes, rounded to nearest), or int8 (keys per channel, "
+                        "values per token)")
     p.add_argument("--no-window-kv-release", dest="window_kv_release", action="store_false",
                    help="keep sliding-window layers' KV for the whole context (by default a model with sliding-window "
                         "layers, e.g. Gemma 3, frees their KV behind the window)")
@@ -346,7 +350,8 @@ def cmd_eval(args) -> None:
     from kvloom.eval.perplexity import perplexity
     engine = Engine(engine_config(args))
     result = {**perplexity(engine, args.num_tokens, args.window, args.chunk), "model": engine.source.name,
-              "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype, "dtype": args.dtype}
+              "quantization": engine.config.quantization, "kv_cache_dtype": engine.config.kv_cache_dtype,
+              "dtype": args.dtype}   # what ran: the engine's, with auto resolved
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

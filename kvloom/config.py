@@ -30,6 +30,7 @@ def parse_size(text: str | int) -> int:
 # int8 / int4: weight-only; w8a8: int8 weights and activations; gguf: the file's Q4_0/Q4_1/Q4_K blocks x int8
 # activations (as llama.cpp), layers of other types in w8a8.
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "w8a8", "gguf")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class EngineConfig:
     dtype: str = "float32"
     quantization: str = "auto"            # auto | none | int8 | int4 | w8a8 | gguf (see QUANTIZATIONS)
     quantization_group_size: int = 32     # int4 group size (32, 64 or 128)
-    kv_cache_dtype: str = "auto"          # auto (the model's dtype) | int8 (keys per channel, values per token)
+    # auto: float16 when the weights run quantized, else the model's dtype (Engine resolves it) | float32 |
+    # bfloat16 | float16 | int8 (keys per channel, values per token)
+    kv_cache_dtype: str = "auto"
     window_kv_release: bool = True        # sliding-window layers give back KV behind their window (kv/window_pages.py)
     max_model_len: int | None = None      # defaults to the model's context, capped by the KV pool
     block_size: int = 16                  # tokens per KV block
@@ -79,8 +82,8 @@ class EngineConfig:
             raise KvloomError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.quantization == "gguf" and self.dtype != "float32":
             raise KvloomError(f"quantization gguf computes in float32 (its kernel's activations); got dtype {self.dtype}")
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise KvloomError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise KvloomError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.speculative not in ("none", "lookahead"):
             raise KvloomError(f"speculative must be none or lookahead, got {self.speculative!r}")
         if self.spec_max_tokens < 1 or self.spec_branches < 1:

@@ -137,6 +137,30 @@ def test_a_chunks_rows_get_their_bits_alone_in_pairs_and_among_drafts(kmod, head
     assert torch.allclose(pair, _reference(q[:2], k, v, two, lens[:2], 0.125), atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kvh,d", [(6, 2, 64), (14, 2, 128), (6, 2, 32)])   # last: the portable loop
+def test_a_float16_pool_reads_as_the_float32_pool_of_its_values(kmod, heads, kvh, d):
+    """--kv-cache-dtype float16: rows widened as they are read, then the float32 pool's arithmetic, so the
+    output is the float32 pool's bits when that pool holds the float16 values: decodes, a chunk's paired
+    rows, draft masks, and a sliding window."""
+    k, v = _pool(kvh=kvh, d=d)
+    k16, v16 = k.half(), v.half()
+    k32, v32 = k16.float(), v16.float()
+    g = torch.Generator().manual_seed(6)
+    tables = torch.cat([torch.stack([torch.randperm(40, generator=g)[:8] for _ in range(5)]),
+                        torch.randperm(40, generator=g)[:8].repeat(6, 1)])
+    lens = torch.cat([torch.tensor([1, 17, 50, 96, 33]), torch.arange(100, 106)])   # decodes, then a chunk
+    masks = torch.full((11,), -1, dtype=torch.long)
+    masks[3] = ~(1 << 2)
+    q = torch.randn(11, heads, d, generator=g)
+    got = kmod.decode_attention_f32(q, k16, v16, tables, lens, 0.125, masks)
+    assert torch.equal(got, kmod.decode_attention_f32(q, k32, v32, tables, lens, 0.125, masks))
+    assert torch.allclose(got[:3], _reference(q[:3], k32, v32, tables[:3], lens[:3], 0.125), atol=1e-5)
+    assert torch.equal(kmod.decode_attention_f32(q, k16, v16, tables, lens, 0.125, masks, 24),
+                       kmod.decode_attention_f32(q, k32, v32, tables, lens, 0.125, masks, 24))
+    with pytest.raises(RuntimeError, match="float32 or float16 KV pool"):
+        kmod.decode_attention_f32(q, k16, v32, tables, lens, 0.125)
+
+
 def test_a_block_size_not_a_power_of_two_is_refused(kmod):
     k, v = _pool(bs=12)
     with pytest.raises(RuntimeError, match="block size must be a power of two, got 12"):

@@ -76,4 +76,4 @@ def test_default_model_int8_kv_perplexity_within_half_a_percent():
     def ppl(kv):
         return perplexity(LLM(kv_cache_dtype=kv, max_model_len=1024).engine, num_tokens=1025,
                           window=512)["perplexity"]
-    assert abs(ppl("int8") / ppl("auto") - 1) <= 0.005
+    assert abs(ppl("int8") / ppl("float32") - 1) <= 0.005

@@ -93,6 +93,7 @@ CASES = {
     "w8a8-seeded": ({"quantization": "w8a8"}, SEEDED),
     "int8-kv-greedy": ({"kv_cache_dtype": "int8"}, GREEDY),
     "int8-kv-seeded": ({"kv_cache_dtype": "int8"}, SEEDED),
+    "float16-kv-greedy": ({"kv_cache_dtype": "float16"}, GREEDY),
     "speculation-greedy": ({"speculative": "lookahead"}, GREEDY),
 }
 

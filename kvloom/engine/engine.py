@@ -36,7 +36,7 @@ from kvloom.engine.tpot_target import TpotTarget
 from kvloom.errors import InvalidRequestError, KvloomError, PromptTooLongError
 from kvloom.kernels import kernels
 from kvloom.kv.block_pool import BlockPool
-from kvloom.kv.kv_cache import kv_bytes_per_token, num_blocks_for, staging_capacity
+from kvloom.kv.kv_cache import kv_bytes_per_token, num_blocks_for, pool_dtype, staging_capacity
 from kvloom.kv.window_pages import WindowPages
 from kvloom.kv.windowed_kv_cache import LayerGroups
 from kvloom.kv.prefix_cache import PrefixCache, salt_bytes
@@ -117,7 +117,29 @@ class Engine:
         keep_blocks = self.config.quantization in ("auto", "gguf") and bool(self.source.gguf_file)
         self.model, self.hf_config = load_model(self.source, self.dtype, self.config.max_model_len, keep_blocks)
         self.config = dataclasses.replace(self.config, quantization=self._resolve_quantization())
+        self.config = dataclasses.replace(self.config, kv_cache_dtype=self._resolve_kv_cache_dtype())
         self.tokenizer = Tokenizer.load(self.source, self.hf_config, self.config.tokenizer)
+
+    def _resolve_kv_cache_dtype(self) -> str:
+        """auto -> float16 when float32 weights run quantized and the vector attention kernels read the pool
+        (llama.cpp's default: half the bytes each decode reads; perplexity in docs/performance.md), else the
+        model's own dtype: the reference mode (--quantization none) keeps float32 KV and stays exact to
+        transformers, and sliding-window layers or other head sizes, which take the portable loop, keep it
+        too (there float16 rows cost more to widen than they save: Gemma 3 270M's 512-token prefill went
+        0.49-0.67 s -> 1.55-1.74 s, docs/results/kv_float16/gemma3/)."""
+        asked, shape = self.config.kv_cache_dtype, self.model.shape
+        if asked != "auto":
+            return asked
+        if self.config.quantization == "none" or self.config.dtype != "float32":
+            return self.config.dtype
+        vector_kernels = (self.config.native_kernels and kernels() is not None and shape.head_dim in (64, 128)
+                          and getattr(shape, "sliding_window", None) is None)
+        if not vector_kernels:
+            log.info("KV cache: auto keeps float32 (the attention takes the portable loop here: head size %d, "
+                     "sliding window %s, native kernels %s)", shape.head_dim, getattr(shape, "sliding_window", None),
+                     "on" if self.config.native_kernels and kernels() is not None else "off")
+            return "float32"
+        return "float16"
 
     def _resolve_quantization(self) -> str:
         """auto -> the integer path nearest the file's own precision: gguf for a GGUF's 4-bit projections,
@@ -147,7 +169,7 @@ class Engine:
                                     self.num_staging_slots)
         self.layer_groups = self._windowed_layout(num_blocks)
         if self.layer_groups is not None:
-            page = self.layer_groups.page_bytes(shape, self.dtype, bs)
+            page = self.layer_groups.page_bytes(shape, pool_dtype(config.kv_cache_dtype, self.dtype), bs)
             self.num_blocks = config.kv_cache_memory // page
             longest = self.layer_groups.longest_context(self.num_blocks, shape.sliding_window, bs)
             self.max_model_len = min(config.max_model_len or shape.max_position_embeddings,
@@ -176,10 +198,11 @@ class Engine:
             return None
         if not config.window_kv_release:
             self.window_kv_why = "turned off (--no-window-kv-release)"
-        elif config.kv_cache_dtype != "auto":
-            self.window_kv_why = f"not with --kv-cache-dtype {config.kv_cache_dtype} (float pools only)"
+        elif config.kv_cache_dtype == "int8":
+            self.window_kv_why = "not with --kv-cache-dtype int8 (float pools only)"
         else:
-            pages = config.kv_cache_memory // groups.page_bytes(shape, self.dtype, config.block_size)
+            pages = config.kv_cache_memory // groups.page_bytes(shape, pool_dtype(config.kv_cache_dtype, self.dtype),
+                                                                config.block_size)
             longest = groups.longest_context(pages, shape.sliding_window, config.block_size)
             if longest > 0 and longest >= plain_blocks * config.block_size:
                 log.info("sliding-window KV released behind the window: pages of %d layers, %d sliding groups",

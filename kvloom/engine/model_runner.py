@@ -15,7 +15,7 @@ from kvloom.engine.sampler import sample
 from kvloom.engine.scheduler_output import SchedulerOutput
 from kvloom.kernels import kernels
 from kvloom.kv.int8_kv_cache import Int8KVCache
-from kvloom.kv.kv_cache import allocate_kv_cache
+from kvloom.kv.kv_cache import allocate_kv_cache, pool_dtype
 from kvloom.kv.windowed_kv_cache import LayerGroups, WindowedKVCache, remap_metadata
 from kvloom.attention.backend import DecodeStackAttention, NativeAttention, TorchAttention
 from kvloom.models.decode_stack import build_decode_stack
@@ -33,7 +33,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
-        # The native decode kernel reads float32 pools (or int8 ones with float32 scales) on the CPU.
+        # The native decode kernel reads float32 or float16 pools (or int8 ones with float32 scales) on the CPU.
         self.native_decode = (use_kernels and dtype == torch.float32 and self.device.type == "cpu"
                               and kernels() is not None)
         # The sampler's candidate search (kernels/sampler_candidates.cpp) works on any dtype: logits are float32.
@@ -49,7 +49,8 @@ class ModelRunner:
         self.window_pages = window_pages
         if window_pages is not None:
             groups = LayerGroups.of(model.shape)
-            self.kv = WindowedKVCache(num_blocks, model.shape, block_size, dtype, self.device, groups)
+            self.kv = WindowedKVCache(num_blocks, model.shape, block_size, dtype, self.device, groups,
+                                      pool_dtype(kv_cache_dtype, dtype))
             for layer, group in zip(model.layers, groups.group_of):
                 layer.self_attn.kv_group = group
         else:

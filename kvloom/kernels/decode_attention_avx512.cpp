@@ -1,4 +1,6 @@
 // Decode attention over the float pool with AVX-512 (or AVX2, below), for the head sizes and group sizes models use.
+// The pool holds float32 or float16 (T = float or uint16_t): a float16 row is widened to float32 as it is loaded
+// (vcvtph2ps, exact), so both pools run the same float arithmetic on the values they hold.
 //
 // The portable kernel (paged_decode_attention.cpp) ran at ~9 GB/s of KV read here, a third of the
 // machine's read speed: each score ended in a horizontal sum, each exp was scalar, and each query head
@@ -38,27 +40,20 @@ inline __m512 sum_each(__m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
-template <int D>
-inline void prefetch_row(const float* r) {
-  for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(r + c), _MM_HINT_T0);
-}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
-template <int D>
-inline void prefetch_row_l2(const float* r) {
-  for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(r + c), _MM_HINT_T1);
-}
-
-template <int D, int G>
-void attend(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t len, int64_t KVH,
+template <typename T, int D, int G>
+void attend(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t len, int64_t KVH,
             int64_t BS, int64_t h, float scale, const int64_t* mask, float* scores, float* out) {
   constexpr int C = D / 16;
   const PagedRows rows_of{table, KVH, BS, h, D};
-  auto row = [&](const float* pool, int64_t pos) { return rows_of.at(pool, pos); };
+  auto row = [&](const T* pool, int64_t pos) { return rows_of.at(pool, pos); };
   const int64_t padded = (len + 15) / 16 * 16;
   for (int64_t j = 16; j < std::min<int64_t>(len, 32); ++j) prefetch_row<D>(row(kp, j));
   for (int64_t p0 = 0; p0 < len; p0 += 16) {
     const int64_t cnt = std::min<int64_t>(16, len - p0);
-    const float* rows[16];
+    const T* rows[16];
     for (int64_t j = 0; j < cnt; ++j) rows[j] = row(kp, p0 + j);
     // Keys two groups ahead are fetched while these are scored: blocks are scattered 4 KB pieces, and
     // the hardware prefetcher stops at each one's end (18 -> 21-27 GB/s of KV read, 32 sequences).
@@ -71,8 +66,8 @@ void attend(const float* q, const float* kp, const float* vp, const int64_t* tab
       for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * D + c * 16);
       for (int64_t j = 0; j < 16; ++j) {
         if (j >= cnt) { part[j] = _mm512_setzero_ps(); continue; }
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(rows[j]));
-        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(rows[j] + c * 16), acc);
+        __m512 acc = _mm512_mul_ps(qv[0], load16(rows[j]));
+        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], load16(rows[j] + c * 16), acc);
         part[j] = acc;
       }
       _mm512_storeu_ps(scores + g * padded + p0, _mm512_mul_ps(sum_each(part), _mm512_set1_ps(scale)));
@@ -107,10 +102,10 @@ void attend(const float* q, const float* kp, const float* vp, const int64_t* tab
     for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t pos = 0; pos < std::min<int64_t>(len, 16); ++pos) prefetch_row<D>(row(vp, pos));
   for (int64_t pos = 0; pos < len; ++pos) {
-    const float* vr = row(vp, pos);
+    const T* vr = row(vp, pos);
     if (pos + 16 < len) prefetch_row<D>(row(vp, pos + 16));
     __m512 v[C];
-    for (int c = 0; c < C; ++c) v[c] = _mm512_loadu_ps(vr + c * 16);
+    for (int c = 0; c < C; ++c) v[c] = load16(vr + c * 16);
     for (int g = 0; g < G; ++g) {
       const __m512 w = _mm512_set1_ps(scores[g * padded + pos]);
       for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(w, v[c], acc[g][c]);
@@ -121,11 +116,12 @@ void attend(const float* q, const float* kp, const float* vp, const int64_t* tab
       _mm512_storeu_ps(out + g * D + c * 16, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv_sum[g])));
 }
 
-template <int D, int G>
+template <typename T, int D, int G>
 void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& tables,
                 const torch::Tensor& lens, float scale, const int64_t* masks, torch::Tensor& out) {
   const int64_t n = q.size(0), H = q.size(1), W = tables.size(1), KVH = k.size(1), BS = k.size(2);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const T *kp = static_cast<const T*>(k.data_ptr()), *vp = static_cast<const T*>(v.data_ptr());
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   parallel_for_balanced(n * KVH, [&](int64_t task) { return attention_task_cost(lp[task / KVH]); },
@@ -135,39 +131,13 @@ void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
       const int64_t s = task / KVH, h = task % KVH, len = lp[s];
       scores.resize(G * ((len + 15) / 16 * 16));
       const int64_t first = (s * H + h * G) * D;
-      attend<D, G>(qp + first, kp, vp, tp + s * W, len, KVH, BS, h, scale, masks ? masks + s : nullptr,
+      attend<T, D, G>(qp + first, kp, vp, tp + s * W, len, KVH, BS, h, scale, masks ? masks + s : nullptr,
                    scores.data(), op + first);
     }
   });
 }
 
-template <int D>
-bool attend_group(int64_t G, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                  const torch::Tensor& tables, const torch::Tensor& lens, float scale, const int64_t* masks,
-                  torch::Tensor& out) {
-  switch (G) {
-    case 1: attend_all<D, 1>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 2: attend_all<D, 2>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 3: attend_all<D, 3>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 4: attend_all<D, 4>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 5: attend_all<D, 5>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 6: attend_all<D, 6>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 7: attend_all<D, 7>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 8: attend_all<D, 8>(q, k, v, tables, lens, scale, masks, out); return true;
-    default: return false;
-  }
-}
-
 }  // namespace
-
-bool decode_attention_f32_avx512(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                 const torch::Tensor& tables, const torch::Tensor& lens, double scale,
-                                 const int64_t* masks, torch::Tensor& out) {
-  const int64_t G = q.size(1) / k.size(1), D = k.size(3);
-  if (D == 64) return attend_group<64>(G, q, k, v, tables, lens, static_cast<float>(scale), masks, out);
-  if (D == 128) return attend_group<128>(G, q, k, v, tables, lens, static_cast<float>(scale), masks, out);
-  return false;
-}
 
 #elif defined(__AVX2__) && defined(__FMA__)
 // The same kernel for AVX2 machines, 8 lanes: scores eight positions at a time (an 8-way transpose-and-add
@@ -189,17 +159,23 @@ namespace {
 
 // Stands in for the key rows past the longest context of a tile: their lanes' scores are never read.
 alignas(32) const float kZeroRow[128] = {};
+alignas(32) const uint16_t kZeroHalfRow[128] = {};
+inline const float* zero_row(const float*) { return kZeroRow; }
+inline const uint16_t* zero_row(const uint16_t*) { return kZeroHalfRow; }
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 // NQ query vectors against four key rows: per vector, the four positions' partial sums added pairwise twice
 // (hadd of hadds), the first half of an 8-position transpose-and-add; `complete` finishes it.
-template <int C, int NQ>
-inline void four_positions(const float* const* qv, const float* const* rows, __m256* u) {
+template <int C, int NQ, typename T>
+inline void four_positions(const float* const* qv, const T* const* rows, __m256* u) {
   __m256 part[NQ][4];
   for (int c = 0; c < C; ++c) {
     __m256 qc[NQ];
     for (int n = 0; n < NQ; ++n) qc[n] = _mm256_loadu_ps(qv[n] + c * 8);
     for (int j = 0; j < 4; ++j) {
-      const __m256 kv = _mm256_loadu_ps(rows[j] + c * 8);
+      const __m256 kv = load8(rows[j] + c * 8);
       for (int n = 0; n < NQ; ++n) part[n][j] = c ? _mm256_fmadd_ps(qc[n], kv, part[n][j]) : _mm256_mul_ps(qc[n], kv);
     }
   }
@@ -226,16 +202,6 @@ inline float hadd(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
-template <int D>
-inline void prefetch_row(const float* r) {
-  for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(r + c), _MM_HINT_T0);
-}
-
-template <int D>
-inline void prefetch_row_l2(const float* r) {
-  for (int c = 0; c < D; c += 16) _mm_prefetch(reinterpret_cast<const char*>(r + c), _MM_HINT_T1);
-}
-
 // Rows a tile holds for a group size: two while their value accumulators fit the 16 registers.
 constexpr int tile_rows(int G) { return G <= 7 ? 2 : 1; }
 
@@ -248,15 +214,15 @@ constexpr int value_columns(int G, int R) {
 // R rows of one sequence, row r over len0 + r positions, and the G query heads of KV head h (row r's heads
 // at q + r * q_row, its outputs at out + r * out_row). scores: R * G * padded floats. A mask (draft rows) is
 // only taken with R == 1.
-template <int D, int G, int R>
-void attend(const float* q, int64_t q_row, const float* kp, const float* vp, const int64_t* table, int64_t len0,
+template <typename T, int D, int G, int R>
+void attend(const float* q, int64_t q_row, const T* kp, const T* vp, const int64_t* table, int64_t len0,
             int64_t KVH, int64_t BS, int64_t h, float scale, const int64_t* mask, float* scores, float* out,
             int64_t out_row) {
   constexpr int C = D / 8, N = R * G;
   constexpr int CB = value_columns(G, R);
   static_assert(C % CB == 0, "head size");
   const PagedRows rows_of{table, KVH, BS, h, D};
-  auto row = [&](const float* pool, int64_t pos) { return rows_of.at(pool, pos); };
+  auto row = [&](const T* pool, int64_t pos) { return rows_of.at(pool, pos); };
   const int64_t len_max = len0 + R - 1;
   const int64_t padded = (len_max + 7) / 8 * 8;
   const float* qv[N];   // query vector r * G + g: row r's head g
@@ -265,8 +231,8 @@ void attend(const float* q, int64_t q_row, const float* kp, const float* vp, con
   for (int64_t j = 8; j < std::min<int64_t>(len_max, 32); ++j) prefetch_row<D>(row(kp, j));
   for (int64_t p0 = 0; p0 < len_max; p0 += 8) {
     const int64_t cnt = std::min<int64_t>(8, len_max - p0);
-    const float* rows[8];
-    for (int64_t j = 0; j < 8; ++j) rows[j] = j < cnt ? row(kp, p0 + j) : kZeroRow;
+    const T* rows[8];
+    for (int64_t j = 0; j < 8; ++j) rows[j] = j < cnt ? row(kp, p0 + j) : zero_row(kp);
     for (int64_t j = p0 + 32; j < std::min(len_max, p0 + 40); ++j) prefetch_row<D>(row(kp, j));
     for (int64_t j = p0; j < p0 + cnt; ++j) prefetch_row_l2<D>(row(vp, j));   // values on their way to L2 (above)
     for (int a = 0; a < N; a += 2) {
@@ -317,10 +283,10 @@ void attend(const float* q, int64_t q_row, const float* kp, const float* vp, con
       for (int c = 0; c < CB; ++c) acc[a][c] = _mm256_setzero_ps();
     // Position pos adds to the rows it is inside of: every row up to len0, then from row pos - len0 + 1 on.
     auto add_position = [&](int64_t pos, int first_row) {
-      const float* vr = row(vp, pos) + c0 * 8;
+      const T* vr = row(vp, pos) + c0 * 8;
       if (c0 == 0 && pos + 16 < len_max) prefetch_row<D>(row(vp, pos + 16));
       __m256 v[CB];
-      for (int c = 0; c < CB; ++c) v[c] = _mm256_loadu_ps(vr + c * 8);
+      for (int c = 0; c < CB; ++c) v[c] = load8(vr + c * 8);
       for (int a = 0; a < N; ++a) {
         if (a < first_row * G) continue;   // (constant indices keep the accumulators in registers)
         const __m256 w = _mm256_set1_ps(scores[a * padded + pos]);
@@ -349,12 +315,13 @@ bool continues(const int64_t* tp, int64_t W, const int64_t* lp, const int64_t* m
   return std::memcmp(tp + i * W, tp + (i + 1) * W, used * sizeof(int64_t)) == 0;
 }
 
-template <int D, int G>
+template <typename T, int D, int G>
 void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& tables,
                 const torch::Tensor& lens, float scale, const int64_t* masks, torch::Tensor& out) {
   constexpr int R = tile_rows(G);
   const int64_t n = q.size(0), H = q.size(1), W = tables.size(1), KVH = k.size(1), BS = k.size(2);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const T *kp = static_cast<const T*>(k.data_ptr()), *vp = static_cast<const T*>(v.data_ptr());
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   std::vector<Tile> tiles;
@@ -364,8 +331,8 @@ void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
     tiles.push_back({i, count});
     i += count;
   }
-  const int64_t T = static_cast<int64_t>(tiles.size());
-  parallel_for_balanced(T * KVH, [&](int64_t task) {
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size());
+  parallel_for_balanced(num_tiles * KVH, [&](int64_t task) {
     const Tile& t = tiles[task / KVH];
     return t.count * attention_task_cost(lp[t.first]);
   }, [&](int64_t begin, int64_t end) {
@@ -376,28 +343,36 @@ void attend_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
       scores.resize(R * G * ((len + R + 6) / 8 * 8));
       const int64_t first = (s * H + h * G) * D;
       if (t.count == 2)
-        attend<D, G, R>(qp + first, H * D, kp, vp, tp + s * W, len, KVH, BS, h, scale, nullptr, scores.data(),
+        attend<T, D, G, R>(qp + first, H * D, kp, vp, tp + s * W, len, KVH, BS, h, scale, nullptr, scores.data(),
                         op + first, H * D);
       else
-        attend<D, G, 1>(qp + first, H * D, kp, vp, tp + s * W, len, KVH, BS, h, scale, masks ? masks + s : nullptr,
+        attend<T, D, G, 1>(qp + first, H * D, kp, vp, tp + s * W, len, KVH, BS, h, scale, masks ? masks + s : nullptr,
                         scores.data(), op + first, H * D);
     }
   });
 }
 
-template <int D>
+}  // namespace
+
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+namespace {
+
+// attend_all<T, D, G>: the class's kernel above, for a pool of T (float, or uint16_t holding float16).
+template <typename T, int D>
 bool attend_group(int64_t G, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                   const torch::Tensor& tables, const torch::Tensor& lens, float scale, const int64_t* masks,
                   torch::Tensor& out) {
   switch (G) {
-    case 1: attend_all<D, 1>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 2: attend_all<D, 2>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 3: attend_all<D, 3>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 4: attend_all<D, 4>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 5: attend_all<D, 5>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 6: attend_all<D, 6>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 7: attend_all<D, 7>(q, k, v, tables, lens, scale, masks, out); return true;
-    case 8: attend_all<D, 8>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 1: attend_all<T, D, 1>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 2: attend_all<T, D, 2>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 3: attend_all<T, D, 3>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 4: attend_all<T, D, 4>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 5: attend_all<T, D, 5>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 6: attend_all<T, D, 6>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 7: attend_all<T, D, 7>(q, k, v, tables, lens, scale, masks, out); return true;
+    case 8: attend_all<T, D, 8>(q, k, v, tables, lens, scale, masks, out); return true;
     default: return false;
   }
 }
@@ -408,8 +383,14 @@ bool decode_attention_f32_avx512(const torch::Tensor& q, const torch::Tensor& k,
                                  const torch::Tensor& tables, const torch::Tensor& lens, double scale,
                                  const int64_t* masks, torch::Tensor& out) {
   const int64_t G = q.size(1) / k.size(1), D = k.size(3);
-  if (D == 64) return attend_group<64>(G, q, k, v, tables, lens, static_cast<float>(scale), masks, out);
-  if (D == 128) return attend_group<128>(G, q, k, v, tables, lens, static_cast<float>(scale), masks, out);
+  const float sc = static_cast<float>(scale);
+  if (k.scalar_type() == torch::kHalf) {
+    if (D == 64) return attend_group<uint16_t, 64>(G, q, k, v, tables, lens, sc, masks, out);
+    if (D == 128) return attend_group<uint16_t, 128>(G, q, k, v, tables, lens, sc, masks, out);
+    return false;
+  }
+  if (D == 64) return attend_group<float, 64>(G, q, k, v, tables, lens, sc, masks, out);
+  if (D == 128) return attend_group<float, 128>(G, q, k, v, tables, lens, sc, masks, out);
   return false;
 }
 

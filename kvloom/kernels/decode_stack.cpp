@@ -44,7 +44,7 @@ struct Linear {
 struct Layer {
   torch::Tensor input_norm, post_norm, q_norm, k_norm;   // q/k norms undefined unless the model has them (Qwen3)
   Linear qkv, o, gate_up, down;
-  torch::Tensor k_pool, v_pool;                          // [blocks, kv_heads, block_size, head_dim] float or int8
+  torch::Tensor k_pool, v_pool;                          // [blocks, kv_heads, block_size, head_dim] float32/16 or int8
   // int8 pools (kvloom/kv/int8_kv_cache.py): key scales [blocks, kv_heads, head_dim] (set when a block is
   // sealed, in Python), value scales [blocks, kv_heads, block_size], float key staging [slots, kv_heads, bs, d]
   torch::Tensor k_scale, v_scale, k_stage;
@@ -52,6 +52,7 @@ struct Layer {
   // until set_lora.
   torch::Tensor lora_a[4], lora_b[4], lora_spans[4];
   bool int8() const { return k_pool.scalar_type() == torch::kChar; }
+  bool half() const { return k_pool.scalar_type() == torch::kHalf; }
 };
 
 // A value row to int8 with one scale, as int8_kv_cache.quantize_rows does it in PyTorch (the module path
@@ -87,9 +88,10 @@ class DecodeStack {
                  c10::optional<torch::Tensor> k_norm, std::vector<c10::optional<torch::Tensor>> qkv,
                  std::vector<c10::optional<torch::Tensor>> o, std::vector<c10::optional<torch::Tensor>> gate_up,
                  std::vector<c10::optional<torch::Tensor>> down, torch::Tensor k_pool, torch::Tensor v_pool) {
-    TORCH_CHECK((k_pool.scalar_type() == torch::kFloat || k_pool.scalar_type() == torch::kChar) &&
-                v_pool.scalar_type() == k_pool.scalar_type() && k_pool.is_contiguous() && v_pool.is_contiguous(),
-                "float32 or int8 KV pools");
+    const auto kind = k_pool.scalar_type();
+    TORCH_CHECK((kind == torch::kFloat || kind == torch::kHalf || kind == torch::kChar) &&
+                v_pool.scalar_type() == kind && k_pool.is_contiguous() && v_pool.is_contiguous(),
+                "float32, float16 or int8 KV pools");
     Layer l;
     l.input_norm = input_norm;
     l.post_norm = post_norm;
@@ -192,7 +194,8 @@ class DecodeStack {
   }
 
   // q (rotated) as a contiguous [M, H, D] for the attention kernel; k (rotated) and v stored in the pool
-  // (int8 pools: k in float staging at write_slots, v quantized per row).
+  // (int8 pools: k in float staging at write_slots, v quantized per row; float16 pools: both rounded to
+  // nearest even, as the module path's tensor store rounds them).
   torch::Tensor attention_inputs(const Layer& l, const torch::Tensor& qkv, const torch::Tensor& cos,
                                  const torch::Tensor& sin, const torch::Tensor& write_blocks,
                                  const torch::Tensor& write_offsets, const int64_t* write_slots) const {
@@ -211,12 +214,15 @@ class DecodeStack {
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
     const int64_t *bp = write_blocks.data_ptr<int64_t>(), *op = write_offsets.data_ptr<int64_t>();
     float* qo = q.data_ptr<float>();
-    const bool int8 = l.int8();
-    float* kpool = int8 ? l.k_stage.data_ptr<float>() : l.k_pool.data_ptr<float>();
-    float* vpool = int8 ? nullptr : l.v_pool.data_ptr<float>();
+    const bool int8 = l.int8(), half = l.half();
+    float* kpool = int8 ? l.k_stage.data_ptr<float>() : half ? nullptr : l.k_pool.data_ptr<float>();
+    float* vpool = int8 || half ? nullptr : l.v_pool.data_ptr<float>();
+    c10::Half* kpool16 = half ? l.k_pool.data_ptr<c10::Half>() : nullptr;
+    c10::Half* vpool16 = half ? l.v_pool.data_ptr<c10::Half>() : nullptr;
     int8_t* vq = int8 ? l.v_pool.data_ptr<int8_t>() : nullptr;
     float* vscale = int8 ? l.v_scale.data_ptr<float>() : nullptr;
     at::parallel_for(0, M, 8, [&](int64_t b, int64_t e) {
+      std::vector<float> rotated(half ? D : 0);
       for (int64_t m = b; m < e; ++m) {
         const float *c = cp + m * D, *s = sp + m * D;
         for (int64_t head = 0; head < H; ++head) rotate(qp + m * qs0 + head * qs1, c, s, qo + (m * H + head) * D, D);
@@ -226,6 +232,10 @@ class DecodeStack {
           if (int8) {
             rotate(kp + m * ks0 + head * ks1, c, s, kpool + ((write_slots[m] * KVH + head) * BS + op[m]) * D, D);
             quantize_value_row(v, vq + row * D, vscale + row, D);
+          } else if (half) {
+            rotate(kp + m * ks0 + head * ks1, c, s, rotated.data(), D);
+            std::copy(rotated.begin(), rotated.end(), kpool16 + row * D);   // c10::Half rounds to nearest even
+            std::copy(v, v + D, vpool16 + row * D);
           } else {
             rotate(kp + m * ks0 + head * ks1, c, s, kpool + row * D, D);
             std::copy(v, v + D, vpool + row * D);

@@ -6,7 +6,7 @@
 // table in place: scores for the whole context, softmax, then the weighted sum
 // of values, for the group of query heads that share the KV head.
 //
-// Two pools are read: the model's float dtype, and int8 (keys with a scale per
+// Two pools are read: float (float32, or float16 widened as it is read), and int8 (keys with a scale per
 // block and channel, values with a scale per token; a block still filling has
 // its keys in float staging, see kvloom/kv/int8_kv_cache.py).
 #include "kernels.h"
@@ -26,6 +26,17 @@ inline float dot(const float* a, const float* b, int64_t n) {
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+// The longest head a float16 row is widened for (Gemma 3's are 256).
+constexpr int64_t kMaxWidenedHead = 512;
+
+// A pool row as float32: a float32 row in place; a float16 one copied into buf first, so both pools then run
+// the same loops (the compiler vectorizes a float16 loop its own way, and its sums came out in other bits).
+inline const float* widened(const float* row, float*, int64_t) { return row; }
+inline const float* widened(const c10::Half* row, float* buf, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[i]);
+  return buf;
 }
 
 inline float dot_scaled_i8(const float* q, const int8_t* k, const float* scale, int64_t n) {
@@ -114,31 +125,44 @@ const int64_t* mask_rows(const c10::optional<torch::Tensor>& masks, const torch:
   return masks->data_ptr<int64_t>();
 }
 
-}  // namespace
-
-// q [n, H, D]; k, v [NB, KVH, BS, D] float; tables [n, W] int64; lens [n] int64 -> out [n, H, D];
-// masks: see decode_attention.
-torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
-                                   torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks,
-                                   int64_t window) {
-  check_common(q, k, tables, lens);
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == torch::kFloat, "float KV pool");
+template <typename T>
+torch::Tensor decode_attention_float(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                     const torch::Tensor& tables, const torch::Tensor& lens, double scale,
+                                     const int64_t* mp, int64_t window, torch::Tensor out) {
   const int64_t KVH = k.size(1), BS = k.size(2), D = k.size(3);
-  auto out = torch::empty_like(q);
-  const int64_t* mp = mask_rows(masks, q);
-  // The vector kernels attend over whole contexts; a window takes the loop below (Gemma's heads of 256 would too).
-  if (window <= 0 && decode_attention_f32_avx512(q, k, v, tables, lens, scale, mp, out)) return out;
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  TORCH_CHECK(D <= kMaxWidenedHead, "head size ", D, " over ", kMaxWidenedHead);
   auto score = [=](const float* qr, int64_t, int64_t h, int64_t, int64_t row, int64_t blk) {
-    return dot(qr, kp + ((blk * KVH + h) * BS + row) * D, D);
+    float buf[kMaxWidenedHead];
+    return dot(qr, widened(kp + ((blk * KVH + h) * BS + row) * D, buf, D), D);
   };
   auto add_value = [=](float* o, float w, int64_t h, int64_t row, int64_t blk) {
-    const float* vr = vp + ((blk * KVH + h) * BS + row) * D;
+    float buf[kMaxWidenedHead];
+    const float* vr = widened(vp + ((blk * KVH + h) * BS + row) * D, buf, D);
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) o[d] += w * vr[d];
   };
   return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value, out, mp, window);
+}
+
+}  // namespace
+
+// q [n, H, D] float32; k, v [NB, KVH, BS, D] float32 or float16; tables [n, W] int64; lens [n] int64
+// -> out [n, H, D] float32; masks: see decode_attention.
+torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
+                                   torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks,
+                                   int64_t window) {
+  check_common(q, k, tables, lens);
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && v.scalar_type() == k.scalar_type() &&
+              (k.scalar_type() == torch::kFloat || k.scalar_type() == torch::kHalf), "float32 or float16 KV pool");
+  auto out = torch::empty_like(q);
+  const int64_t* mp = mask_rows(masks, q);
+  // The vector kernels attend over whole contexts; a window takes the loop below (Gemma's heads of 256 would too).
+  if (window <= 0 && decode_attention_f32_avx512(q, k, v, tables, lens, scale, mp, out)) return out;
+  if (k.scalar_type() == torch::kHalf)
+    return decode_attention_float<c10::Half>(q, k, v, tables, lens, scale, mp, window, out);
+  return decode_attention_float<float>(q, k, v, tables, lens, scale, mp, window, out);
 }
 
 // int8 pool: kq, vq [NB, KVH, BS, D] int8; k_scale [NB, KVH, D]; v_scale [NB, KVH, BS] (float);

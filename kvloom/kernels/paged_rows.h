@@ -16,7 +16,24 @@ struct PagedRows {
   int shift;
   PagedRows(const int64_t* t, int64_t kvh, int64_t bs, int64_t head, int64_t d)
       : table(t), KVH(kvh), BS(bs), h(head), D(d), shift(__builtin_ctzll(static_cast<unsigned long long>(bs))) {}
-  const float* at(const float* pool, int64_t pos) const {
+  template <typename T>   // float, or uint16_t for a float16 pool
+  const T* at(const T* pool, int64_t pos) const {
     return pool + ((table[pos >> shift] * KVH + h) * BS + (pos & (BS - 1))) * D;
   }
 };
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+
+// A row of D values (float or float16) on its way to L1 (prefetch_row) or L2 (prefetch_row_l2), line by line:
+// blocks are scattered 4 KB pieces, and the hardware prefetcher stops at each one's end.
+template <int D, typename T>
+inline void prefetch_row(const T* r) {
+  for (int c = 0; c < D * static_cast<int>(sizeof(T)); c += 64) _mm_prefetch(reinterpret_cast<const char*>(r) + c, _MM_HINT_T0);
+}
+
+template <int D, typename T>
+inline void prefetch_row_l2(const T* r) {
+  for (int c = 0; c < D * static_cast<int>(sizeof(T)); c += 64) _mm_prefetch(reinterpret_cast<const char*>(r) + c, _MM_HINT_T1);
+}
+#endif

@@ -1,4 +1,5 @@
-"""The physical KV pool in the model's dtype: per layer, K and V tensors of [num_blocks, kv_heads, block_size, head_dim].
+"""The physical KV pool in the model's dtype, or in float16 (--kv-cache-dtype float16, llama.cpp's default: half
+the bytes each decode reads): per layer, K and V tensors of [num_blocks, kv_heads, block_size, head_dim].
 
 Owned by the model runner alone; the scheduler only ever sees block ids.
 Attention reaches the pool through the three methods every layer cache has
@@ -16,26 +17,30 @@ from kvloom.attention.metadata import AttentionMetadata, NativeDecodes, SpanAtte
 
 
 class FloatLayerKV:
+    """dtype: what the model computes in (and what the torch backend's context reads return); store_dtype: what
+    the pool holds. Stores round to nearest even; reads widen exactly, so every reader sees the same values."""
+
     def __init__(self, num_blocks: int, shape: LlamaShape, block_size: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, store_dtype: torch.dtype | None = None):
         dims = (num_blocks, shape.num_kv_heads, block_size, shape.head_dim)
-        self.k = torch.zeros(dims, dtype=dtype, device=device)
-        self.v = torch.zeros(dims, dtype=dtype, device=device)
+        self.dtype = dtype
+        self.k = torch.zeros(dims, dtype=store_dtype or dtype, device=device)
+        self.v = torch.zeros(dims, dtype=store_dtype or dtype, device=device)
         # Rows of the pool seen as [num_blocks * kv_heads, block_size, head_dim]: what a head-block gather reads.
         self._rows_k = self.k.view(-1, block_size, shape.head_dim)
         self._rows_v = self.v.view(-1, block_size, shape.head_dim)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """Store this step's keys and values ([T, kv_heads, head_dim]) in their blocks."""
-        self.k[meta.write_blocks, :, meta.write_offsets] = k
-        self.v[meta.write_blocks, :, meta.write_offsets] = v
+        self.k[meta.write_blocks, :, meta.write_offsets] = k.to(self.k.dtype)
+        self.v[meta.write_blocks, :, meta.write_offsets] = v.to(self.v.dtype)
 
     def decode_context(self, decodes: TorchDecodes) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of every decode's blocks: [num_decodes, kv_heads, max_blocks * block_size, head_dim]."""
         nd, kvh = decodes.head_blocks.shape[:2]
         d = self.k.shape[-1]
-        return (self._rows_k[decodes.head_blocks].view(nd, kvh, -1, d),
-                self._rows_v[decodes.head_blocks].view(nd, kvh, -1, d))
+        return (self._rows_k[decodes.head_blocks].view(nd, kvh, -1, d).to(self.dtype),
+                self._rows_v[decodes.head_blocks].view(nd, kvh, -1, d).to(self.dtype))
 
     def decode_attention(self, q: torch.Tensor, decodes: NativeDecodes, scale: float, window: int = 0) -> torch.Tensor:
         """window > 0: each row sees only the last `window` positions of its context (a sliding layer)."""
@@ -45,7 +50,8 @@ class FloatLayerKV:
     def chunk_context(self, chunk: SpanAttention) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a prompt chunk's blocks: [kv_heads, blocks * block_size, head_dim]."""
         kvh, d = chunk.head_blocks.shape[0], self.k.shape[-1]
-        return (self._rows_k[chunk.head_blocks].view(kvh, -1, d), self._rows_v[chunk.head_blocks].view(kvh, -1, d))
+        return (self._rows_k[chunk.head_blocks].view(kvh, -1, d).to(self.dtype),
+                self._rows_v[chunk.head_blocks].view(kvh, -1, d).to(self.dtype))
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.k.index_copy_(0, dst, self.k[src])
@@ -56,10 +62,11 @@ class FloatKVCache:
     """All layers' float pools. prepare/seal/release are no-ops: a float block is final when written."""
 
     def __init__(self, num_blocks: int, shape: LlamaShape, block_size: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, store_dtype: torch.dtype | None = None):
         self.device = device
-        self.layers = [FloatLayerKV(num_blocks, shape, block_size, dtype, device) for _ in range(shape.num_layers)]
-        self.layout = {"kind": "float", "dtype": str(dtype), "block_size": block_size,
+        self.layers = [FloatLayerKV(num_blocks, shape, block_size, dtype, device, store_dtype)
+                       for _ in range(shape.num_layers)]
+        self.layout = {"kind": "float", "dtype": str(store_dtype or dtype), "block_size": block_size,
                        "num_layers": shape.num_layers, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim}
 
     # ---- block I/O (moving requests between engines) --------------------------------------
@@ -109,17 +116,25 @@ def num_blocks_for(memory_bytes: int, shape: LlamaShape, block_size: int, dtype:
     if kv_cache_dtype == "int8":
         memory_bytes -= num_staging_slots * staging_bytes_per_slot(shape, dtype, block_size)
         return max(0, int(memory_bytes // (int8_kv_bytes_per_token(shape, dtype, block_size) * block_size)))
-    return memory_bytes // (shape.kv_bytes_per_token(dtype) * block_size)
+    return memory_bytes // (shape.kv_bytes_per_token(pool_dtype(kv_cache_dtype, dtype)) * block_size)
+
+
+_POOL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pool_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """What a float pool holds: the named float type, or the model's dtype (auto)."""
+    return _POOL_DTYPES.get(kv_cache_dtype, dtype)
 
 
 def kv_bytes_per_token(shape: LlamaShape, dtype: torch.dtype, kv_cache_dtype: str, block_size: int) -> float:
     if kv_cache_dtype == "int8":
         return int8_kv_bytes_per_token(shape, dtype, block_size)
-    return shape.kv_bytes_per_token(dtype)
+    return shape.kv_bytes_per_token(pool_dtype(kv_cache_dtype, dtype))
 
 
 def allocate_kv_cache(kv_cache_dtype: str, num_blocks: int, shape: LlamaShape, block_size: int,
                       dtype: torch.dtype, device: torch.device, num_staging_slots: int = 0):
     if kv_cache_dtype == "int8":
         return Int8KVCache(num_blocks, shape, block_size, dtype, device, max(1, num_staging_slots))
-    return FloatKVCache(num_blocks, shape, block_size, dtype, device)
+    return FloatKVCache(num_blocks, shape, block_size, dtype, device, pool_dtype(kv_cache_dtype, dtype))

@@ -58,13 +58,14 @@ class LayerGroups:
 
 class WindowedKVCache(FloatKVCache):
     def __init__(self, num_pages: int, shape: LlamaShape, block_size: int, dtype: torch.dtype,
-                 device: torch.device, groups: LayerGroups):
+                 device: torch.device, groups: LayerGroups, store_dtype: torch.dtype | None = None):
         self.device = device
         self.groups = groups
         self.null = num_pages
-        self.places = [FloatLayerKV(num_pages + 1, shape, block_size, dtype, device) for _ in range(groups.size)]
+        self.places = [FloatLayerKV(num_pages + 1, shape, block_size, dtype, device, store_dtype)
+                       for _ in range(groups.size)]
         self.layers = [self.places[groups.place_of[i]] for i in range(groups.num_layers)]
-        self.layout = {"kind": "float-windowed", "dtype": str(dtype), "block_size": block_size,
+        self.layout = {"kind": "float-windowed", "dtype": str(store_dtype or dtype), "block_size": block_size,
                        "num_layers": shape.num_layers, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
                        "group_of": list(groups.group_of)}
 

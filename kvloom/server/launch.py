@@ -28,11 +28,12 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
     cluster.check(config)
     engine = Engine(config)
     name = served_model_name or engine.source.name
+    resolved = engine.config      # quantization and KV dtype "auto" resolved
     log.info("model %s: %.1fM parameters, %s, quantization %s, %d layers, context %d tokens", name,
-             engine.model.num_parameters() / 1e6, config.dtype, config.quantization, engine.model.shape.num_layers,
+             engine.model.num_parameters() / 1e6, config.dtype, resolved.quantization, engine.model.shape.num_layers,
              engine.max_model_len)
     log.info("KV cache: %d blocks of %d tokens = %d tokens in %.0f MiB (%s)", engine.num_blocks, config.block_size,
-             engine.kv_capacity_tokens, config.kv_cache_memory / 2**20, config.kv_cache_dtype)
+             engine.kv_capacity_tokens, config.kv_cache_memory / 2**20, resolved.kv_cache_dtype)
     if config.speculative != "none":
         log.info("speculative decoding: %s, up to %d draft tokens, %d branches", config.speculative,
                  config.spec_max_tokens, config.spec_branches)
