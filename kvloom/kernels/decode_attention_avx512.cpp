@@ -43,6 +43,17 @@ inline __m512 sum_each(__m512* v) {
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
+// The score loops read each key row once per query head of the group: widened first, they widen nothing.
+// A key row as float32: a float32 row in place, a float16 one widened once into row j of the tile.
+template <int D>
+inline const float* widen_key(const float* row, float*, int64_t) { return row; }
+template <int D>
+inline const float* widen_key(const uint16_t* row, float* tile, int64_t j) {
+  float* buf = tile + j * D;
+  for (int c = 0; c < D; c += 16) _mm512_storeu_ps(buf + c, load16(row + c));
+  return buf;
+}
+
 template <typename T, int D, int G>
 void attend(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t len, int64_t KVH,
             int64_t BS, int64_t h, float scale, const int64_t* mask, float* scores, float* out) {
@@ -50,11 +61,12 @@ void attend(const float* q, const T* kp, const T* vp, const int64_t* table, int6
   const PagedRows rows_of{table, KVH, BS, h, D};
   auto row = [&](const T* pool, int64_t pos) { return rows_of.at(pool, pos); };
   const int64_t padded = (len + 15) / 16 * 16;
+  alignas(64) float widened[sizeof(T) < sizeof(float) ? 16 * D : 1];
   for (int64_t j = 16; j < std::min<int64_t>(len, 32); ++j) prefetch_row<D>(row(kp, j));
   for (int64_t p0 = 0; p0 < len; p0 += 16) {
     const int64_t cnt = std::min<int64_t>(16, len - p0);
-    const T* rows[16];
-    for (int64_t j = 0; j < cnt; ++j) rows[j] = row(kp, p0 + j);
+    const float* rows[16];
+    for (int64_t j = 0; j < cnt; ++j) rows[j] = widen_key<D>(row(kp, p0 + j), widened, j);
     // Keys two groups ahead are fetched while these are scored: blocks are scattered 4 KB pieces, and
     // the hardware prefetcher stops at each one's end (18 -> 21-27 GB/s of KV read, 32 sequences).
     for (int64_t j = p0 + 32; j < std::min(len, p0 + 48); ++j) prefetch_row<D>(row(kp, j));
@@ -66,8 +78,8 @@ void attend(const float* q, const T* kp, const T* vp, const int64_t* table, int6
       for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * D + c * 16);
       for (int64_t j = 0; j < 16; ++j) {
         if (j >= cnt) { part[j] = _mm512_setzero_ps(); continue; }
-        __m512 acc = _mm512_mul_ps(qv[0], load16(rows[j]));
-        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], load16(rows[j] + c * 16), acc);
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(rows[j]));
+        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(rows[j] + c * 16), acc);
         part[j] = acc;
       }
       _mm512_storeu_ps(scores + g * padded + p0, _mm512_mul_ps(sum_each(part), _mm512_set1_ps(scale)));
@@ -159,23 +171,31 @@ namespace {
 
 // Stands in for the key rows past the longest context of a tile: their lanes' scores are never read.
 alignas(32) const float kZeroRow[128] = {};
-alignas(32) const uint16_t kZeroHalfRow[128] = {};
-inline const float* zero_row(const float*) { return kZeroRow; }
-inline const uint16_t* zero_row(const uint16_t*) { return kZeroHalfRow; }
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
+// A key row as float32: in place, or a float16 one widened once into row j of the tile (the score loops read
+// each key row once per pair of query vectors).
+template <int D>
+inline const float* widen_key(const float* row, float*, int64_t) { return row; }
+template <int D>
+inline const float* widen_key(const uint16_t* row, float* tile, int64_t j) {
+  float* buf = tile + j * D;
+  for (int c = 0; c < D; c += 8) _mm256_storeu_ps(buf + c, load8(row + c));
+  return buf;
+}
+
 // NQ query vectors against four key rows: per vector, the four positions' partial sums added pairwise twice
 // (hadd of hadds), the first half of an 8-position transpose-and-add; `complete` finishes it.
-template <int C, int NQ, typename T>
-inline void four_positions(const float* const* qv, const T* const* rows, __m256* u) {
+template <int C, int NQ>
+inline void four_positions(const float* const* qv, const float* const* rows, __m256* u) {
   __m256 part[NQ][4];
   for (int c = 0; c < C; ++c) {
     __m256 qc[NQ];
     for (int n = 0; n < NQ; ++n) qc[n] = _mm256_loadu_ps(qv[n] + c * 8);
     for (int j = 0; j < 4; ++j) {
-      const __m256 kv = load8(rows[j] + c * 8);
+      const __m256 kv = _mm256_loadu_ps(rows[j] + c * 8);
       for (int n = 0; n < NQ; ++n) part[n][j] = c ? _mm256_fmadd_ps(qc[n], kv, part[n][j]) : _mm256_mul_ps(qc[n], kv);
     }
   }
@@ -225,14 +245,15 @@ void attend(const float* q, int64_t q_row, const T* kp, const T* vp, const int64
   auto row = [&](const T* pool, int64_t pos) { return rows_of.at(pool, pos); };
   const int64_t len_max = len0 + R - 1;
   const int64_t padded = (len_max + 7) / 8 * 8;
+  alignas(32) float widened[sizeof(T) < sizeof(float) ? 8 * D : 1];
   const float* qv[N];   // query vector r * G + g: row r's head g
   for (int r = 0; r < R; ++r)
     for (int g = 0; g < G; ++g) qv[r * G + g] = q + r * q_row + g * D;
   for (int64_t j = 8; j < std::min<int64_t>(len_max, 32); ++j) prefetch_row<D>(row(kp, j));
   for (int64_t p0 = 0; p0 < len_max; p0 += 8) {
     const int64_t cnt = std::min<int64_t>(8, len_max - p0);
-    const T* rows[8];
-    for (int64_t j = 0; j < 8; ++j) rows[j] = j < cnt ? row(kp, p0 + j) : zero_row(kp);
+    const float* rows[8];
+    for (int64_t j = 0; j < 8; ++j) rows[j] = j < cnt ? widen_key<D>(row(kp, p0 + j), widened, j) : kZeroRow;
     for (int64_t j = p0 + 32; j < std::min(len_max, p0 + 40); ++j) prefetch_row<D>(row(kp, j));
     for (int64_t j = p0; j < p0 + cnt; ++j) prefetch_row_l2<D>(row(vp, j));   // values on their way to L2 (above)
     for (int a = 0; a < N; a += 2) {
