@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -132,7 +133,8 @@ torch::Tensor decode_attention_float(const torch::Tensor& q, const torch::Tensor
   const int64_t KVH = k.size(1), BS = k.size(2), D = k.size(3);
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
-  TORCH_CHECK(D <= kMaxWidenedHead, "head size ", D, " over ", kMaxWidenedHead);
+  constexpr bool in_place = std::is_same<T, float>::value;   // float32 rows are read where they lie
+  TORCH_CHECK(in_place || D <= kMaxWidenedHead, "float16 KV pool: head size ", D, " over ", kMaxWidenedHead);
   auto score = [=](const float* qr, int64_t, int64_t h, int64_t, int64_t row, int64_t blk) {
     float buf[kMaxWidenedHead];
     return dot(qr, widened(kp + ((blk * KVH + h) * BS + row) * D, buf, D), D);
