@@ -132,14 +132,12 @@ class Engine:
             return asked
         if self.config.quantization == "none" or self.config.dtype != "float32":
             return self.config.dtype
-        vector_kernels = (self.config.native_kernels and kernels() is not None and shape.head_dim in (64, 128)
-                          and getattr(shape, "sliding_window", None) is None)
-        if not vector_kernels:
-            log.info("KV cache: auto keeps float32 (the attention takes the portable loop here: head size %d, "
-                     "sliding window %s, native kernels %s)", shape.head_dim, getattr(shape, "sliding_window", None),
-                     "on" if self.config.native_kernels and kernels() is not None else "off")
-            return "float32"
-        return "float16"
+        native, window = self.config.native_kernels and kernels() is not None, getattr(shape, "sliding_window", None)
+        if native and shape.head_dim in (64, 128) and window is None:   # what the vector kernels read
+            return "float16"
+        log.info("KV cache: auto keeps float32 (the attention takes the portable loop here: head size %d, "
+                 "sliding window %s, native kernels %s)", shape.head_dim, window, "on" if native else "off")
+        return "float32"
 
     def _resolve_quantization(self) -> str:
         """auto -> the integer path nearest the file's own precision: gguf for a GGUF's 4-bit projections,
