@@ -363,6 +363,51 @@ def test_top_candidates_equal_a_stable_sort(kmod, vocab):
         assert (mass[-1] >= masses[r] and (n == 1 or mass[-2] < masses[r])) or n == int((probs[r] > 0).sum()), r
 
 
+@pytest.mark.parametrize("vocab", [3000, 1001])   # 1001: a tail past the vector loop
+def test_argmax_rows_is_torch_argmax(kmod, vocab):
+    """The first index of the maximum, over ties, -inf rows, +inf and NaN (torch.argmax takes the first NaN)."""
+    x = _tie_logits(vocab=vocab)
+    x[4] = float("-inf")
+    x[5, 17] = float("inf")
+    assert torch.equal(kmod.argmax_rows(x), x.argmax(-1))
+    x[0, vocab - 1] = float("nan")
+    x[3, [40, 7]] = float("nan")
+    assert torch.equal(kmod.argmax_rows(x), x.argmax(-1))
+
+
+_DRAW_SETTINGS = [(0.7, 0, 0.95, 0.0), (1.0, 40, 1.0, 0.0), (0.9, 0, 1.0, 0.05), (1.3, 200, 0.5, 0.0),
+                  (0.6, 0, 0.9, 0.02), (1.0, 1, 1.0, 0.0), (1.1, 2999, 0.97, 0.0), (1.0, 0, 1.0, 0.0)]
+
+
+@pytest.mark.parametrize("row", range(6))
+def test_draw_rows_draws_the_samplers_distribution(kmod, row):
+    """Inverse-CDF draws at a grid of N uniforms take each token about p N times (within a few: the grid's
+    rounding) for the distribution sampler.py's torch path filters (temperature, top-k, min-p, top-p), over
+    peaked, flat, tied and masked rows; a masked or filtered token is never drawn, even at u near 0 or 1."""
+    from kvloom.engine.sampler import batched_target_probs
+    from kvloom.sampling_params import SamplingParams
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 3000, generator=g) * torch.tensor([0.3, 1.0, 3.0, 9.0, 3.0, 1.0])[:, None]
+    x[4] = x[4].round()                      # ties
+    x[5, ::2] = float("-inf")                # masked tokens, as a grammar's
+    n = 4000
+    u = torch.cat([(torch.arange(n - 2) + 0.5) / (n - 2), torch.tensor([0.0, 1.0 - 2 ** -24])])
+    for t, k, p, m in _DRAW_SETTINGS:
+        want = batched_target_probs(x[row:row + 1], [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m)])[0]
+        want = want.double() / want.double().sum()
+        got = kmod.draw_rows(x[row].expand(n, -1).contiguous(), torch.full((n,), t), torch.full((n,), k),
+                             torch.full((n,), p), torch.full((n,), m), u)
+        # Tokens of equal logits are alike (which of them a top-k or top-p keeps at its edge is the order's
+        # choice): compare per distinct logit value.
+        values, cls = torch.unique(x[row], return_inverse=True)
+        drawn = torch.bincount(cls[got[:-2]], minlength=len(values)).double()
+        mass = torch.zeros(len(values), dtype=torch.float64).index_add_(0, cls, want)
+        assert (mass[cls[got]] > 0).all(), (t, k, p, m)
+        # The grid rounds each token's share of the draws by at most one: a class of equal tokens, by its size.
+        members = torch.bincount(cls[want > 0], minlength=len(values)).double()
+        assert ((drawn - mass * (n - 2)).abs() <= 1 + members).all(), (t, k, p, m)
+
+
 @pytest.mark.parametrize("n,k", [(49_152 // 16 + 5, 576), (37, 70), (16, 64)])   # ragged groups, K not of 4
 def test_grouped_gemv_equals_the_int8_product(kmod, n, k):
     """The grouped loop's int32 sums are the exact product's, for 1-6 rows and for row counts that fill tiles of

@@ -46,6 +46,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_grouped_path", &int8_grouped_path, "what computes the product of a layer with packed weights");
   m.def("top_candidates", &top_candidates, "per row, its largest values in order until a count and a mass are met",
         py::arg("values"), py::arg("counts"), py::arg("masses"), nogil);
+  m.def("draw_rows", &draw_rows, "each sampled row's token: temperature, top-k, softmax, min-p, top-p, inverse-CDF draw",
+        py::arg("values"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+        py::arg("uniforms"), nogil);
+  m.def("argmax_rows", &argmax_rows, "each row's first index of its maximum (torch.argmax over the last dimension)",
+        nogil);
   m.def("isa", &kernels_isa, "the instruction-set class the kernels were compiled for");
   register_decode_stack(m);
 }
