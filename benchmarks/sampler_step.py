@@ -1,7 +1,8 @@
-"""The sampler's step alone, torch candidates against native ones: `python benchmarks/sampler_step.py OUT.json`.
+"""The sampler's step alone, the torch path against the native one: `python benchmarks/sampler_step.py OUT.json`.
 
 One process, the two paths alternating (old, new, old, new, ...), 48 and 64 rows of a 49,152-token vocabulary,
-each row its own seeded request at temperature 0.7 / top-p 0.95 (and a top-k 50 variant). Two kinds of logits:
+each row its own seeded request at temperature 0.7 / top-p 0.95 (and a top-k 50 variant), and greedy rows
+(torch's argmax against the kernels'). Two kinds of logits:
 "peaked" (a row's likeliest ~20 tokens stand 5-14 above a normal background: nuclei of a few to tens of
 tokens, as the default model's are) and "flat" (a normal background with smaller bumps: nuclei of hundreds to
 thousands, where the torch path falls through to its 4096 and full-vocabulary stages). Medians of the rounds;
@@ -67,7 +68,8 @@ def main(out: str, rounds: int = 30) -> None:
         for kind in ("peaked", "flat"):
             x = logits(rows, kind)
             sizes = nucleus_sizes(x)
-            for settings in (dict(temperature=0.7, top_p=0.95), dict(temperature=0.7, top_p=0.95, top_k=50)):
+            for settings in (dict(temperature=0.7, top_p=0.95), dict(temperature=0.7, top_p=0.95, top_k=50),
+                             dict(temperature=0.0)):
                 r = {"rows": rows, "vocab": VOCAB, "logits": kind, "settings": settings,
                      "nucleus_min_median_max": [min(sizes), int(statistics.median(sizes)), max(sizes)],
                      **time_paths(x, settings, rounds)}

@@ -36,7 +36,7 @@ class ModelRunner:
         # The native decode kernel reads float32 or float16 pools (or int8 ones with float32 scales) on the CPU.
         self.native_decode = (use_kernels and dtype == torch.float32 and self.device.type == "cpu"
                               and kernels() is not None)
-        # The sampler's native draws and argmax (kernels/sampler_candidates.cpp) work on any dtype: logits are float32.
+        # The sampler's native draws and argmax (kernels/sampler_draw.cpp) work on any dtype: logits are float32.
         self.native_sampler = use_kernels and kernels() is not None
         # Sliding-window layers (Gemma 3): the native kernels and the decode stack have no window, so the
         # torch backend runs every step (said in /server_info, never silently).

@@ -11,7 +11,7 @@ distribution. A constrained row (structured outputs) has the tokens its grammar 
 other rows are never touched.
 
 With `native` (the engine's native kernels), a sampled row's filters and draw run in one kernel a row
-(kernels/sampler_candidates.cpp: draw_rows): the same filters and inverse-CDF draw over the same order of
+(kernels/sampler_draw.cpp: draw_rows): the same filters and inverse-CDF draw over the same order of
 tokens, its nucleus found without sorting the vocabulary (lowest index first among equal probabilities);
 the probabilities equal torch's up to float rounding. Greedy rows take the kernels' argmax.
 """
@@ -170,7 +170,7 @@ def _draw(probs: torch.Tensor, params: list, uniforms: torch.Tensor) -> torch.Te
 
 
 def _draw_native(logits: torch.Tensor, params: list, uniforms: torch.Tensor) -> torch.Tensor:
-    """_draw(_filtered_probs(...)) in one native kernel a row (kernels/sampler_candidates.cpp: draw_rows): the
+    """_draw(_filtered_probs(...)) in one native kernel a row (kernels/sampler_draw.cpp: draw_rows): the
     same filters and draw, the probabilities equal up to float rounding. The division, softmax and candidate
     search over the batch were ~3 ms of a 48-row step; this is under 1."""
     settings = [(p.temperature, p.top_k, p.top_p, p.min_p) for p in params]

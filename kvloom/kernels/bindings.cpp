@@ -44,8 +44,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int8_gemm", &set_int8_gemm, "which loop runs the w8a8 product above 16 rows: auto, native, int_mm");
   m.def("int8_gemm_path", &int8_gemm_path, "what computes the w8a8 product in this build on this CPU");
   m.def("int8_grouped_path", &int8_grouped_path, "what computes the product of a layer with packed weights");
-  m.def("top_candidates", &top_candidates, "per row, its largest values in order until a count and a mass are met",
-        py::arg("values"), py::arg("counts"), py::arg("masses"), nogil);
   m.def("draw_rows", &draw_rows, "each sampled row's token: temperature, top-k, softmax, min-p, top-p, inverse-CDF draw",
         py::arg("values"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
         py::arg("uniforms"), nogil);

@@ -33,7 +33,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
 void lora_add(torch::Tensor x, torch::Tensor y, torch::Tensor a, torch::Tensor b_t, torch::Tensor slots,
               torch::Tensor spans);
-std::vector<torch::Tensor> top_candidates(torch::Tensor values, torch::Tensor counts, torch::Tensor masses);
 torch::Tensor argmax_rows(torch::Tensor values);
 torch::Tensor draw_rows(torch::Tensor values, torch::Tensor temperature, torch::Tensor top_k, torch::Tensor top_p,
                         torch::Tensor min_p, torch::Tensor uniforms);
