@@ -62,6 +62,24 @@ def test_sigterm_lets_running_request_finish_then_exits_0(tiny_model_dir):
     assert result["r"].usage.completion_tokens == 120  # the running request was let finish
     text = "".join(log)
     assert "KV cache:" in text and "serving tiny at http://127.0.0.1" in text
+    assert "made at start-up frozen out of full collections" in text
+
+
+def test_the_start_up_heap_leaves_the_collectors_view():
+    """What is alive when the server is built is frozen (server/heap.py): full collections no longer walk it,
+    and what is made afterwards is collected as before."""
+    import gc
+    from kvloom.server.heap import freeze_startup_heap
+    alive = [[i] for i in range(10_000)]
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() >= len(alive)
+        walked = {id(o) for o in gc.get_objects()}
+        assert not any(id(x) in walked for x in alive)
+        later = [0]
+        assert id(later) in {id(o) for o in gc.get_objects()}
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.timeout(300)

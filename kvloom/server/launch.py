@@ -13,6 +13,7 @@ from kvloom.errors import KvloomError
 from kvloom.server.app import ServerSettings, build_app
 from kvloom.server.async_engine import AsyncEngine
 from kvloom.server.cluster_serving import ClusterOptions, cluster_engine, ray_init_options
+from kvloom.server.heap import freeze_startup_heap
 from kvloom.server.limits import ServerLimits
 from kvloom.server.metrics import ServerMetrics
 
@@ -60,6 +61,8 @@ def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000,
     if not cluster.enabled and leave_compute_to_engine_thread():
         log.info("OpenMP: the event loop's workers released; the engine thread computes on %d threads",
                  engine.compute_threads)
+    log.info("garbage collector: %d objects made at start-up frozen out of full collections",
+             freeze_startup_heap())
     # uvicorn stops accepting on SIGTERM/SIGINT, lets open requests finish within the grace period,
     # then runs the lifespan shutdown, which stops the engine thread.
     _CleanExitServer(uvicorn.Config(app, host=host, port=port, log_level="info",
