@@ -129,10 +129,12 @@ if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   # Issue 14's per-class tables (docs/performance.md, "Fast on every CPU class"); the avx2 class needs a
   # llama.cpp built with -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF in LLAMA_CPP_AVX2_BIN.
   run cpu_class_native bash benchmarks/cpu_class.sh native "$LLAMA_CPP_BIN" "$OUT/cpu_class/native" 2
+  run batch1_pairs_native bash benchmarks/batch1_pairs.sh native "$LLAMA_CPP_BIN" "$OUT/batch1_pairs/native" 4
   GGUF="$OUT/model_1b_files/llama1b-Q4_0.gguf" TOKENS=64 run decode_pairs_1b bash benchmarks/decode_pairs.sh \
       "$LLAMA_CPP_BIN" "$OUT/decode_pairs_1b" 4
   if [ -n "${LLAMA_CPP_AVX2_BIN:-}" ]; then
     run cpu_class_avx2 bash benchmarks/cpu_class.sh avx2 "$LLAMA_CPP_AVX2_BIN" "$OUT/cpu_class/avx2" 2
+    run batch1_pairs_avx2 bash benchmarks/batch1_pairs.sh avx2 "$LLAMA_CPP_AVX2_BIN" "$OUT/batch1_pairs/avx2" 4
   fi
 fi
 echo done
