@@ -171,8 +171,8 @@ def _draw(probs: torch.Tensor, params: list, uniforms: torch.Tensor) -> torch.Te
 
 def _draw_native(logits: torch.Tensor, params: list, uniforms: torch.Tensor) -> torch.Tensor:
     """_draw(_filtered_probs(...)) in one native kernel a row (kernels/sampler_draw.cpp: draw_rows): the
-    same filters and draw, the probabilities equal up to float rounding. The division, softmax and candidate
-    search over the batch were ~3 ms of a 48-row step; this is under 1."""
+    same filters and draw, the probabilities equal up to float rounding. On the default model's logits, 48
+    sampled rows took 6.8 ms of sampling a step through the torch path's steps, and take ~1.2 ms this way."""
     settings = [(p.temperature, p.top_k, p.top_p, p.min_p) for p in params]
     temps, ks, top_ps, min_ps = zip(*settings)
     return kernels().draw_rows(logits.contiguous(), torch.tensor(temps), torch.tensor(ks), torch.tensor(top_ps),
