@@ -115,6 +115,7 @@ def test_instances_are_separate_processes(cluster):
     assert [i["instance_id"] for i in info] == [0, 1]
     assert info[0]["pid"] != info[1]["pid"]
     assert all(i["node_id"] and i["torch_threads"] == 1 and i["alive"] for i in info)
+    assert all(i["frozen_objects"] > 10_000 for i in info)   # the start-up heap is out of full collections
 
 
 def test_dispatch_spreads_load(cluster):

@@ -9,6 +9,7 @@ remote call per poll, never one per token.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ from kvloom.cluster.load import LoadReport, load_report
 from kvloom.cluster.wire import from_wire, to_wire
 from kvloom.config import EngineConfig
 from kvloom.engine.openmp_pool import leave_compute_to_engine_thread
+from kvloom.server.heap import freeze_startup_heap
 from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.snapshot import RequestSnapshot
 from kvloom.sampling_params import SamplingParams
@@ -285,6 +287,7 @@ class EngineWorker:
             waiting = [r.request_id for r in self.engine.scheduler.waiting]
         return {"instance_id": self.instance_id, "node_id": node_id, "actor_id": actor_id, "pid": os.getpid(),
                 "torch_threads": torch.get_num_threads(), "threads": threading.active_count(),
+                "frozen_objects": gc.get_freeze_count(),
                 "running": running, "waiting": waiting, "num_steps": self.num_steps,
                 "num_blocks": self.engine.pool.num_blocks, "block_size": self.engine.config.block_size,
                 "alive": self._error is None and self._thread.is_alive()}
@@ -342,6 +345,7 @@ class _ActorWorker(EngineWorker):
     def __init__(self, config: EngineConfig, instance_id: int = 0, idle_wait: float = 0.05):
         super().__init__(config, instance_id, idle_wait)
         leave_compute_to_engine_thread()
+        freeze_startup_heap()   # as `kvloom serve` does (server/heap.py): full collections skip the model
 
 
 def engine_actor_class(num_cpus: float = 1, max_restarts: int = -1):
