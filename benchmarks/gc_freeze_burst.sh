@@ -10,10 +10,10 @@ OUT=$(realpath -m "$1") ROUNDS=${2:-3} CLASS=${3:-native}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 GGUF=$(cd "$HERE" && python -c "from kvloom.models.model_source import default_model_path as d; print(d())")
 PORT=${PORT:-8137}
-if [ "$CLASS" = avx2 ]; then export KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2; fi
-export HF_HUB_OFFLINE=1 PYTHONPATH="$HERE"
 mkdir -p "$OUT"
-wait_for() { for _ in $(seq 900); do curl -sf "$1" > /dev/null && return 0; sleep 1; done; return 1; }
+source "$HERE/benchmarks/servers.sh"   # wait_for, cap_class
+cap_class "$CLASS" "$OUT"
+export PYTHONPATH="$HERE"
 burst=(--workload poisson --request-rate inf --num-requests 48 --input-len 100 --output-len 128 --slo ttft=2s,tpot=100ms)
 serve() {  # $1: frozen | unfrozen, $2: the collections' log
   exec python - "$1" "$2" "$GGUF" "$PORT" <<'PY'

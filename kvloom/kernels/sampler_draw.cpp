@@ -1,6 +1,7 @@
 // The sampler's kernels: a greedy row's argmax, and a sampled row's whole draw in one kernel a row
-// (temperature, top-k, softmax, min-p, top-p, then the inverse-CDF draw at the row's uniform number), the way sampler.py's torch path does them (the same filters,
-// the same order of tokens; probabilities equal up to float rounding).
+// (temperature, top-k, softmax, min-p, top-p, then the inverse-CDF draw at the row's uniform number), the way
+// sampler.py's torch path does them (the same filters, the same order of tokens; probabilities equal up to
+// float rounding).
 //
 // Nothing sorts the vocabulary. Probabilities are kept in units of the row's largest (e = exp(y - max y), 1
 // at the top), so min-p is a fixed threshold. The top-k threshold, the end of the top-p nucleus and the place
@@ -9,14 +10,80 @@
 // only those few are sorted. A flat row, whose nucleus holds thousands of tokens, takes a few dozen passes,
 // where putting its nucleus in order took ~0.6 ms.
 #include "kernels.h"
-#include "row_scan.h"
 #include "vec_exp.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace {
+
+// The largest of x[0:n]; the vector loops may pass over a NaN (callers that care look for NaNs themselves).
+float row_max(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 vm = _mm512_set1_ps(m);
+  for (; i + 16 <= n; i += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + i));
+  m = _mm512_reduce_max_ps(vm);
+#elif defined(__AVX2__)
+  __m256 vm = _mm256_set1_ps(m);
+  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, vm);
+  for (float v : lanes) m = std::max(m, v);
+#endif
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// Appends the (value, index) of x[0:n] with lo <= value < hi to vals/idx, in index order.
+void append_band(const float* x, int64_t n, float lo, float hi, std::vector<float>& vals, std::vector<int32_t>& idx) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; i + 16 <= n; i += 16, iv = _mm512_add_epi32(iv, step)) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const __mmask16 m = _mm512_cmp_ps_mask(v, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, vhi, _CMP_LT_OQ);
+    if (m) {
+      const size_t at = vals.size(), k = __builtin_popcount(m);
+      vals.resize(at + k);
+      idx.resize(at + k);
+      _mm512_mask_compressstoreu_ps(vals.data() + at, m, v);
+      _mm512_mask_compressstoreu_epi32(idx.data() + at, m, iv);
+    }
+  }
+#elif defined(__AVX2__)
+  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    int m = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, vlo, _CMP_GE_OQ), _mm256_cmp_ps(v, vhi, _CMP_LT_OQ)));
+    while (m) {
+      const int j = __builtin_ctz(m);
+      m &= m - 1;
+      vals.push_back(x[i + j]);
+      idx.push_back(static_cast<int32_t>(i + j));
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = x[i];
+    if (v >= lo && v < hi) {
+      vals.push_back(v);
+      idx.push_back(static_cast<int32_t>(i));
+    }
+  }
+}
 
 // The first index at or after `from` whose value equals `target` or, with nan, is a NaN; n when none.
 int64_t first_match(const float* x, int64_t from, int64_t n, float target, bool match_value) {
@@ -105,8 +172,8 @@ Above at_least(const float* x, int64_t n, float t) {
 // The k-th largest of x[0:n] (1 <= k < n, no NaNs): torch.topk(x, k).values[k - 1]. Levels below the top
 // widen (8, 16, 32, ...) until k values are at or above one; the bracket is then halved until few values lie
 // inside it, and those are selected among.
-float kth_largest(const float* x, int64_t n, int64_t k, std::vector<float>& band, std::vector<int32_t>& idx) {
-  const float top = row_max(x, n);
+float kth_largest(const float* x, int64_t n, float top, int64_t k, std::vector<float>& band,
+                  std::vector<int32_t>& idx) {
   float hi = std::nextafter(top, kInf), lo = top;
   int64_t above_hi = 0, above_lo = at_least(x, n, lo).count;
   for (float width = 8.f; above_lo < k; width *= 2.f) {
@@ -124,7 +191,7 @@ float kth_largest(const float* x, int64_t n, int64_t k, std::vector<float>& band
   }
   band.clear();
   idx.clear();
-  append_band(x, n, lo, false, hi, band, idx);
+  append_band(x, n, lo, hi, band, idx);
   const int64_t want = k - above_hi;   // 1 <= want <= band.size()
   std::nth_element(band.begin(), band.begin() + (want - 1), band.end(), std::greater<float>());
   return band[want - 1];
@@ -182,7 +249,7 @@ Place mass_cut(const float* e, int64_t n, float top, double target, bool strict,
   }
   s.band.clear();
   s.idx.clear();
-  append_band(e, n, lo, false, hi, s.band, s.idx);
+  append_band(e, n, lo, hi, s.band, s.idx);
   s.sorted.resize(s.band.size());
   for (size_t j = 0; j < s.band.size(); ++j) s.sorted[j] = {s.band[j], s.idx[j], 0.0};
   std::sort(s.sorted.begin(), s.sorted.end(), before);
@@ -266,7 +333,7 @@ int64_t row_draw(const float* x, int64_t n, float temp, int64_t k, float top_p, 
   if (!(top_x > -kInf)) return 0;   // every token masked: nothing can be drawn (the engine's grammars never do this)
   const float top = top_x / temp;   // dividing by a positive number keeps the order: max(x / t) = max(x) / t
   // The k-th largest logit, divided as every other (the k-th largest of x / t).
-  const float floor = k > 0 && k < n ? kth_largest(x, n, k, s.band, s.idx) / temp : -kInf;
+  const float floor = k > 0 && k < n ? kth_largest(x, n, top_x, k, s.band, s.idx) / temp : -kInf;
   s.e.resize(n);
   float* e = s.e.data();
   double kept = 0;
