@@ -199,16 +199,18 @@ inline void prefetch_pair_step(const Q4Weights& w, int64_t g, int64_t b) {
 // Each lane runs the same operations as group_tile's (exact integer dot of the block, one rounding for the
 // scale product, one fused multiply-add, the offsets summed after), so a row's result has the same bits
 // whichever tile computes it: this path, the 256-bit one, and the AVX2 build.
-template <int MR>
+// Prefetch: ask for the weights ahead of use (a template argument: as a runtime switch its branch in the block
+// loop cost 5-10% at 48-512 rows).
+template <int MR, bool Prefetch>
 void group_pair_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, float* out, int64_t ldo,
-                     int valid, bool prefetch) {
+                     int valid) {
   const int64_t nb = x.nb;
   const uint8_t *q0 = w.group(g), *q1 = w.group(g + 1);
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[MR], offs[MR];   // 32 registers: the offsets' sums ride along in the block loop
   for (int i = 0; i < MR; ++i) acc[i] = offs[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    if (prefetch) prefetch_pair_step(w, g, b);
+    if constexpr (Prefetch) prefetch_pair_step(w, g, b);
     __m512i dot[MR];
     for (int i = 0; i < MR; ++i) dot[i] = _mm512_setzero_si512();
     for (int L = 0; L < 4; ++L) {
@@ -295,19 +297,23 @@ void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, f
 #if !defined(__AVX512BW__)
 // Without 512-bit registers every tile is one group of 8 rows.
 constexpr bool kPairs = false;
-template <int MR>
-void group_pair_tile(const QuantRows&, int64_t, const Q4Weights&, int64_t, float*, int64_t, int, bool) {}
+template <int MR, bool Prefetch>
+void group_pair_tile(const QuantRows&, int64_t, const Q4Weights&, int64_t, float*, int64_t, int) {}
 #endif
 
 constexpr int kMR = 4;              // activation rows a tile
 constexpr int64_t kRowChunk = 64;   // activation rows whose int8 copy stays in L2 while the weights pass by
 
-// first: the chunk's first tile over these weights, the one that brings them in from memory (the rest find
-// them in cache, and ask for nothing ahead).
+// prefetch: the tile asks for the weights ahead of use (prefetch_pair_step). Only the chunk's first tile
+// over a pair brings its weights in from memory (the rest find them in cache), and only a chunk of a few rows
+// is bound by that read: at 1-4 rows a call ran 1.7-1.9x faster with it, at 16 1.1-1.2x, at 48-128 the same,
+// and at 512 rows on 2 threads 0.6-0.74x (benchmarks/q4_cold_pairs.sh).
+constexpr int64_t kPrefetchRows = 16;
 template <int MR>
 void tile(const QuantRows& x, int64_t m, const Q4Weights& w, int64_t g, bool pair, float* o, int64_t N, int valid,
-          bool first) {
-  if (pair) group_pair_tile<MR>(x, m, w, g, o, N, valid, first);
+          bool prefetch) {
+  if (pair && prefetch) group_pair_tile<MR, true>(x, m, w, g, o, N, valid);
+  else if (pair) group_pair_tile<MR, false>(x, m, w, g, o, N, valid);
   else group_tile<MR>(x, m, w, g, o, N, valid);
 }
 
@@ -320,12 +326,13 @@ void product_groups(const QuantRows& x, int64_t M, const Q4Weights& w, int64_t g
       const bool pair = kPairs && g + 1 < g1;
       const int valid = static_cast<int>(std::min<int64_t>(pair ? 16 : 8, N - g * 8));
       float* o = out + g * 8;
+      const bool few = me - mc <= kPrefetchRows;
       int64_t m = mc;
-      for (; m + kMR <= me; m += kMR) tile<kMR>(x, m, w, g, pair, o + m * N, N, valid, m == mc);
+      for (; m + kMR <= me; m += kMR) tile<kMR>(x, m, w, g, pair, o + m * N, N, valid, few && m == mc);
       switch (me - m) {
-        case 3: tile<3>(x, m, w, g, pair, o + m * N, N, valid, m == mc); break;
-        case 2: tile<2>(x, m, w, g, pair, o + m * N, N, valid, m == mc); break;
-        case 1: tile<1>(x, m, w, g, pair, o + m * N, N, valid, m == mc); break;
+        case 3: tile<3>(x, m, w, g, pair, o + m * N, N, valid, few && m == mc); break;
+        case 2: tile<2>(x, m, w, g, pair, o + m * N, N, valid, few && m == mc); break;
+        case 1: tile<1>(x, m, w, g, pair, o + m * N, N, valid, few && m == mc); break;
         default: break;
       }
       g += pair ? 2 : 1;
