@@ -176,12 +176,12 @@ void group_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, f
 #if defined(__AVX512BW__)
 constexpr bool kPairs = true;
 
-// A pair tile reads its two groups as two streams, a group's length apart, and the hardware prefetcher did
-// not keep up with that: one thread read 9-10 GB/s of 4-bit weights at one activation row, against 18-19 GB/s
-// for the 256-bit tile's single stream (a C++ copy of both loops, 36 layers' worth of weights). The pair's
+// A pair tile reads its two groups as two streams, a group's length apart, and the hardware prefetcher does
+// not keep up with that: at one activation row one thread read the weights at 9 GB/s from memory. The pair's
 // bytes are one contiguous run all the same, and so are its scales: this walks that run in address order,
-// one group plus kPrefetchAhead bytes ahead of the first stream (so past the second), the lines
-// of a block step on their way to L2. Prefetches never fault and change no result.
+// one group plus kPrefetchAhead bytes ahead of the first stream (so past the second), the lines of a block
+// step on their way to L2. Then one thread read 21 GB/s, two 29 (benchmarks/q4_cold_pairs.sh). Prefetches
+// never fault and change no result.
 constexpr int64_t kPrefetchAhead = 4096;
 
 // (In asm: GCC 12 dropped _mm_prefetch here, in this translation unit, and kept it in a small one.)
@@ -200,7 +200,7 @@ inline void prefetch_pair_step(const Q4Weights& w, int64_t g, int64_t b) {
 // scale product, one fused multiply-add, the offsets summed after), so a row's result has the same bits
 // whichever tile computes it: this path, the 256-bit one, and the AVX2 build.
 // Prefetch: ask for the weights ahead of use (a template argument: as a runtime switch its branch in the block
-// loop cost 5-10% at 48-512 rows).
+// loop cost 2-7% at 48-512 rows).
 template <int MR, bool Prefetch>
 void group_pair_tile(const QuantRows& x, int64_t m0, const Q4Weights& w, int64_t g, float* out, int64_t ldo,
                      int valid) {
@@ -306,8 +306,8 @@ constexpr int64_t kRowChunk = 64;   // activation rows whose int8 copy stays in 
 
 // prefetch: the tile asks for the weights ahead of use (prefetch_pair_step). Only the chunk's first tile
 // over a pair brings its weights in from memory (the rest find them in cache), and only a chunk of a few rows
-// is bound by that read: at 1-4 rows a call ran 1.7-1.9x faster with it, at 16 1.1-1.2x, at 48-128 the same,
-// and at 512 rows on 2 threads 0.6-0.74x (benchmarks/q4_cold_pairs.sh).
+// is bound by that read: at 1-4 rows a call ran 1.4-2.4x faster with it, at 16 1.0-1.3x; prefetching in every
+// tile ran 0.6-0.74x at 512 rows on 2 threads (benchmarks/q4_cold_pairs.sh).
 constexpr int64_t kPrefetchRows = 16;
 template <int MR>
 void tile(const QuantRows& x, int64_t m, const Q4Weights& w, int64_t g, bool pair, float* o, int64_t N, int valid,
