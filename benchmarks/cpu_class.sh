@@ -18,13 +18,11 @@ python -m kvloom.kernels build > "$OUT/kernels.txt" 2>&1
 
 serve_runs() {  # $1: round; each serving figure for kvloom, then for llama-server
   local r=$1 url="http://127.0.0.1:$PORT"
-  local burst=(--workload poisson --request-rate inf --num-requests 48 --input-len 100 --output-len 128
-               --slo ttft=2s,tpot=100ms)
   for mode in greedy sampled ttft512; do for label in kvloom llama; do
     start_server "$label" "$OUT/${label}_server_${mode}_r$r.log" 16384   # 1,024 tokens a slot
     case $mode in
-      greedy) args=("${burst[@]}") ;;
-      sampled) args=("${burst[@]}" --temperature 0.7 --top-p 0.95) ;;
+      greedy) args=("${BURST[@]}") ;;
+      sampled) args=("${BURST[@]}" --temperature 0.7 --top-p 0.95) ;;
       # Cold time to first token of a 512-token prompt: one request at a time, a new prompt each.
       ttft512) args=(--workload poisson --request-rate inf --max-concurrency 1 --num-requests 4 --input-len 512 --output-len 4) ;;
     esac

@@ -11,10 +11,9 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 GGUF=$(cd "$HERE" && python -c "from kvloom.models.model_source import default_model_path as d; print(d())")
 PORT=${PORT:-8137}
 mkdir -p "$OUT"
-source "$HERE/benchmarks/servers.sh"   # wait_for, cap_class
+source "$HERE/benchmarks/servers.sh"   # wait_for, cap_class, BURST
 cap_class "$CLASS" "$OUT"
 export PYTHONPATH="$HERE"
-burst=(--workload poisson --request-rate inf --num-requests 48 --input-len 100 --output-len 128 --slo ttft=2s,tpot=100ms)
 serve() {  # $1: frozen | unfrozen, $2: the collections' log
   exec python - "$1" "$2" "$GGUF" "$PORT" <<'PY'
 import gc, json, sys, time
@@ -44,7 +43,7 @@ for r in $(seq "$ROUNDS"); do for mode in greedy sampled; do for heap in unfroze
   date +%s.%N > "$OUT/start_$run"
   extra=()
   if [ "$mode" = sampled ]; then extra=(--temperature 0.7 --top-p 0.95); fi
-  python -m kvloom.cli bench serve --base-url "http://127.0.0.1:$PORT" --tokenizer "$GGUF" "${burst[@]}" "${extra[@]}" \
+  python -m kvloom.cli bench serve --base-url "http://127.0.0.1:$PORT" --tokenizer "$GGUF" "${BURST[@]}" "${extra[@]}" \
       --out "$OUT/$run.json" > "$OUT/$run.log" 2>&1
   kill "$server"; wait "$server" || true
 done; done; done

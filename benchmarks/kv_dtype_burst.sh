@@ -16,8 +16,7 @@ python -m kvloom.kernels build > "$OUT/kernels.txt" 2>&1
 for r in $(seq "$ROUNDS"); do
   for kv in float32 float16; do
     KVLOOM_SERVE_FLAGS="--kv-cache-dtype $kv" start_server kvloom "$OUT/server_${kv}_r$r.log"
-    kvloom bench serve --base-url "http://127.0.0.1:$PORT" --tokenizer "$GGUF" --workload poisson \
-        --request-rate inf --num-requests 48 --input-len 100 --output-len 128 --slo ttft=2s,tpot=100ms \
+    kvloom bench serve --base-url "http://127.0.0.1:$PORT" --tokenizer "$GGUF" "${BURST[@]}" \
         --out "$OUT/burst_${kv}_r$r.json" > "$OUT/burst_${kv}_r$r.log" 2>&1
     kill "$server"; wait "$server" || true
   done

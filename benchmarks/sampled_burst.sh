@@ -9,17 +9,16 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 GGUF=$(cd "$HERE" && python -c "from kvloom.models.model_source import default_model_path as d; print(d())")
 PORT=${PORT:-8137}
 mkdir -p "$OUT"
-source "$HERE/benchmarks/servers.sh"   # wait_for, cap_class
+source "$HERE/benchmarks/servers.sh"   # wait_for, cap_class, BURST
 cap_class "$CLASS" "$OUT"
 export PYTHONPATH="$HERE"
-burst=(--workload poisson --request-rate inf --num-requests 48 --input-len 100 --output-len 128 --slo ttft=2s,tpot=100ms)
 for r in $(seq "$ROUNDS"); do for mode in greedy sampled; do
   python -m kvloom.cli serve "$GGUF" --port "$PORT" > "$OUT/server_${mode}_r$r.log" 2>&1 &
   server=$!
   wait_for "http://127.0.0.1:$PORT/health"
   extra=()
   if [ "$mode" = sampled ]; then extra=(--temperature 0.7 --top-p 0.95); fi
-  python -m kvloom.cli bench serve --base-url "http://127.0.0.1:$PORT" --tokenizer "$GGUF" "${burst[@]}" "${extra[@]}" \
+  python -m kvloom.cli bench serve --base-url "http://127.0.0.1:$PORT" --tokenizer "$GGUF" "${BURST[@]}" "${extra[@]}" \
       --out "$OUT/${mode}_r$r.json" > "$OUT/${mode}_r$r.log" 2>&1
   kill "$server"; wait "$server" || true
 done; done

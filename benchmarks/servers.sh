@@ -1,6 +1,8 @@
 # Sourced by the side-by-side benchmark scripts: start a fresh kvloom or llama-server on $GGUF at $PORT
 # ($LLAMA: llama.cpp's bin folder) and wait until it answers; the caller kills "$server" when done.
 # cap_class: a run's CPU class and the flags it ran with.
+# Issue 14's serving burst: 48 requests of ~100 tokens in and 128 out, all at once, against the TPOT SLO.
+BURST=(--workload poisson --request-rate inf --num-requests 48 --input-len 100 --output-len 128 --slo ttft=2s,tpot=100ms)
 wait_for() { for _ in $(seq 900); do curl -sf "$1" > /dev/null && return 0; sleep 1; done; return 1; }
 
 start_server() {  # $1: kvloom | llama, $2: log file, $3: llama-server's context (tokens over its 16 slots)

@@ -14,9 +14,8 @@ for r in $(seq "$PAIRS"); do
   for mode in on off; do
     flags=(); [ "$mode" = off ] && flags=(--tpot-target-ms 0)
     KVLOOM_SERVE_FLAGS="${flags[*]}" start_server kvloom "$OUT/server_${mode}_r$r.log"
-    kvloom bench serve --base-url "http://127.0.0.1:$PORT" --tokenizer "$GGUF" --workload poisson --request-rate inf \
-        --num-requests 48 --input-len 100 --output-len 128 --slo ttft=2s,tpot=100ms --out "$OUT/${mode}_r$r.json" \
-        > "$OUT/${mode}_r$r.log" 2>&1
+    kvloom bench serve --base-url "http://127.0.0.1:$PORT" --tokenizer "$GGUF" "${BURST[@]}" \
+        --out "$OUT/${mode}_r$r.json" > "$OUT/${mode}_r$r.log" 2>&1
     kill "$server"; wait "$server" || true
   done
 done

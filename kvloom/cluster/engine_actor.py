@@ -20,10 +20,10 @@ from kvloom.cluster.load import LoadReport, load_report
 from kvloom.cluster.wire import from_wire, to_wire
 from kvloom.config import EngineConfig
 from kvloom.engine.openmp_pool import leave_compute_to_engine_thread
-from kvloom.server.heap import freeze_startup_heap
 from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.snapshot import RequestSnapshot
 from kvloom.sampling_params import SamplingParams
+from kvloom.server.heap import freeze_startup_heap
 
 
 class EngineWorker:
