@@ -319,7 +319,8 @@ def _add_serve_bench_args(p) -> None:
     p.add_argument("--tokenizer", default=None, help="the server model's tokenizer (default: the built-in model)")
     p.add_argument("--slo", default=None, help="e.g. ttft=500ms,tpot=100ms: adds goodput")
     p.add_argument("--max-duration", type=float, default=600.0, help="stop after this many seconds")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="arrivals, lengths and where in the corpus the prompts start (a new seed: no cached prefixes)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; e.g. 0.7 for sampled traffic")
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=cmd_bench)

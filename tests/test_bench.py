@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from kvloom.bench.metrics import RequestRecord, parse_slo, summarize
-from kvloom.bench.workloads import arrivals, read_trace, find_trace
+from kvloom.bench.serve import load_tokenizer
+from kvloom.bench.workloads import arrivals, read_trace, find_trace, synthetic_workload
 from kvloom.cli import main
 from server_harness import ServerThread, tiny_engine
 
@@ -50,6 +51,22 @@ def test_slo_parsing_and_arrivals():
     bursty = np.diff(arrivals(4000, 4.0, 0.25, np.random.default_rng(0)))
     assert bursty.std() / bursty.mean() == pytest.approx(2.0, rel=0.15)  # CV = 1/sqrt(shape)
     assert (arrivals(5, float("inf"), 1.0, rng) == 0).all()
+
+
+def test_each_seed_draws_its_own_prompt_text(tiny_model_dir):
+    """Rounds of a benchmark use seeds 0, 1, ...: with the same text, a later round would find the earlier
+    round's prompts in the prefix cache (and speculation its continuations in the global trie)."""
+    tok = load_tokenizer(tiny_model_dir("llama"))
+
+    def prompts(seed, kind="poisson"):
+        return [r.prompt for r in synthetic_workload(tok, kind, 6, float("inf"), 1.0, 40, 8, 0.0, 400,
+                                                     seed=seed).requests]
+
+    assert prompts(3) == prompts(3)
+    firsts = [{tuple(p[:16]) for p in prompts(s)} for s in (0, 1, 2)]
+    assert not firsts[0] & firsts[1] and not firsts[1] & firsts[2] and not firsts[0] & firsts[2]
+    assert all(len(p) == 40 for p in prompts(1))
+    assert prompts(0, "repetitive") != prompts(1, "repetitive")
 
 
 def test_real_traces_read():

@@ -127,12 +127,15 @@ def synthetic_workload(tokenizer: Tokenizer, kind: str, num_requests: int, rate:
     outs = _lengths(output_len, range_ratio, num_requests, rng)
     reqs, clipped = [], 0
     if kind == "repetitive":
-        return _repetitive(tokenizer, times, outs, max_len)
+        return _repetitive(tokenizer, times, outs, max_len, seed)
     shared = _corpus_prompt(ids, prefix_len, 0) if kind == "shared-prefix" else []
+    # Each seed starts its prompts elsewhere in the corpus, so runs with different seeds do not replay each
+    # other's text (and hit each other's cached prefixes). Seed 0 keeps the offsets older results used.
+    first = 0 if seed == 0 else int(np.random.default_rng([seed, len(ids)]).integers(len(ids)))
     for k in range(num_requests):
         n_in, n_out, was = _clip(len(shared) + ins[k], outs[k], max_len)
         clipped += was
-        own = _corpus_prompt(ids, n_in - len(shared), 104729 + 7919 * k) if n_in > len(shared) else []
+        own = _corpus_prompt(ids, n_in - len(shared), first + 104729 + 7919 * k) if n_in > len(shared) else []
         reqs.append(BenchRequest(float(times[k]), (shared + own)[:n_in], n_out))
     desc = f"{kind}: rate {rate}/s, burstiness {burstiness}, input ~{input_len}, output ~{output_len}"
     if shared:
@@ -140,13 +143,14 @@ def synthetic_workload(tokenizer: Tokenizer, kind: str, num_requests: int, rate:
     return Workload(reqs, kind, clipped, desc)
 
 
-def _repetitive(tokenizer: Tokenizer, times, outs: list[int], max_len: int) -> Workload:
+def _repetitive(tokenizer: Tokenizer, times, outs: list[int], max_len: int, seed: int) -> Workload:
     """Prompts that ask for a passage back verbatim: the answer copies long spans of the input."""
     text = corpus_text()
     paras = [p for p in text.split("\n\n") if 400 < len(p) < 1600]
+    first = 0 if seed == 0 else int(np.random.default_rng([seed, len(paras)]).integers(len(paras)))
     reqs = []
     for k, t in enumerate(times):
-        para = paras[(k * 37) % len(paras)]
+        para = paras[(first + k * 37) % len(paras)]
         prompt = (f"Copy the following passage exactly, word for word.\n\nPassage:\n{para}\n\nCopy:\n"
                   f"{para[:80]}")
         ids = tokenizer.encode(prompt)[: max_len - outs[k]]
