@@ -97,9 +97,9 @@ def _linear_path(module) -> str | None:
     if isinstance(module, W8A8Linear):
         return f"w8a8: {module.gemm_path}"
     if isinstance(module, Int8Linear):
-        return "int8 weight-only: torch _weight_int8pack_mm"
+        return f"int8 weight-only: {module.gemm_path}"
     if isinstance(module, Int4Linear):
-        return "int4 weight-only: torch _weight_int4pack_mm_for_cpu"
+        return f"int4 weight-only: {module.gemm_path}"
     if type(module) is torch.nn.Linear:
         return f"{str(module.weight.dtype).removeprefix('torch.')}: torch linear"
     if isinstance(module, GroupedExperts):

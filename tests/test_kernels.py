@@ -270,8 +270,8 @@ def test_engine_without_native_kernels_still_matches_transformers(tiny_model_dir
     assert [r.token_ids for r in llm.generate(prompts, params)] == hf_greedy(model, prompts, 16)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("quantization", ["none", "w8a8"])
+@pytest.mark.parametrize("arch, quantization", [(a, q) for a in ("llama", "qwen2", "qwen3") for q in ("none", "w8a8")]
+                         + [("qwen2", "int8"), ("llama", "int4")])   # weight-only panels; qwen2: with biases
 def test_native_decode_stack_is_bit_identical_to_the_module_path(tiny_model_dir, engine_kernels, arch, quantization):
     """Each decode-only step's logits with the layers run by the native stack and by the modules: equal bits.
     The decode rows of a step with prompt chunks take the module path, so batch invariance needs exactly this."""

@@ -30,6 +30,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "4-bit weight blocks x int8 activation blocks (w4a8), GGUF's Q4 layout",
         py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("n_out"), py::arg("bias"), py::arg("residual") = py::none(), nogil);
   m.def("q4_gemm_path", &q4_gemm_path, "what computes the 4-bit product in this build");
+  m.def("int8_weight_linear", &int8_weight_linear, "float x int8 weights (panels of 16 columns), per-column scales",
+        py::arg("x"), py::arg("q"), py::arg("col_scales"), py::arg("n_out"), py::arg("bias"), nogil);
+  m.def("int4_weight_linear", &int4_weight_linear, "float x 4-bit weights (panels of 16 columns), group scales, offsets",
+        py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("offsets"), py::arg("group"), py::arg("n_out"),
+        py::arg("bias"), nogil);
+  m.def("weight_only_path", &weight_only_path, "what computes the weight-only modes' product in this build");
   m.def("decode_attention_f32", &decode_attention_f32, "paged decode attention, float pool", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("tables"), py::arg("lens"), py::arg("scale"), py::arg("masks") = py::none(),
         py::arg("window") = 0, nogil);

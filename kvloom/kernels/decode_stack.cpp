@@ -19,25 +19,33 @@
 namespace {
 
 struct Linear {
-  torch::Tensor weight;   // [out, in]: int8 with per-output-channel `scales` (w8a8), or float; or 4-bit
-                          // blocks uint8 (q4_linear.cpp's layout) with their block scales
+  // float: weight [out, in]. w8a8: int8 [out, in] with per-output-channel `scales`. gguf 4-bit: blocks uint8
+  // (q4_linear.cpp's layout) with their block scales. Weight-only int8 / 4-bit: panels of 16 columns
+  // (weight_only_linear.cpp), with per-column scales / group scales and `offsets`.
+  enum class Kind { Float, W8A8, Q4, Int8Weight, Int4Weight };
+  Kind kind = Kind::Float;
+  torch::Tensor weight;
   torch::Tensor scales;   // undefined for a float weight
+  torch::Tensor offsets;  // 4-bit weight-only only
   c10::optional<torch::Tensor> bias;
-  int64_t n_out = 0;      // outputs of a 4-bit weight (its row groups are padded to 8)
-
-  bool four_bit() const { return weight.scalar_type() == torch::kUInt8; }
+  int64_t n_out = 0;      // the layer's outputs (4-bit groups and panels are padded)
 
   torch::Tensor operator()(const torch::Tensor& x) const {
-    if (four_bit()) return q4_linear(x, weight, scales, n_out, bias);
-    if (scales.defined()) return w8a8_linear(x, weight.t(), scales, bias);
-    return at::linear(x, weight, bias);
+    switch (kind) {
+      case Kind::Q4: return q4_linear(x, weight, scales, n_out, bias);
+      case Kind::W8A8: return w8a8_linear(x, weight.t(), scales, bias);
+      case Kind::Int8Weight: return int8_weight_linear(x, weight, scales, n_out, bias);
+      case Kind::Int4Weight:
+        return int4_weight_linear(x, weight, scales, offsets, weight.size(1) / scales.size(1), n_out, bias);
+      default: return at::linear(x, weight, bias);
+    }
   }
 
   // h += this(x): for the integer kernels inside the linear's own output loop (one op less per call)
   void add_into(const torch::Tensor& x, torch::Tensor& h) const {
-    if (four_bit()) q4_linear(x, weight, scales, n_out, bias, h);
-    else if (scales.defined()) w8a8_linear(x, weight.t(), scales, bias, h);
-    else h.add_(at::linear(x, weight, bias));
+    if (kind == Kind::Q4) q4_linear(x, weight, scales, n_out, bias, h);
+    else if (kind == Kind::W8A8) w8a8_linear(x, weight.t(), scales, bias, h);
+    else h.add_((*this)(x));
   }
 };
 
@@ -184,12 +192,24 @@ class DecodeStack {
 
  private:
   static Linear linear(const std::vector<c10::optional<torch::Tensor>>& parts, int64_t n_out) {
-    TORCH_CHECK(parts.size() == 3 && parts[0].has_value(), "a linear is (weight, scales or None, bias or None)");
+    TORCH_CHECK((parts.size() == 3 || parts.size() == 4) && parts[0].has_value(),
+                "a linear is (weight, scales or None, bias or None[, offsets])");
     Linear lin;
     lin.weight = *parts[0];
     lin.n_out = n_out;
     if (parts[1]) lin.scales = *parts[1];
     lin.bias = parts[2];
+    const bool panels = lin.weight.dim() == 3;
+    if (parts.size() == 4 && parts[3]) {
+      TORCH_CHECK(panels && lin.weight.scalar_type() == torch::kUInt8, "offsets come with 4-bit weight panels");
+      lin.kind = Linear::Kind::Int4Weight;
+      lin.offsets = *parts[3];
+    } else if (lin.weight.scalar_type() == torch::kUInt8) {
+      lin.kind = Linear::Kind::Q4;
+    } else if (lin.weight.scalar_type() == torch::kChar) {
+      lin.kind = panels ? Linear::Kind::Int8Weight : Linear::Kind::W8A8;
+    }
+    TORCH_CHECK(lin.kind == Linear::Kind::Float || lin.scales.defined(), "integer weights need their scales");
     return lin;
   }
 

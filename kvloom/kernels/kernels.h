@@ -13,6 +13,12 @@ bool int8_grouped_gemv_available();
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, int64_t n_out, c10::optional<torch::Tensor> bias,
                         c10::optional<torch::Tensor> residual = c10::nullopt);
 std::string q4_gemm_path();
+// Float activations x int8 or 4-bit weights in panels of 16 columns (weight_only_linear.cpp).
+torch::Tensor int8_weight_linear(torch::Tensor x, torch::Tensor q, torch::Tensor col_scales, int64_t n_out,
+                                 c10::optional<torch::Tensor> bias);
+torch::Tensor int4_weight_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor offsets,
+                                 int64_t group, int64_t n_out, c10::optional<torch::Tensor> bias);
+std::string weight_only_path();
 torch::Tensor int8_matmul(torch::Tensor xq, torch::Tensor w_t, std::string path);
 void set_int8_gemm(std::string mode);
 std::string int8_gemm_path();

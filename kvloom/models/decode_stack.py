@@ -7,7 +7,8 @@ computation from C++ over the same weights and KV pool, so the model only
 embeds, computes the RoPE tables, and takes the head. Built once the weights
 are final (after quantization); None where it does not apply: no native
 kernels, a non-float32 or non-CPU model, or linear layers other than float,
-w8a8 and 4-bit GGUF blocks, or mixture-of-experts layers (the module path then runs every step). Over an
+w8a8, 4-bit GGUF blocks and the weight-only modes' native panels, or
+mixture-of-experts layers (the module path then runs every step). Over an
 int8 KV pool it writes keys to the float staging and values quantized per row,
 as the module path does, and runs plain decodes (draft trees take the modules).
 """
@@ -21,16 +22,23 @@ from kvloom.kv.int8_kv_cache import Int8KVCache
 from kvloom.kv.kv_cache import FloatKVCache
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.moe import has_experts
+from kvloom.quant.int4_linear import Int4Linear
+from kvloom.quant.int8_linear import Int8Linear
 from kvloom.quant.q4_linear import Q4Linear
 from kvloom.quant.w8a8_linear import W8A8Linear
 
 def _linear_parts(linear: nn.Module) -> list[torch.Tensor | None] | None:
     """(weight [out, in], per-channel scales or None, bias or None), or None for a kind the stack cannot run.
-    4-bit layers give (blocks uint8, their scales, bias): the stack knows each one's outputs."""
+    4-bit layers give (blocks uint8, their scales, bias): the stack knows each one's outputs. The weight-only
+    layers give their panels (int8 [P, in, 16] or 4-bit [P, in, 8]); 4-bit ones their offsets fourth."""
     if isinstance(linear, Q4Linear) and linear.native:
         return [linear.qs, linear.scales, linear.bias]
     if isinstance(linear, W8A8Linear) and linear.native:
         return [linear.weight, linear.scales, linear.bias]
+    if isinstance(linear, Int8Linear) and linear.native:   # weight panels: the stack tells them by their shape
+        return [linear.weight_int8, linear.scales, linear.bias]
+    if isinstance(linear, Int4Linear) and linear.native:
+        return [linear.weight_int4, linear.scales, linear.bias, linear.offsets]
     if type(linear) is nn.Linear:
         return [linear.weight.detach(), None, None if linear.bias is None else linear.bias.detach()]
     return None
@@ -55,7 +63,7 @@ def build_decode_stack(model: LlamaForCausalLM, kv) -> tuple[object | None, str 
         attn, mlp = layer.self_attn, layer.mlp
         linears = [_linear_parts(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         if any(parts is None for parts in linears):
-            return None, "the stack runs float, w8a8 and gguf 4-bit linear layers (not int8/int4 weight-only)"
+            return None, "the stack runs float, w8a8, gguf 4-bit and native weight-only linear layers"
         norms = (attn.q_norm.weight.detach(), attn.k_norm.weight.detach()) if s.qk_norm else (None, None)
         stack.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                         *norms, *linears, layer_kv.k, layer_kv.v)

@@ -25,13 +25,13 @@ _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "ga
 def _quantized(linear: nn.Linear, scheme: str, group: int, native: bool = True) -> nn.Module:
     w, b = linear.weight.data, None if linear.bias is None else linear.bias.data
     if scheme == "int8":
-        return Int8Linear(w, b)
+        return Int8Linear(w, b, native)
     if scheme == "w8a8":
         return W8A8Linear(w, b, native)
     g = group if w.shape[1] % group == 0 else 32   # e.g. 576 inputs admit groups of 32 and 64, not 128
     if w.shape[1] % g:
         raise KvloomError(f"int4 needs in_features divisible by the group size; {w.shape[1]} is not")
-    return Int4Linear.from_float(w, b, g)
+    return Int4Linear.from_float(w, b, g, native)
 
 
 def _from_gguf_blocks(model: nn.Module, index: int, where: str, fused: str, native: bool) -> nn.Module:
