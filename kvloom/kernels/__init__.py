@@ -3,7 +3,7 @@
 `make install` / `make install-test` build them right after pip (`python -m kvloom.kernels build`), into
 ~/.cache/kvloom/kernels/<isa>-<hash>/ (KVLOOM_KERNEL_CACHE overrides the root); the hash covers the sources
 and headers, the flags, the torch version and the CPU's instruction-set class, so a changed source, torch or
-KVLOOM_ISA gets its own entry. A start that finds no entry compiles it (~60 s, logged as 'compiling native
+KVLOOM_ISA gets its own entry. A start that finds no entry compiles it (~90 s, logged as 'compiling native
 kernels for <isa> (first start on this machine, ...)'). Builds are serialised across processes by a flock in
 the build directory; a build killed half-way leaves nothing that blocks the next start.
 

@@ -1,6 +1,8 @@
 // Python bindings of the native kernels (one extension module, built by kvloom/kernels/__init__.py).
 #include "kernels.h"
 
+#include <torch/extension.h>   // pybind11
+
 void register_decode_stack(pybind11::module_& m);
 
 // The class the compiler was told to target (kvloom/kernels/build.py's ISA_CLASSES).

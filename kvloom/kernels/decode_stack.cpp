@@ -10,6 +10,8 @@
 // which calls the same native ops, so a decode row gets the same bits on either.
 #include "kernels.h"
 
+#include <torch/extension.h>   // pybind11
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>

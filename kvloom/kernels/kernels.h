@@ -1,6 +1,21 @@
 // The native kernels' entry points, shared by the files that call each other and by the bindings.
 #pragma once
-#include <torch/extension.h>
+// ATen alone: torch/extension.h (pybind11 and the C++ frontend) took ~24 s to parse in every file, ATen's
+// tensor and the few operators the kernels call ~3; only the files that bind to Python include it.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/zeros.h>
+
+#include <string>
+#include <vector>
+
+namespace torch {
+using namespace at;   // torch::Tensor, torch::kFloat, torch::empty: ATen's (as torch/types.h makes them)
+}
 
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_scales,
                           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual = c10::nullopt,

@@ -3,9 +3,9 @@
 //
 // PyTorch's own int8- and int4-weight CPU kernels have an AVX-512 path and a scalar one: on an AVX2-only
 // host the weight-only modes decoded at 0.3-0.4x float32's speed and prefilled at 0.02x. Here the weights
-// are widened into a small float buffer (a panel of 16 columns, kSegment values of k: 16 KB, in L1) and
-// multiplied by tiles of activation rows with FMAs, a register-tiled float GEMM whose weights were read from
-// memory at one or half a byte each.
+// are read at one or half a byte each and widened to float: for up to 4 activation rows in registers, used
+// at once; above, into a small buffer (a panel of 16 columns, kSegment values of k: 16 KB, in L1) that tiles
+// of activation rows pass over with FMAs, a register-tiled float GEMM.
 //
 // Every output is one FMA chain over k in order, acc = fma(x[m, k], w[k, n], acc), with the widened weight
 // w = q (int8: the column's scale multiplies the sum at the end) or w = fma(q, scale, offset) (4-bit). The
@@ -13,7 +13,7 @@
 // count, and it is the same on AVX-512, AVX2 and the scalar path: a row's bits never depend on its batch,
 // nor on the machine's class.
 //
-// Packing (kvloom/quant/weight_only.py): panels of 16 columns, k-major. int8: [P, K, 16]. 4-bit: [P, K, 8]
+// Packing (kvloom/quant/weight_panels.py): panels of 16 columns, k-major. int8: [P, K, 16]. 4-bit: [P, K, 8]
 // bytes, byte j holding column j in its low nibble and column j + 8 in its high one; scales and offsets
 // [P, G, 16] for G groups of k. Columns past N are zero.
 #include "kernels.h"
