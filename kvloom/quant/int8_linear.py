@@ -1,7 +1,7 @@
 """Weight-only int8: per-output-channel symmetric scales; float activations.
 
 With the native kernels the product is kvloom/kernels/weight_only_linear.cpp (weights widened to float in
-L1, one FMA chain a output: batch-invariant, and the same on AVX2 and AVX-512 hosts); without them,
+L1, one FMA chain an output: batch-invariant, and the same on AVX2 and AVX-512 hosts); without them,
 PyTorch's int8-weight CPU kernel (whose only vector path is AVX-512: on AVX2-only hosts it ran at 0.02-0.4x
 float32's speed).
 """
