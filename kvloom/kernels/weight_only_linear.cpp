@@ -3,8 +3,8 @@
 //
 // PyTorch's own int8- and int4-weight CPU kernels have an AVX-512 path and a scalar one: on an AVX2-only
 // host the weight-only modes decoded at 0.3-0.4x float32's speed and prefilled at 0.02x. Here the weights
-// are read at one or half a byte each and widened to float: for up to 4 activation rows in registers, used
-// at once; above, into a small buffer (a panel of 16 columns, kSegment values of k: 16 KB, in L1) that tiles
+// are read at one or half a byte each and widened to float: for up to a tile's rows (8 on AVX-512, 6 on AVX2)
+// in registers, used at once; above, into a small buffer (a panel of 16 columns, kSegment values of k: 16 KB, in L1) that tiles
 // of activation rows pass over with FMAs, a register-tiled float GEMM.
 //
 // Every output is one FMA chain over k in order, acc = fma(x[m, k], w[k, n], acc), with the widened weight
@@ -213,16 +213,23 @@ void direct(const Panels& wp, const float* x, int64_t K, int64_t p0, int64_t p1,
   }
 }
 
+template <int MR = kTileRows, class Panels>
+void direct_rows(int rows, const Panels& wp, const float* x, int64_t K, int64_t p0, int64_t p1, float* y,
+                 int64_t ldy, const Epilogue& ep) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return direct_rows<MR - 1>(rows, wp, x, K, p0, p1, y, ldy, ep);
+  }
+  direct<MR>(wp, x, K, p0, p1, y, ldy, ep);
+}
+
+// Up to a tile's rows, the weights are widened in registers; 1.1-1.9x faster than through the buffer at 5-8
+// rows on a Zen 4 host (the AVX-512 and the AVX2 build).
 template <class Panels>
 void product(const Panels& wp, const float* x, int64_t M, int64_t K, int64_t p0, int64_t p1, float* y,
              int64_t ldy, const Epilogue& ep) {
-  switch (M) {   // up to 4 rows, one tile widens the weights in registers
-    case 1: return direct<1>(wp, x, K, p0, p1, y, ldy, ep);
-    case 2: return direct<2>(wp, x, K, p0, p1, y, ldy, ep);
-    case 3: return direct<3>(wp, x, K, p0, p1, y, ldy, ep);
-    case 4: return direct<4>(wp, x, K, p0, p1, y, ldy, ep);
-    default: return panels(wp, x, M, K, p0, p1, y, ldy, ep);
-  }
+  if (M == 0) return;   // (a step can hand a layer no rows)
+  if (M <= kTileRows) return direct_rows(static_cast<int>(M), wp, x, K, p0, p1, y, ldy, ep);
+  panels(wp, x, M, K, p0, p1, y, ldy, ep);
 }
 
 template <class Panels>
