@@ -33,8 +33,9 @@ _modules: dict = {}
 def _module(isa: str):
     """The kernels built for one class (cached per process); skips when this CPU does not run the class."""
     if isa not in _modules:
-        if isa == "native" or kernels().isa() == isa:   # the class this CPU's own build is: no second build
-            _modules[isa] = kernels()
+        native = kernels()
+        if isa == "native" or (native is not None and native.isa() == isa):   # this CPU's own build's class
+            _modules[isa] = native
         else:
             try:
                 plan = build.make_plan(isa)

@@ -32,7 +32,7 @@ def _int4_case(n, k, group, seed):
 
 
 def _int8_run(mod, x, q, s, bias):
-    return mod.int8_weight_linear(x, panels(q), padded_columns(s), q.shape[0], bias)
+    return mod.int8_weight_linear(x, panels(q), padded_columns(s), q.shape[0], padded_columns(bias))
 
 
 def _int4_run(mod, x, q, scale, offset, group):

@@ -4,8 +4,8 @@
 // PyTorch's own int8- and int4-weight CPU kernels have an AVX-512 path and a scalar one: on an AVX2-only
 // host the weight-only modes decoded at 0.3-0.4x float32's speed and prefilled at 0.02x. Here the weights
 // are read at one or half a byte each and widened to float: for up to a tile's rows (8 on AVX-512, 6 on AVX2)
-// in registers, used at once; above, into a small buffer (a panel of 16 columns, kSegment values of k: 16 KB, in L1) that tiles
-// of activation rows pass over with FMAs, a register-tiled float GEMM.
+// in registers, used at once; above, into a small buffer (a panel of 16 columns, kSegment values of k: 16 KB,
+// in L1) that tiles of activation rows pass over with FMAs, a register-tiled float GEMM.
 //
 // Every output is one FMA chain over k in order, acc = fma(x[m, k], w[k, n], acc), with the widened weight
 // w = q (int8: the column's scale multiplies the sum at the end) or w = fma(q, scale, offset) (4-bit). The
@@ -15,10 +15,8 @@
 //
 // Packing (kvloom/quant/weight_panels.py): panels of 16 columns, k-major. int8: [P, K, 16]. 4-bit: [P, K, 8]
 // bytes, byte j holding column j in its low nibble and column j + 8 in its high one; scales and offsets
-// [P, G, 16] for G groups of k. Columns past N are zero.
+// [P, G, 16] for G groups of k; the bias, like the column scales, [P * 16]. Columns past N are zero.
 #include "kernels.h"
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -237,14 +235,12 @@ torch::Tensor run(const Panels& wp, const torch::Tensor& x, int64_t P, int64_t n
                   const c10::optional<torch::Tensor>& bias) {
   const int64_t M = x.size(0), K = x.size(1), width = P * kPanel;
   TORCH_CHECK(n_out > 0 && n_out <= width, "n_out must be in (0, panels * 16]");
-  torch::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == n_out, "bias: [n_out]");
-    b = torch::zeros({width}, x.options());
-    b.narrow(0, 0, n_out).copy_(*bias);
-  }
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)   // padded when the layer was packed (weight_panels.padded_columns), not on every call
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == width,
+                "bias: float [P * 16], zero past n_out");
   torch::Tensor y = torch::empty({M, width}, x.options());
-  const Epilogue ep{col_scale, b.defined() ? b.data_ptr<float>() : nullptr};
+  const Epilogue ep{col_scale, has_bias ? bias->data_ptr<float>() : nullptr};
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // Whole panels per thread: a column's chain is computed by one thread, so the split changes no bits.

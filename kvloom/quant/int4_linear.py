@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kvloom.kernels import kernels
-from kvloom.quant.weight_panels import int4_panels, panels
+from kvloom.quant.weight_panels import int4_panels, padded_columns, panels
 
 
 def quantize_groupwise_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,13 +37,14 @@ class Int4Linear(nn.Module):
             self.register_buffer("weight_int4", int4_panels(q))
             self.register_buffer("scales", panels(scale.float()))
             self.register_buffer("offsets", panels((zero - 8.0 * scale).float()))
+            self.register_buffer("bias", None if bias is None else padded_columns(bias.detach()))
         else:
             self.register_buffer("weight_int4",
                                  torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
             # [groups, out, 2]: the layout the kernel reads
             self.register_buffer("scales_and_zeros",
                                  torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().float())
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
+            self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group: int,

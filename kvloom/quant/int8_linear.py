@@ -33,13 +33,14 @@ class Int8Linear(nn.Module):
         q, scales = quantize_per_channel_int8(weight)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.native = native and kernels() is not None
-        if self.native:   # the kernel's panels; the scales multiply each column's sum
+        if self.native:   # the kernel's panels; the scales multiply each column's sum; scales, bias padded
             self.register_buffer("weight_int8", panels(q))
             self.register_buffer("scales", padded_columns(scales))
+            self.register_buffer("bias", None if bias is None else padded_columns(bias.detach()))
         else:
             self.register_buffer("weight_int8", q)
             self.register_buffer("scales", scales)
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
+            self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     @property
     def gemm_path(self) -> str:

@@ -29,5 +29,5 @@ def int4_panels(q: torch.Tensor) -> torch.Tensor:
 
 
 def padded_columns(v: torch.Tensor) -> torch.Tensor:
-    """A per-column vector [out] padded with zeros to whole panels."""
+    """A per-column vector [out] (scales, bias) as float, padded with zeros to whole panels."""
     return _padded_rows(v.float().reshape(-1, 1)).reshape(-1).contiguous()
