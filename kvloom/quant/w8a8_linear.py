@@ -6,7 +6,7 @@ activations and scaling the result happen in the same call (one op instead of
 ten small ones: the batch-1 step is overhead-bound), and the kernels pick the
 product's loop for the build and the CPU (kvloom/kernels/w8a8_linear.cpp): the
 VNNI GEMV up to 16 rows and oneDNN's torch._int_mm above on AVX-512 VNNI; the
-AVX2 int16-madd loop at every row count on AVX2 machines, where oneDNN's int8
+AVX2 sign-trick loop at every row count on AVX2 machines, where oneDNN's int8
 GEMM has no fast path (~4 GOP/s). Integer sums are exact and the float
 epilogue is shared, so the choice never changes a row's bits (batch invariance).
 `gemm_path` names the loop in use. Without native kernels: torch._int_mm.
