@@ -2,22 +2,19 @@
 
 Compiles benchmarks/avx2_mac_ceiling.cpp with g++ (-O3 -mavx2 -mfma: AVX2 code
 on any x86-64 host) and runs it three times; writes GMAC/s per loop and run
-with the CPU's flags. The loops are GEMM inner tiles with operands in L1: the
+with the CPU's class and model. The loops are GEMM inner tiles with operands in L1: the
 ceiling each way of computing int8 or float products can reach on this core.
 """
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 
+from kvloom.kernels.build import cpu_info
+from kvloom.system_info import cpu_model
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def cpu_flags() -> str:
-    flags = set(re.findall(r"avx512[a-z_]*|avx2|avx_vnni", open("/proc/cpuinfo").read()))
-    return " ".join(sorted(flags))
 
 
 def main(out: str) -> None:
@@ -27,7 +24,9 @@ def main(out: str) -> None:
                        check=True)
         runs = [json.loads(subprocess.run([binary], check=True, capture_output=True, text=True).stdout)
                 for _ in range(3)]
-    result = {"command": f"python benchmarks/avx2_mac_ceiling.py {out}", "cpu_flags": cpu_flags(),
+    cpu = cpu_info()
+    result = {"command": f"python benchmarks/avx2_mac_ceiling.py {out}", "cpu_model": cpu_model(),
+              "cpu_class": cpu.isa, "cpu_features": list(cpu.features),
               "unit": "GMAC/s on one core", "runs": runs,
               "best": {k: max(r[k] for r in runs) for k in runs[0]}}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -348,7 +348,8 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_
                        int8_grouped_gemv_available();
   // The AVX2 loop hands each tile's sums straight to the epilogue: no int32 product goes through memory (at 512
   // rows, quantizing the activations and the separate epilogue took ~20% of a layer's time).
-  const bool fused = !grouped && avx2_gemm_takes(w_t.t(), M, K, mode);
+  const torch::Tensor w = w_t.t();   // [N, K]
+  const bool fused = !grouped && avx2_gemm_takes(w, M, K, mode);
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kChar));
   auto sx = torch::empty({M}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -380,7 +381,7 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w_t, torch::Tensor col_
   const bool accumulate = residual.has_value();
 #if defined(__AVX2__)
   if (fused) {
-    int8_gemm_avx2_each(qp, M, w_t.t().data_ptr<int8_t>(), K, N,
+    int8_gemm_avx2_each(qp, M, w.data_ptr<int8_t>(), K, N,
                         [=](int64_t m, int64_t n, const int32_t* t, int cnt) {
                           dequant_row(t, sp[m], cs + n, bp ? bp + n : nullptr, yp + m * N + n, cnt, accumulate);
                         });
