@@ -1,9 +1,10 @@
 """Where a steady-state decode step's milliseconds go, by module:
-`python benchmarks/step_phases.py Q BATCH [modules|stack] [MODEL]` (MODEL: default the built-in).
+`python benchmarks/step_phases.py Q BATCH [modules|stack] [MODEL] [STEPS]` (MODEL: default the built-in, or
+`default`; STEPS: default 20).
 
 Wraps the scheduler, the runner's input building, the model and each layer's
 parts with timers (sums over the 30 layers), fills a batch of 100-token
-prompts, then times 20 decode steps. The wrappers add a little to each part.
+prompts, then times STEPS decode steps. The wrappers add a little to each part.
 With the native decode stack (the default), decode steps run all layers in one
 call, timed as a whole; a third argument `modules` turns the stack off (the
 native kernels stay on) to show the module path's parts.
@@ -47,13 +48,14 @@ def main(quantization: str, batch: int, steps: int = 20, stack: bool = True, mod
         layer.input_layernorm.forward = timed("norms", layer.input_layernorm.forward)
         layer.post_attention_layernorm.forward = timed("norms", layer.post_attention_layernorm.forward)
     engine.model.lm_head.forward = timed("lm head", engine.model.lm_head.forward)
+    engine.model.embed_tokens.forward = timed("embedding", engine.model.embed_tokens.forward)
     if engine.runner.decode_stack is not None:   # decode-only steps run every layer in one native call
         engine.runner.decode_stack.stack = _TimedStack(engine.runner.decode_stack.stack, timed)
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
     step = (time.perf_counter() - t) / steps
-    print(f"{quantization} batch {batch}: {step * 1e3:.1f} ms a step")
+    print(f"{quantization} batch {batch}: {step * 1e3:.2f} ms a step")
     for name, total in totals.items():
         print(f"  {name:30s} {total / steps * 1e3:7.2f} ms")
 
@@ -66,4 +68,5 @@ class _TimedStack:
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "w8a8", int(sys.argv[2]) if len(sys.argv) > 2 else 1,
          stack=(sys.argv[3] if len(sys.argv) > 3 else "stack") != "modules",
-         model=sys.argv[4] if len(sys.argv) > 4 else None)
+         model=None if len(sys.argv) <= 4 or sys.argv[4] == "default" else sys.argv[4],
+         steps=int(sys.argv[5]) if len(sys.argv) > 5 else 20)

@@ -366,6 +366,20 @@ def test_argmax_rows_is_torch_argmax(kmod, vocab):
     assert torch.equal(kmod.argmax_rows(x), x.argmax(-1))
 
 
+@pytest.mark.parametrize("n", [1, 7, 49152 + 3])
+def test_all_finite_finds_any_nan_or_inf(kmod, n):
+    """The step's non-finite check: False for a NaN, +inf or -inf anywhere (vector body or tail), True otherwise,
+    also for values whose sum would overflow."""
+    x = torch.randn(n) * 100
+    assert kmod.all_finite(x)
+    assert kmod.all_finite(torch.full((n,), 3e38))
+    for where in {0, n // 2, n - 1}:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            y = x.clone()
+            y[where] = bad
+            assert not kmod.all_finite(y)
+
+
 _DRAW_SETTINGS = [(0.7, 0, 0.95, 0.0), (1.0, 40, 1.0, 0.0), (0.9, 0, 1.0, 0.05), (1.3, 200, 0.5, 0.0),
                   (0.6, 0, 0.9, 0.02), (1.0, 1, 1.0, 0.0), (1.1, 2999, 0.97, 0.0), (1.0, 0, 1.0, 0.0)]
 

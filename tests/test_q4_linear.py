@@ -30,12 +30,13 @@ def _f16_bytes(values: np.ndarray) -> np.ndarray:
 
 
 def random_blocks(type_name: str, rows: int, in_features: int, seed: int = 0) -> np.ndarray:
-    """Raw GGUF rows of a 4-bit type: random nibbles (and Q4_K 6-bit scales), finite float16 scales."""
+    """Raw GGUF rows of a 4-bit type (or Q8_0): random nibbles or bytes (and Q4_K 6-bit scales), finite float16
+    scales."""
     rng = np.random.default_rng(seed)
-    nbytes, nvals = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q4_K": (144, 256)}[type_name]
+    nbytes, nvals = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q4_K": (144, 256), "Q8_0": (34, 32)}[type_name]
     blocks = rng.integers(0, 256, size=(rows, in_features // nvals, nbytes), dtype=np.uint8)
     blocks[..., 0:2] = _f16_bytes(rng.uniform(0.001, 0.05, blocks.shape[:2]))
-    if type_name != "Q4_0":     # Q4_1's min, Q4_K's dmin
+    if type_name not in ("Q4_0", "Q8_0"):     # Q4_1's min, Q4_K's dmin
         blocks[..., 2:4] = _f16_bytes(rng.uniform(-0.05, 0.05, blocks.shape[:2]))
     return blocks.reshape(rows, -1)
 
@@ -235,13 +236,17 @@ def test_auto_on_the_float_path_dequantises_the_deferred_blocks():
     assert auto.generate(PROMPTS[:2], params)[0].token_ids == none.generate(PROMPTS[:2], params)[0].token_ids
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K"])
-def test_an_embedding_in_other_block_types_reads_as_gguf_dequantises(type_name):
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_K"])
+def test_an_embedding_in_block_types_reads_as_gguf_dequantises(type_name):
+    """Q8_0 (the native lookup where the kernels are on) and the others: the values gguf's dequantisation gives."""
     raw = random_blocks(type_name, 40, 512, seed=2)
     table = BlockEmbedding(raw, type_name, torch.float32)
     ids = torch.tensor([3, 0, 39, 3])
     assert table.embedding_dim == 512
     assert torch.equal(table(ids), torch.from_numpy(gguf_dequantized(raw, type_name, 512)[ids.numpy()]))
+    for bad in (-1, 40):
+        with pytest.raises(IndexError, match="out of range"):
+            table(torch.tensor([0, bad]))
 
 
 def test_the_embedding_stays_in_the_files_blocks(default_llm):

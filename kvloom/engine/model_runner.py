@@ -175,7 +175,7 @@ class ModelRunner:
 
         One sum a row finds them: any NaN or inf makes the sum non-finite, and real logits are far too small
         for a finite row to overflow it."""
-        if logits.numel() == 0 or bool(torch.isfinite(logits.sum()).item()):
+        if logits.numel() == 0 or _all_finite(logits):
             return logits
         finite = torch.isfinite(logits.sum(dim=-1)).tolist()
         row = 0
@@ -225,6 +225,14 @@ class ModelRunner:
             meta.window_groups = [remap_metadata(meta, lookup[g]) for g in range(lookup.shape[0])]
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
                 meta, torch.tensor(logits_indices, dtype=torch.long, device=dev))
+
+
+def _all_finite(logits: torch.Tensor) -> bool:
+    """The whole step's check: one native scan, or one sum (a NaN or inf makes it non-finite)."""
+    native = kernels()
+    if native is not None and logits.dtype == torch.float32 and logits.is_contiguous():
+        return native.all_finite(logits)
+    return bool(torch.isfinite(logits.sum()).item())
 
 
 def _poison(logits: torch.Tensor, plan: SchedulerOutput, faults: FaultPlan) -> None:

@@ -55,18 +55,20 @@ def sample(logits: torch.Tensor, requests: list[Request], masks: dict | None = N
     masks = grammar_masks(requests, masks)
 
     n = len(requests)
-    tokens = torch.empty(n, dtype=torch.long)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
-    if greedy:
-        idx = torch.tensor(greedy)
-        tokens[idx] = _argmax(_rows(logits, greedy, n), native)
-        if masks:
-            # A greedy row whose argmax the grammar allows keeps it: it is the masked row's argmax too.
-            refused = [i for i in greedy if i in masks and not masks[i].allows(int(tokens[i]))]
-            if refused:
-                sub = logits[torch.tensor(refused)]
-                apply_masks(sub, [masks[i].words for i in refused])
-                tokens[torch.tensor(refused)] = sub.argmax(dim=-1)
+    if len(greedy) == n:   # the batch's argmax as it is: no gather and no scatter (~3 ops a step at batch 1)
+        tokens = _argmax(logits, native)
+    else:
+        tokens = torch.empty(n, dtype=torch.long)
+        if greedy:
+            tokens[torch.tensor(greedy)] = _argmax(_rows(logits, greedy, n), native)
+    if greedy and masks:
+        # A greedy row whose argmax the grammar allows keeps it: it is the masked row's argmax too.
+        refused = [i for i in greedy if i in masks and not masks[i].allows(int(tokens[i]))]
+        if refused:
+            sub = logits[torch.tensor(refused)]
+            apply_masks(sub, [masks[i].words for i in refused])
+            tokens[torch.tensor(refused)] = sub.argmax(dim=-1)
     drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
     if drawn:
         idx = torch.tensor(drawn)

@@ -57,6 +57,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("uniforms"), nogil);
   m.def("argmax_rows", &argmax_rows, "each row's first index of its maximum (torch.argmax over the last dimension)",
         nogil);
+  m.def("all_finite", &all_finite, "whether every value of a contiguous float tensor is finite", nogil);
+  m.def("q8_0_rows", &q8_0_rows, "embedding rows from a table of GGUF Q8_0 blocks, as float", py::arg("table"),
+        py::arg("ids"), nogil);
   m.def("isa", &kernels_isa, "the instruction-set class the kernels were compiled for");
   register_decode_stack(m);
 }

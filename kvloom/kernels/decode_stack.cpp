@@ -43,6 +43,14 @@ struct Linear {
     }
   }
 
+  // this(x), written into `buffer` (a contiguous float [M, n_out]) where the kernel can: a 4-bit linear. The other
+  // kinds return a tensor of their own.
+  torch::Tensor into(const torch::Tensor& x, torch::Tensor& buffer) const {
+    if (kind != Kind::Q4) return (*this)(x);
+    q4_linear_into(x, weight, scales, n_out, bias, buffer, false);
+    return buffer;
+  }
+
   // h += this(x): for the integer kernels inside the linear's own output loop (one op less per call)
   void add_into(const torch::Tensor& x, torch::Tensor& h) const {
     if (kind == Kind::Q4) q4_linear(x, weight, scales, n_out, bias, h);
@@ -84,6 +92,19 @@ inline void rotate(const float* x, const float* cos, const float* sin, float* ou
   for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos[i] + x[i + half] * sin[i];
   for (int64_t i = half; i < d; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
+
+// A step's activations, made once a step and reused by every layer. Each layer had made its own (norms, the
+// q/k/v and gate/up products, rotated queries, attention, SiLU * up): ~270 tensors a batch-1 step of the default
+// model, each a dispatch and an allocation on the engine thread while the other core waited.
+struct Workspace {
+  torch::Tensor normed;     // [M, hidden]: either norm's output
+  torch::Tensor qkv;        // [M, (H + 2 KVH) D]
+  torch::Tensor q;          // [M, H, D]: rotated queries
+  torch::Tensor attn;       // [M, H, D], and as the o projection's input [M, H D]
+  torch::Tensor attn_rows;
+  torch::Tensor gate_up;    // [M, 2 I]
+  torch::Tensor act;        // [M, I]
+};
 
 }  // namespace
 
@@ -175,18 +196,38 @@ class DecodeStack {
       if (lora) lora_add(x, y, l.lora_a[j], l.lora_b[j], *lora_slots, l.lora_spans[j]);
       return y;
     };
+    const auto f32 = h.options();
+    Workspace ws;
+    ws.normed = torch::empty({M, h.size(1)}, f32);
+    ws.qkv = torch::empty({M, (H_ + 2 * KVH_) * D_}, f32);
+    ws.q = torch::empty({M, H_, D_}, f32);
+    ws.attn = torch::empty({M, H_, D_}, f32);
+    ws.attn_rows = ws.attn.view({M, H_ * D_});
+    ws.gate_up = torch::empty({M, 2 * I_}, f32);
+    ws.act = torch::empty({M, I_}, f32);
     for (const Layer& l : layers_) {
-      auto q = attention_inputs(l, with_lora(l, 0, l.qkv, rms_norm(h, l.input_norm, eps_)), cos, sin, write_blocks,
-                                write_offsets, int8 ? write_slots->data_ptr<int64_t>() : nullptr);
-      auto attn = int8 ? decode_attention_i8(q, l.k_pool, l.k_scale, l.v_pool, l.v_scale, l.k_stage, tables, *slots,
-                                             lens, scale_, masks)
-                       : decode_attention_f32(q, l.k_pool, l.v_pool, tables, lens, scale_, masks);
+      rms_norm_into(h, l.input_norm, eps_, ws.normed);
+      torch::Tensor qkv = l.qkv.into(ws.normed, ws.qkv);
+      if (lora) lora_add(ws.normed, qkv, l.lora_a[0], l.lora_b[0], *lora_slots, l.lora_spans[0]);
+      attention_inputs(l, qkv, cos, sin, write_blocks, write_offsets, int8 ? write_slots->data_ptr<int64_t>() : nullptr,
+                       ws.q);
+      if (int8)
+        decode_attention_i8_into(ws.q, l.k_pool, l.k_scale, l.v_pool, l.v_scale, l.k_stage, tables, *slots, lens, scale_,
+                                 masks, ws.attn);
+      else
+        decode_attention_f32_into(ws.q, l.k_pool, l.v_pool, tables, lens, scale_, masks, 0, ws.attn);
       if (lora) {
-        h.add_(with_lora(l, 1, l.o, attn.view({M, H_ * D_})));
-        h.add_(with_lora(l, 3, l.down, silu_mul(with_lora(l, 2, l.gate_up, rms_norm(h, l.post_norm, eps_)))));
+        h.add_(with_lora(l, 1, l.o, ws.attn_rows));
+        rms_norm_into(h, l.post_norm, eps_, ws.normed);
+        torch::Tensor gate_up = l.gate_up.into(ws.normed, ws.gate_up);
+        lora_add(ws.normed, gate_up, l.lora_a[2], l.lora_b[2], *lora_slots, l.lora_spans[2]);
+        silu_mul_into(gate_up, ws.act);
+        h.add_(with_lora(l, 3, l.down, ws.act));
       } else {
-        l.o.add_into(attn.view({M, H_ * D_}), h);
-        l.down.add_into(silu_mul(l.gate_up(rms_norm(h, l.post_norm, eps_))), h);
+        l.o.add_into(ws.attn_rows, h);
+        rms_norm_into(h, l.post_norm, eps_, ws.normed);
+        silu_mul_into(l.gate_up.into(ws.normed, ws.gate_up), ws.act);
+        l.down.add_into(ws.act, h);
       }
     }
     return h;
@@ -218,20 +259,23 @@ class DecodeStack {
   // q (rotated) as a contiguous [M, H, D] for the attention kernel; k (rotated) and v stored in the pool
   // (int8 pools: k in float staging at write_slots, v quantized per row; float16 pools: both rounded to
   // nearest even, as the module path's tensor store rounds them).
-  torch::Tensor attention_inputs(const Layer& l, const torch::Tensor& qkv, const torch::Tensor& cos,
-                                 const torch::Tensor& sin, const torch::Tensor& write_blocks,
-                                 const torch::Tensor& write_offsets, const int64_t* write_slots) const {
+  void attention_inputs(const Layer& l, const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const torch::Tensor& write_blocks, const torch::Tensor& write_offsets,
+                        const int64_t* write_slots, torch::Tensor& q) const {
     const int64_t M = qkv.size(0), H = H_, KVH = KVH_, D = D_;
-    auto heads = qkv.view({M, H + 2 * KVH, D});
-    torch::Tensor q_in = heads.narrow(1, 0, H), k_in = heads.narrow(1, H, KVH);
+    TORCH_CHECK(qkv.is_contiguous(), "the q/k/v product: contiguous");
+    // q and k in place in the fused product (row stride (H + 2 KVH) D, head stride D), or normed copies (Qwen3)
+    const float *qp = qkv.data_ptr<float>(), *kp = qp + H * D, *vp = qp + (H + KVH) * D;
+    int64_t qs0 = qkv.stride(0), qs1 = D, ks0 = qs0, ks1 = D;
+    torch::Tensor q_normed, k_normed;
     if (l.q_norm.defined()) {
-      q_in = rms_norm(q_in, l.q_norm, eps_);
-      k_in = rms_norm(k_in, l.k_norm, eps_);
+      auto heads = qkv.view({M, H + 2 * KVH, D});
+      q_normed = rms_norm(heads.narrow(1, 0, H), l.q_norm, eps_);
+      k_normed = rms_norm(heads.narrow(1, H, KVH), l.k_norm, eps_);
+      qp = q_normed.data_ptr<float>(), kp = k_normed.data_ptr<float>();
+      qs0 = H * D, ks0 = KVH * D;
     }
-    auto q = torch::empty({M, H, D}, qkv.options());
     const int64_t BS = l.k_pool.size(2);
-    const float *qp = q_in.data_ptr<float>(), *kp = k_in.data_ptr<float>(), *vp = qkv.data_ptr<float>() + (H + KVH) * D;
-    const int64_t qs0 = q_in.stride(0), qs1 = q_in.stride(1), ks0 = k_in.stride(0), ks1 = k_in.stride(1);
     const int64_t vs0 = qkv.stride(0);
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
     const int64_t *bp = write_blocks.data_ptr<int64_t>(), *op = write_offsets.data_ptr<int64_t>();
@@ -265,7 +309,6 @@ class DecodeStack {
         }
       }
     });
-    return q;
   }
 
   int64_t H_, KVH_, D_, I_;

@@ -29,10 +29,18 @@ void norm_row(const float* x, const float* w, float* y, int64_t n, float eps) {
 // x [..., n] float with a contiguous last dimension (2-D, or 3-D with any strides on the first two, as
 // per-head views of a fused q/k/v output are) -> a contiguous tensor of x's shape.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  auto y = torch::empty(x.sizes(), x.options());
+  rms_norm_into(x, weight, eps, y);
+  return y;
+}
+
+// The same into y, a contiguous float tensor of x's element count (the decode stack's reused buffer).
+void rms_norm_into(const torch::Tensor& x, const torch::Tensor& weight, double eps, torch::Tensor& y) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.stride(-1) == 1 && (x.dim() == 2 || x.dim() == 3),
               "rms_norm: float [rows, n] or [a, b, n] with a contiguous last dimension");
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(-1), "rms_norm: weight of the last dimension");
-  auto y = torch::empty(x.sizes(), x.options());
+  TORCH_CHECK(y.scalar_type() == torch::kFloat && y.is_contiguous() && y.numel() == x.numel(),
+              "rms_norm: a contiguous float output of x's size");
   const int64_t n = x.size(-1), b = x.dim() == 3 ? x.size(1) : 1, rows = x.numel() / n;
   const int64_t s0 = x.stride(0), s1 = x.dim() == 3 ? x.stride(1) : 0;
   const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
@@ -41,15 +49,22 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) norm_row(xp + (r / b) * s0 + (r % b) * s1, wp, yp + r * n, n, e);
   });
-  return y;
 }
 
 // gate_up [rows, 2i] (gate then up) -> silu(gate) * up [rows, i], silu(g) = g / (1 + exp(-g)).
 torch::Tensor silu_mul(torch::Tensor gate_up) {
+  auto out = torch::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  silu_mul_into(gate_up, out);
+  return out;
+}
+
+// The same into out, a contiguous float [rows, i].
+void silu_mul_into(const torch::Tensor& gate_up, torch::Tensor& out) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == torch::kFloat && gate_up.is_contiguous(),
               "silu_mul: contiguous float [rows, 2 * i]");
   const int64_t rows = gate_up.size(0), i = gate_up.size(1) / 2;
-  auto out = torch::empty({rows, i}, gate_up.options());
+  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.numel() == rows * i,
+              "silu_mul: a contiguous float output [rows, i]");
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -80,5 +95,4 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
       for (; j < i; ++j) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
     }
   });
-  return out;
 }

@@ -119,6 +119,11 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& tabl
   return out;
 }
 
+void check_out(const torch::Tensor& out, const torch::Tensor& q) {
+  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.sizes() == q.sizes(),
+              "attention output: contiguous float of q's shape");
+}
+
 const int64_t* mask_rows(const c10::optional<torch::Tensor>& masks, const torch::Tensor& q) {
   if (!masks.has_value()) return nullptr;
   TORCH_CHECK(masks->scalar_type() == torch::kLong && masks->is_contiguous() && masks->numel() == q.size(0),
@@ -155,16 +160,26 @@ torch::Tensor decode_attention_float(const torch::Tensor& q, const torch::Tensor
 torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor tables,
                                    torch::Tensor lens, double scale, c10::optional<torch::Tensor> masks,
                                    int64_t window) {
+  auto out = torch::empty_like(q);
+  decode_attention_f32_into(q, k, v, tables, lens, scale, masks, window, out);
+  return out;
+}
+
+// The same into out, a contiguous float tensor of q's shape (the decode stack's reused buffer).
+void decode_attention_f32_into(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& tables, const torch::Tensor& lens, double scale,
+                               const c10::optional<torch::Tensor>& masks, int64_t window, torch::Tensor& out) {
   check_common(q, k, tables, lens);
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && v.scalar_type() == k.scalar_type() &&
               (k.scalar_type() == torch::kFloat || k.scalar_type() == torch::kHalf), "float32 or float16 KV pool");
-  auto out = torch::empty_like(q);
+  check_out(out, q);
   const int64_t* mp = mask_rows(masks, q);
   // The vector kernels attend over whole contexts; a window takes the loop below (Gemma's heads of 256 would too).
-  if (window <= 0 && decode_attention_f32_avx512(q, k, v, tables, lens, scale, mp, out)) return out;
+  if (window <= 0 && decode_attention_f32_avx512(q, k, v, tables, lens, scale, mp, out)) return;
   if (k.scalar_type() == torch::kHalf)
-    return decode_attention_float<c10::Half>(q, k, v, tables, lens, scale, mp, window, out);
-  return decode_attention_float<float>(q, k, v, tables, lens, scale, mp, window, out);
+    decode_attention_float<c10::Half>(q, k, v, tables, lens, scale, mp, window, out);
+  else
+    decode_attention_float<float>(q, k, v, tables, lens, scale, mp, window, out);
 }
 
 // int8 pool: kq, vq [NB, KVH, BS, D] int8; k_scale [NB, KVH, D]; v_scale [NB, KVH, BS] (float);
@@ -174,7 +189,18 @@ torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tens
                                   torch::Tensor v_scale, torch::Tensor k_stage, torch::Tensor tables,
                                   torch::Tensor slots, torch::Tensor lens, double scale,
                                   c10::optional<torch::Tensor> masks) {
+  auto out = torch::empty_like(q);
+  decode_attention_i8_into(q, kq, k_scale, vq, v_scale, k_stage, tables, slots, lens, scale, masks, out);
+  return out;
+}
+
+// The same into out, a contiguous float tensor of q's shape.
+void decode_attention_i8_into(const torch::Tensor& q, const torch::Tensor& kq, const torch::Tensor& k_scale,
+                              const torch::Tensor& vq, const torch::Tensor& v_scale, const torch::Tensor& k_stage,
+                              const torch::Tensor& tables, const torch::Tensor& slots, const torch::Tensor& lens,
+                              double scale, const c10::optional<torch::Tensor>& masks, torch::Tensor& out) {
   check_common(q, kq, tables, lens);
+  check_out(out, q);
   TORCH_CHECK(kq.is_contiguous() && vq.is_contiguous() && kq.scalar_type() == torch::kChar, "int8 KV pool");
   TORCH_CHECK(k_scale.scalar_type() == torch::kFloat && v_scale.scalar_type() == torch::kFloat &&
               k_stage.scalar_type() == torch::kFloat && k_stage.is_contiguous(), "float scales and staging");
@@ -197,5 +223,5 @@ torch::Tensor decode_attention_i8(torch::Tensor q, torch::Tensor kq, torch::Tens
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) o[d] += wv * static_cast<float>(vr[d]);
   };
-  return decode_attention(q, tables, lens, KVH, BS, scale, score, add_value, torch::empty_like(q), mask_rows(masks, q));
+  decode_attention(q, tables, lens, KVH, BS, scale, score, add_value, out, mask_rows(masks, q));
 }

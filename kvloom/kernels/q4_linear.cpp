@@ -377,6 +377,18 @@ T* at_least(std::vector<T>& v, int64_t n) {
 // (kvloom/quant/q4_linear.py packs them); n_out = N.
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, int64_t n_out,
                         c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> residual) {
+  if (residual.has_value()) {
+    q4_linear_into(x, qs, scales, n_out, bias, *residual, true);
+    return *residual;
+  }
+  auto y = torch::empty({x.size(0), n_out}, x.options());
+  q4_linear_into(x, qs, scales, n_out, bias, y, false);
+  return y;
+}
+
+// The same into y [M, N] (the decode stack's reused buffers): y = ..., or y += ... with `accumulate`.
+void q4_linear_into(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales, int64_t n_out,
+                    const c10::optional<torch::Tensor>& bias, torch::Tensor& y, bool accumulate) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = n_out, nb = K / QK, groups = (N + 7) / 8;
   TORCH_CHECK(K % QK == 0, "q4_linear: K must be a multiple of 32, got ", K);
@@ -398,11 +410,8 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
   const QuantRows xr{qp, dp, sp, K, nb};
   const Q4Weights wr{qs.data_ptr<uint8_t>(), half ? nullptr : scales.data_ptr<float>(),
                      half ? reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()) : nullptr, nb, entries};
-  const bool accumulate = residual.has_value();
-  auto y = accumulate ? *residual : torch::empty({M, N}, x.options());
-  if (accumulate)
-    TORCH_CHECK(y.is_contiguous() && y.scalar_type() == torch::kFloat && y.size(0) == M && y.size(1) == N,
-                "residual: contiguous float [M, N]");
+  TORCH_CHECK(y.is_contiguous() && y.scalar_type() == torch::kFloat && y.dim() == 2 && y.size(0) == M &&
+              y.size(1) == N, accumulate ? "residual" : "out", ": contiguous float [M, N]");
   float* yp = y.data_ptr<float>();
   float* pp = (accumulate || bias.has_value()) ? at_least(tmp.product, M * N) : yp;
   const int64_t step = kPairs ? 2 : 1;      // threads split the groups at pair boundaries
@@ -415,7 +424,6 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
       for (int64_t i = b; i < e; ++i) epilogue(pp + i * N, bp, yp + i * N, N, accumulate);
     });
   }
-  return y;
 }
 
 // What computes the 4-bit product in this build, for /server_info and the logs.

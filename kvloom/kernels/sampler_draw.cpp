@@ -394,3 +394,15 @@ torch::Tensor argmax_rows(torch::Tensor values) {
   });
   return out;
 }
+
+// Whether every value of a contiguous float tensor is finite: the step's check for NaN or inf logits in one
+// call (the PyTorch check was a sum, an isfinite and a read back, ~130 us a batch-1 step on a cold cache).
+bool all_finite(torch::Tensor values) {
+  TORCH_CHECK(values.scalar_type() == torch::kFloat && values.is_contiguous(), "all_finite: contiguous float");
+  const float* xp = values.data_ptr<float>();
+  const int64_t n = values.numel();
+  float zero = 0.f;   // stays 0 while every x is finite: inf * 0 and NaN * 0 are NaN
+#pragma omp simd reduction(+ : zero)
+  for (int64_t i = 0; i < n; ++i) zero += xp[i] * 0.f;
+  return zero == 0.f;
+}

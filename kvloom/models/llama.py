@@ -185,11 +185,10 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches, logits_indices):
         h = self.embed_tokens(input_ids)
-        rope_cos_sin = self.rope.cos_sin(positions, h.dtype)
         if meta.rows is not None:   # the decode-stack backend: every layer in one native call
-            cos, sin = (t.squeeze(1) for t in rope_cos_sin)
-            h = meta.backend.run_layers(h, cos, sin, meta)
+            h = meta.backend.run_layers(h, *self.rope.rows(positions), meta)
         else:
+            rope_cos_sin = self.rope.cos_sin(positions, h.dtype)
             for layer, kv in zip(self.layers, kv_caches):
                 h = layer(h, rope_cos_sin, meta, kv)
         return self.lm_head(self.norm(h[logits_indices]))

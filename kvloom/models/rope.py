@@ -52,15 +52,19 @@ class RotaryEmbedding(torch.nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         # Plain attributes, not buffers: built once in fp32, untouched by to_empty() / .to(dtype).
         self.cos = emb.cos() * scaling
-        self.sin = emb.sin() * scaling
+        # The sine with its first half negated, so that rotate-half becomes a roll (see apply_rope): once here,
+        # not in every step's lookup.
+        sin, half = emb.sin() * scaling, head_dim // 2
+        self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, 1, D] tables for this step's positions: looked up once per step, used by every layer.
         The sine's first half is negated, so rotate-half becomes a roll (see apply_rope)."""
-        half = self.sin.shape[-1] // 2
-        sin = self.sin[positions]
-        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        return self.cos[positions].to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+        return self.cos[positions].to(dtype).unsqueeze(1), self.signed_sin[positions].to(dtype).unsqueeze(1)
+
+    def rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same as float32 [T, D] rows, for the native decode stack: two lookups, nothing else a step."""
+        return self.cos[positions], self.signed_sin[positions]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
