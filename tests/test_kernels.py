@@ -366,14 +366,14 @@ def test_argmax_rows_is_torch_argmax(kmod, vocab):
     assert torch.equal(kmod.argmax_rows(x), x.argmax(-1))
 
 
-@pytest.mark.parametrize("n", [1, 7, 49152 + 3])
+@pytest.mark.parametrize("n", [1, 7, 49152 + 3, 3 * 49152 + 5])   # the last: chunks on both threads
 def test_all_finite_finds_any_nan_or_inf(kmod, n):
     """The step's non-finite check: False for a NaN, +inf or -inf anywhere (vector body or tail), True otherwise,
     also for values whose sum would overflow."""
     x = torch.randn(n) * 100
     assert kmod.all_finite(x)
     assert kmod.all_finite(torch.full((n,), 3e38))
-    for where in {0, n // 2, n - 1}:
+    for where in {0, n // 2, n - 1}:   # the first chunk, the middle, the tail
         for bad in (float("nan"), float("inf"), float("-inf")):
             y = x.clone()
             y[where] = bad
