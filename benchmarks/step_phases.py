@@ -15,6 +15,7 @@ import time
 from kvloom import SamplingParams
 from kvloom.corpus import prompts_of_length
 from kvloom.config import EngineConfig
+from kvloom.engine import model_runner
 from kvloom.engine.engine import Engine
 
 
@@ -39,6 +40,12 @@ def main(quantization: str, batch: int, steps: int = 20, stack: bool = True, mod
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     engine.runner._prepare = timed("build inputs", engine.runner._prepare)
     engine.runner.sample = timed("sample", engine.runner.sample)
+    engine.runner._drop_non_finite = timed("  non-finite check", engine.runner._drop_non_finite)
+    model_runner.sample = timed("  sampler", model_runner.sample)
+    rope = engine.model.rope
+    for name in ("cos_sin", "rows"):   # the module path's tables, the stack's rows (older trees: cos_sin alone)
+        if hasattr(rope, name):
+            setattr(rope, name, timed("rope tables", getattr(rope, name)))
     for layer in engine.model.layers:
         attn = layer.self_attn
         attn.forward = timed("attention block", attn.forward)
