@@ -100,8 +100,8 @@ struct Workspace {
   torch::Tensor normed;     // [M, hidden]: either norm's output
   torch::Tensor qkv;        // [M, (H + 2 KVH) D]
   torch::Tensor q;          // [M, H, D]: rotated queries
-  torch::Tensor attn;       // [M, H, D], and as the o projection's input [M, H D]
-  torch::Tensor attn_rows;
+  torch::Tensor attn;       // [M, H, D]: the attention's output
+  torch::Tensor attn_rows;  // the same as [M, H D]: the o projection's input
   torch::Tensor gate_up;    // [M, 2 I]
   torch::Tensor act;        // [M, I]
 };
