@@ -236,11 +236,13 @@ def test_auto_on_the_float_path_dequantises_the_deferred_blocks():
     assert auto.generate(PROMPTS[:2], params)[0].token_ids == none.generate(PROMPTS[:2], params)[0].token_ids
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_K"])
-def test_an_embedding_in_block_types_reads_as_gguf_dequantises(type_name):
+def test_an_embedding_in_block_types_reads_as_gguf_dequantises(type_name, native):
     """Q8_0 (the native lookup where the kernels are on) and the others: the values gguf's dequantisation gives."""
     raw = random_blocks(type_name, 40, 512, seed=2)
-    table = BlockEmbedding(raw, type_name, torch.float32)
+    table = BlockEmbedding(raw, type_name, torch.float32, native=native)
+    assert table.native == (native and type_name == "Q8_0" and kernels() is not None)
     ids = torch.tensor([3, 0, 39, 3])
     assert table.embedding_dim == 512
     assert torch.equal(table(ids), torch.from_numpy(gguf_dequantized(raw, type_name, 512)[ids.numpy()]))

@@ -175,7 +175,7 @@ class ModelRunner:
 
         One sum a row finds them: any NaN or inf makes the sum non-finite, and real logits are far too small
         for a finite row to overflow it."""
-        if logits.numel() == 0 or _all_finite(logits):
+        if logits.numel() == 0 or _all_finite(logits, self.native_sampler):
             return logits
         finite = torch.isfinite(logits.sum(dim=-1)).tolist()
         row = 0
@@ -227,11 +227,11 @@ class ModelRunner:
                 meta, torch.tensor(logits_indices, dtype=torch.long, device=dev))
 
 
-def _all_finite(logits: torch.Tensor) -> bool:
-    """The whole step's check: one native scan, or one sum (a NaN or inf makes it non-finite)."""
-    native = kernels()
-    if native is not None and logits.dtype == torch.float32 and logits.is_contiguous():
-        return native.all_finite(logits)
+def _all_finite(logits: torch.Tensor, native: bool) -> bool:
+    """The whole step's check: one native scan (native: the runner's kernels are on), or one sum (a NaN or inf
+    makes it non-finite)."""
+    if native and logits.dtype == torch.float32 and logits.is_contiguous():
+        return kernels().all_finite(logits)
     return bool(torch.isfinite(logits.sum()).item())
 
 

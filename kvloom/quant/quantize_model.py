@@ -77,7 +77,7 @@ def quantize_model(model: nn.Module, scheme: str, group: int = 32, run_calibrati
                 setattr(getattr(layer, where), fused, _from_gguf_blocks(model, i, where, fused, native_kernels))
         table = model.gguf_blocks.get(EMBEDDING)
         if table is not None:
-            model.embed_tokens = BlockEmbedding(*table, dtype=model.norm.weight.dtype)
+            model.embed_tokens = BlockEmbedding(*table, dtype=model.norm.weight.dtype, native=native_kernels)
         if model.lm_head.weight.is_meta:   # tied to the table in blocks: quantized from it a slice at a time
             model.lm_head = W8A8Linear(model.embed_tokens.float_rows(), None, native_kernels)
         else:
