@@ -9,7 +9,8 @@ from kvloom import LLM, SamplingParams
 from kvloom.engine.request import Request
 from kvloom.speculation.guard import PROBE_EVERY, WARM, SpeculationGuard
 from kvloom.speculation.lookahead import LookaheadSpeculator, SpecSettings
-from kvloom.speculation.ngram_trie import NGramTrie
+from kvloom.kernels import kernels
+from kvloom.speculation.ngram_trie import NativeNGramTrie, NGramTrie
 from kvloom.speculation.step_cost import StepCost
 from kvloom.speculation.tree_attention import tree_depths, tree_mask, tree_visibility_bits
 
@@ -60,6 +61,44 @@ def test_trie_removal_takes_back_exactly_what_was_added():
 
 def _count(node):
     return 1 + sum(_count(c) for c in node.children.values())
+
+
+@pytest.mark.skipif(kernels() is None, reason="native kernels are turned off (KVLOOM_NO_KERNELS)")
+def test_native_trie_counts_and_drafts_as_the_python_one():
+    """The C++ trie against the Python one: streams fed in random pieces, documents added and taken back (the
+    global trie's bound), and drafts for every suffix length, branching and size, on a small vocabulary so
+    that n-grams repeat."""
+    g = torch.Generator().manual_seed(7)
+    ref, native = NGramTrie(6), NativeNGramTrie(6, kernels())
+    stream = torch.randint(0, 12, (400,), generator=g).tolist()
+    ref_active = native_active = None
+    fed = 0
+    while fed < len(stream):
+        upto = min(len(stream), fed + int(torch.randint(1, 9, (), generator=g)))
+        ref_active = ref.extend(stream[:upto], fed, ref_active)
+        native_active = native.extend(stream[:upto], fed, native_active)
+        fed = upto
+        assert native.num_nodes == ref.num_nodes
+    docs = [torch.randint(0, 12, (int(n),), generator=g).tolist() for n in torch.randint(2, 60, (30,), generator=g)]
+    for i, doc in enumerate(docs):
+        for trie in (ref, native):
+            trie.extend(doc)
+            if i % 3 == 2:
+                trie.extend(docs[i - 2], delta=-1)
+        assert native.num_nodes == ref.num_nodes
+    assert ref.num_nodes == _count(ref.root) - 1
+    drafts = 0
+    for end in range(1, len(stream), 7):
+        context = stream[:end]
+        for max_tokens, max_match, branches in ((1, 1, 1), (4, 2, 2), (8, 3, 2), (12, 5, 3)):
+            want = ref.draft(context, max_tokens, max_match, branches)
+            got = native.draft(context, max_tokens, max_match, branches)
+            assert (got is None) == (want is None)
+            if want is not None:
+                assert (got.tokens, got.parents) == (want.tokens, want.parents)
+                drafts += 1
+    assert drafts > 100
+    assert native.draft([99, 98], 4, 3, 2) is None
 
 
 def test_global_trie_stays_within_its_node_bound():
@@ -173,6 +212,27 @@ def test_guard_stops_drafting_that_measures_slower_and_tokens_stay_the_same(tiny
     assert seen["drafted_steps"] <= WARM + seen["plain_steps"] // (PROBE_EVERY - 1) + 1, seen
 
 
+def test_drafts_ride_only_in_steps_of_plain_decodes(tiny_model_dir):
+    """Beside a prompt chunk a drafted decode ran as a chunk of its own on the module path, slower than the
+    tokens it won (docs/performance.md, fifteenth sitting): such steps carry no drafts; steps of decodes do."""
+    model = tiny_model_dir("llama")
+    llm = _spec(model, max_num_batched_tokens=16)   # long prompts in chunks, beside the others' decodes
+    plans = []
+    schedule = llm.engine.scheduler.schedule
+    llm.engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
+    prompts = _repetitive_prompts(3, seed=66) + random_prompts(3, [60] * 3, seed=67)
+    params = [SamplingParams(temperature=0.0, max_tokens=40 if i < 3 else 8, ignore_eos=True) for i in range(6)]
+    for p, sp in zip(prompts, params):
+        llm.engine.add_request(p, sp)
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    drafted = [p for p in plans if any(c.num_draft_tokens for c in p.chunks)]
+    mixed = [p for p in plans if p.decodes and any(not c.num_draft_tokens for c in p.spans)]
+    assert drafted and mixed     # both kinds of step happened
+    assert all(c.num_draft_tokens for p in drafted for c in p.spans)
+    assert llm.engine.pool.num_free == llm.engine.num_blocks
+
+
 def test_tree_mask_and_depths():
     parents = [-1, 0, 1, -1, 3, 0]
     assert tree_depths(parents) == [1, 2, 3, 1, 2, 2]
@@ -234,9 +294,13 @@ def test_stop_inside_accepted_drafts_truncates_there(tiny_model_dir):
     assert [o.token_ids for o in _spec(model).generate(prompts, short)] == [r[:7] for r in ref]
 
 
-def _sample_tokens(llm, prompt, n, params):
-    """n independent samples: no per-request seed, so each request takes the next of the engine's seeds."""
-    return [o.token_ids for o in llm.generate([prompt] * n, SamplingParams(**params))]
+def _sample_tokens(llm, prompt, n, params, wave=32):
+    """n independent samples: no per-request seed, so each request takes the next of the engine's seeds. In
+    waves that start together, so that most steps are decodes alone (the steps that draft)."""
+    out = []
+    for start in range(0, n, wave):
+        out += [o.token_ids for o in llm.generate([prompt] * min(wave, n - start), SamplingParams(**params))]
+    return out
 
 
 def _chi2_p(a, b, position):

@@ -247,7 +247,9 @@ class Engine:
                  "extra chunk, +%.2f us per row and context token", cost.sizes,
                  [round(t * 1e3, 1) for t in cost.seconds], [round(t * 1e3, 1) for t in cost.decode_seconds],
                  cost.per_chunk * 1e3, cost.per_context_token * 1e6)
-        return LookaheadSpeculator(SpecSettings(max_tokens=config.spec_max_tokens, branches=config.spec_branches), cost)
+        native = kernels() if config.native_kernels else None   # its tries in C++ when the kernels are on
+        return LookaheadSpeculator(SpecSettings(max_tokens=config.spec_max_tokens, branches=config.spec_branches), cost,
+                                   native)
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -30,10 +30,10 @@ after, so the pool checks below multiply by pages_per_block.
 With a TPOT target (engine/tpot_target.py), a step that carries decodes gives its prompt chunks only the
 tokens the target leaves, and nobody new is admitted while the running requests' decodes would fill it.
 
-With a speculator, decodes may carry draft tokens after everything else is
-scheduled: they take what is left of the budget and only free blocks (a
-guess never preempts anyone), and such a decode travels with the prompt
-chunks, as a short chunk with a tree mask.
+With a speculator, decodes may carry draft tokens in steps of nothing but
+decodes: they take what is left of the budget and only free blocks (a guess
+never preempts anyone), and such a decode travels as a short chunk with a
+tree mask.
 """
 from __future__ import annotations
 
@@ -259,7 +259,10 @@ class Scheduler:
         return out
 
     def _add_drafts(self, out: SchedulerOutput, budget: int) -> None:
-        if not self.speculator.allows_drafts(len(out.decodes), decode_only=not out.spans):
+        # Only in steps of plain decodes. Beside prompt chunks, each drafted decode became a chunk of its own on
+        # the module path, ~1.5 ms a draft token against ~0.7 a token otherwise at 32 concurrent requests, and
+        # the guard times no such step (docs/performance.md, fifteenth sitting).
+        if out.spans or not self.speculator.allows_drafts(len(out.decodes)):
             return
         candidates = []
         for c in out.decodes:
@@ -270,7 +273,7 @@ class Scheduler:
         if not candidates:
             return
         base_yield = sum(c.sample for c in out.chunks)
-        trees = self.speculator.propose(candidates, out.num_tokens, base_yield, budget, decode_only=not out.spans)
+        trees = self.speculator.propose(candidates, out.num_tokens, base_yield, budget, decode_only=True)
         for c in list(out.decodes):
             tree = trees.get(c.request_id)
             if tree is None:

@@ -4,6 +4,7 @@
 #include <torch/extension.h>   // pybind11
 
 void register_decode_stack(pybind11::module_& m);
+void register_ngram_trie(pybind11::module_& m);
 
 // The class the compiler was told to target (kvloom/kernels/build.py's ISA_CLASSES).
 std::string kernels_isa() {
@@ -62,4 +63,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ids"), nogil);
   m.def("isa", &kernels_isa, "the instruction-set class the kernels were compiled for");
   register_decode_stack(m);
+  register_ngram_trie(m);
 }
