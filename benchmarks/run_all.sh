@@ -168,6 +168,10 @@ fi
 # The fifteenth sitting: lookahead at 16 and 32 concurrent requests after drafts left the steps with prompt chunks and
 # the tries moved to C++ (docs/results/spec16/README.txt); SPEC_BASE_TREE: a checkout of 3f54663 for the "before".
 run spec_native_trie bash benchmarks/spec_concurrency.sh "$OUT/spec16/native_trie_vnni" 3
+run spec_native_trie_avx2 env KVLOOM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 \
+  bash benchmarks/spec_concurrency.sh "$OUT/spec16/native_trie_avx2_capped" 3
+run spec_burst_greedy bash benchmarks/spec_burst.sh "$OUT/spec16/burst_vnni/greedy" 3
+run spec_burst_sampled bash benchmarks/spec_burst.sh "$OUT/spec16/burst_vnni/sampled" 3 sampled
 mkdir -p "$OUT/spec16/step_kinds"
 run spec_step_kinds python benchmarks/spec_step_kinds.py 32 auto "$OUT/spec16/step_kinds/new_c32.json"
 run ngram_trie_speed python benchmarks/ngram_trie_speed.py "$OUT/spec16/step_kinds/ngram_trie_speed.json"
