@@ -417,7 +417,7 @@ def test_draw_rows_draws_the_samplers_distribution(kmod, row):
 def test_grouped_gemv_equals_the_int8_product(kmod, n, k):
     """The grouped loop's int32 sums are the exact product's, for 1-6 rows and for row counts that fill tiles of
     4 and leave 1-3 over; through w8a8_linear (the LM head's call) a row's output has the same bits with or
-    without the packed weights, alone or batched (13 rows: the AVX2 build's tiles, other builds' plain loop)."""
+    without the packed weights, alone or batched (13 rows: the grouped loop's tiles, group by group)."""
     if not kmod.int8_grouped_gemv_available():
         pytest.skip("this build has no grouped GEMV")
     g = torch.Generator().manual_seed(n)

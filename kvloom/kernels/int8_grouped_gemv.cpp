@@ -1,5 +1,5 @@
-// The int8 product with weights repacked in groups of 16 rows (the LM head's): a few activation rows on VNNI
-// builds, any number on AVX2 builds.
+// The int8 product with weights repacked in groups of 16 rows (the LM head's): up to 16 activation rows on VNNI
+// builds (oneDNN's GEMM above), any number on AVX2 builds.
 //
 // The row-at-a-time GEMV (w8a8_linear.cpp) keeps one accumulator per weight row and folds sixteen of them
 // with a transpose tree, and it recomputes every row's sum for the unsigned shift: at one activation row the
@@ -80,20 +80,30 @@ void groups_vnni(const uint32_t* xq, int64_t steps, const int8_t* packed, const 
 constexpr int kTileRows = 4;          // activation rows a call of groups_vnni
 constexpr uint8_t kQuadShift = 128;   // the activations enter unsigned
 
+// One tile of up to 4 rows over groups [g0, g1).
+void tile_groups(const uint32_t* xm, int64_t rows, int64_t steps, const int8_t* packed, const int32_t* sums,
+                 int64_t g0, int64_t g1, int64_t N, int32_t* om) {
+  switch (rows) {
+    case 1: groups_vnni<1>(xm, steps, packed, sums, g0, g1, N, om); break;
+    case 2: groups_vnni<2>(xm, steps, packed, sums, g0, g1, N, om); break;
+    case 3: groups_vnni<3>(xm, steps, packed, sums, g0, g1, N, om); break;
+    case 4: groups_vnni<4>(xm, steps, packed, sums, g0, g1, N, om); break;
+    default: break;
+  }
+}
+
+// Above one tile's rows, group by group, every tile over the group while its 16 weight rows (9 KB for the head)
+// sit in L1: the weights stream from memory once whatever the row count. At 5-16 rows the head ran 1.55-1.87x
+// as fast as through the VNNI GEMV (benchmarks/lm_head_gemv.py, docs/results/lm_head_rows/).
 void groups(const uint32_t* xq, int64_t M, int64_t steps, const int8_t* packed, const int32_t* sums, int64_t g0,
             int64_t g1, int64_t N, int32_t* out) {
-  for (int64_t m = 0; m < M; m += kTileRows) {
-    const int64_t rows = std::min<int64_t>(kTileRows, M - m);
-    const uint32_t* xm = xq + m * steps;
-    int32_t* om = out + m * N;
-    switch (rows) {
-      case 1: groups_vnni<1>(xm, steps, packed, sums, g0, g1, N, om); break;
-      case 2: groups_vnni<2>(xm, steps, packed, sums, g0, g1, N, om); break;
-      case 3: groups_vnni<3>(xm, steps, packed, sums, g0, g1, N, om); break;
-      case 4: groups_vnni<4>(xm, steps, packed, sums, g0, g1, N, om); break;
-      default: break;
-    }
+  if (M <= kTileRows) {
+    tile_groups(xq, M, steps, packed, sums, g0, g1, N, out);
+    return;
   }
+  for (int64_t g = g0; g < g1; ++g)
+    for (int64_t m = 0; m < M; m += kTileRows)
+      tile_groups(xq + m * steps, std::min<int64_t>(kTileRows, M - m), steps, packed, sums, g, g + 1, N, out + m * N);
 }
 #define KVLOOM_HAS_GROUPS
 #elif defined(__AVX2__)

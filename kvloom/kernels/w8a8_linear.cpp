@@ -268,13 +268,14 @@ int64_t int_mm_above(GemmMode mode) {
 GemmMode gemm_mode() { return static_cast<GemmMode>(g_gemm_mode.load(std::memory_order_relaxed)); }
 
 // The rows up to which the grouped loop (int8_grouped_gemv.cpp) takes a layer that has packed weights (the LM
-// head): 4 on VNNI builds (the VNNI GEMV and oneDNN are faster above); on AVX2 builds every row count that
+// head): on VNNI builds the VNNI GEMV's rows, where it ran the head 1.42-1.87x as fast at 4-16 rows
+// (benchmarks/lm_head_gemv.py; docs/results/lm_head_rows/); on AVX2 builds every row count that
 // does not go to oneDNN's VNNI GEMM (a VNNI host), where its tiles of 4 rows ran the 49152 x 576 head 2.0-2.3x
 // as fast as the sign-trick GEMM at 1-4 rows and 1.2-1.4x at 16-64 (an AVX2 build capped as on an AVX2-only host).
 int64_t grouped_max_rows(GemmMode mode) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   (void)mode;
-  return 4;
+  return kGemvMaxRows;
 #elif defined(__AVX2__)
   return int_mm_above(mode);
 #else
