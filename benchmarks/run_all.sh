@@ -4,7 +4,8 @@
 # LLAMA_CPP_BIN (and LLAMA_CPP_AVX2_BIN): llama.cpp's tools, for the side-by-side tables; BASE_TREE: an older
 # kvloom checkout, for the tables that compare against one (named beside each in docs/performance.md);
 # SCRATCH_BASE_TREE: a checkout of 67ff10c, for the thirteenth sitting's batch-1 pairs; SERIAL_BASE_TREE: one of
-# 7144009, for the fourteenth sitting's; SPEC_BASE_TREE: one of 3f54663, for the fifteenth sitting's step kinds.
+# 7144009, for the fourteenth sitting's; SPEC_BASE_TREE: one of 3f54663, for the fifteenth sitting's step kinds;
+# HEAD_BASE_TREE: one of 619f0b0, for its LM-head steps.
 set -euo pipefail
 OUT=${OUT:-results}
 PORT=${PORT:-8011}
@@ -175,6 +176,12 @@ run spec_burst_sampled bash benchmarks/spec_burst.sh "$OUT/spec16/burst_vnni/sam
 mkdir -p "$OUT/spec16/step_kinds"
 run spec_step_kinds python benchmarks/spec_step_kinds.py 32 auto "$OUT/spec16/step_kinds/new_c32.json"
 run ngram_trie_speed python benchmarks/ngram_trie_speed.py "$OUT/spec16/step_kinds/ngram_trie_speed.json"
+mkdir -p "$OUT/lm_head_rows"
+run lm_head_rows python benchmarks/lm_head_gemv.py "$OUT/lm_head_rows/lm_head_gemv_vnni.json" 1,2,4,5,8,12,16
+if [ -n "${HEAD_BASE_TREE:-}" ]; then   # a checkout of 619f0b0, before the head's grouped loop took 5-16 rows
+  run lm_head_rows_steps python benchmarks/ab_step_phases.py "$HEAD_BASE_TREE" . \
+      "$OUT/lm_head_rows/ab_gguf_b8_b16_run2.json" --quantization gguf --rounds 10 --steps 100 --batches 8,16
+fi
 if [ -n "${SPEC_BASE_TREE:-}" ]; then
   run spec_step_kinds_base env PYTHONPATH="$SPEC_BASE_TREE" python benchmarks/spec_step_kinds.py 32 auto \
       "$OUT/spec16/step_kinds/base_3f54663_c32.json"
