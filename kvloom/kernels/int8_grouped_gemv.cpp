@@ -1,5 +1,5 @@
 // The int8 product with weights repacked in groups of 16 rows (the LM head's): up to 16 activation rows on VNNI
-// builds (oneDNN's GEMM above), any number on AVX2 builds.
+// builds (an int8 GEMM above), any number on AVX2 builds.
 //
 // The row-at-a-time GEMV (w8a8_linear.cpp) keeps one accumulator per weight row and folds sixteen of them
 // with a transpose tree, and it recomputes every row's sum for the unsigned shift: at one activation row the
