@@ -7,6 +7,7 @@
 set -euo pipefail
 OUT=$1 ROUNDS=${2:-3} MODE=${3:-greedy}
 PORT=${PORT:-8123}
+GGUF=${GGUF:-$(python -c "from kvloom.models.model_source import default_model_path as d; print(d())")}
 mkdir -p "$OUT"
 source "$(dirname "$0")/servers.sh"
 cap_class native "$OUT"
@@ -16,11 +17,8 @@ for r in $(seq "$ROUNDS"); do
   order=(plain lookahead)
   if [ $((r % 2)) = 0 ]; then order=(lookahead plain); fi
   for name in "${order[@]}"; do
-    flags=()
-    if [ "$name" = lookahead ]; then flags=(--speculative lookahead); fi
-    kvloom serve "${flags[@]}" --port "$PORT" > "$OUT/server_${name}_r$r.log" 2>&1 &
-    server=$!
-    wait_for "http://127.0.0.1:$PORT/health"
+    KVLOOM_SERVE_FLAGS=$([ "$name" = lookahead ] && echo "--speculative lookahead" || true) \
+        start_server kvloom "$OUT/server_${name}_r$r.log"
     kvloom bench serve --base-url "http://127.0.0.1:$PORT" "${BURST[@]}" "${sampling[@]}" \
         --out "$OUT/${name}_r$r.json" > "$OUT/${name}_r$r.log" 2>&1
     kill "$server"; wait "$server" || true
